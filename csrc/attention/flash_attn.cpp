@@ -1,0 +1,346 @@
+// Tiled online-softmax attention on CPU, forward and backward, with an optional block mask.
+//
+// Layout follows flash-attention: q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D), out like q, lse (B, Hq, Sq)
+// fp32 natural log of the scaled scores. GQA/MQA index the kv head h / (Hq / Hkv); K/V are never
+// repeated. Causal with Sq != Sk is aligned bottom-right: query i sees key j iff j <= i + Sk - Sq.
+// A row with no visible key gets output 0 and lse -inf.
+//
+// block_mask (optional) is bool (B, Hq, ceil(Sq/bs), ceil(Sk/bs)); tiles whose mask bit is false
+// are skipped entirely, so the cost scales with the kept fraction (XAttention builds on this).
+//
+// Every dtype is computed in fp32 tiles: bf16/fp16 rows are converted when loaded (this CPU family
+// has no fast low-precision GEMM outside oneDNN), and the tile GEMMs go through torch's BLAS.
+#include "attention/flash_attn.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <numeric>
+#include <vector>
+
+#include "attention/tile_math.h"
+
+namespace longmoe {
+namespace {
+
+struct Problem {
+  int64_t B, Sq, Sk, Hq, Hkv, D, group;
+  int64_t offset;  // Sk - Sq: bottom-right causal alignment
+  bool causal;
+  float scale;
+  // block mask (nullptr = dense)
+  const bool* mask = nullptr;
+  int64_t ms[4] = {0, 0, 0, 0};
+  int64_t block_size = 0;
+  // tiles
+  int64_t bq, bk;
+
+  bool tile_on(int64_t b, int64_t h, int64_t q0, int64_t k0) const {
+    if (mask == nullptr) return true;
+    return mask[b * ms[0] + h * ms[1] + (q0 / block_size) * ms[2] + (k0 / block_size) * ms[3]];
+  }
+  // Keys [0, kv_end) can be visible to query rows [q0, q0 + mq).
+  int64_t kv_end(int64_t q0, int64_t mq) const {
+    if (!causal) return Sk;
+    return std::clamp<int64_t>(q0 + mq + offset, 0, Sk);
+  }
+  // Number of visible columns of row `qi` in the key tile starting at k0 (of width nk).
+  int64_t visible(int64_t qi, int64_t k0, int64_t nk) const {
+    if (!causal) return nk;
+    return std::clamp<int64_t>(qi + offset - k0 + 1, 0, nk);
+  }
+};
+
+// Dense tiles: 64 query rows x 512 keys. Measured with benchmarks/attention_core.py on the 2-core
+// dev box (AVX-512, MKL): bq 64 beat 32 and 128; bk 512 beat 128/256 by keeping the P.V GEMM long.
+// Masked tiles follow the mask's block size so a tile never straddles two mask blocks.
+void choose_tiles(Problem& p) {
+  if (p.mask != nullptr) {
+    p.bk = p.block_size;
+    p.bq = std::gcd(p.block_size, static_cast<int64_t>(64));
+  } else {
+    p.bq = 64;
+    p.bk = 512;
+  }
+}
+
+void check_common(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                  const std::optional<at::Tensor>& block_mask, int64_t block_size, double scale) {
+  TORCH_CHECK(q.dim() == 4, "q must be (batch, seqlen_q, heads_q, head_dim); got shape ", q.sizes());
+  TORCH_CHECK(k.dim() == 4, "k must be (batch, seqlen_k, heads_kv, head_dim); got shape ", k.sizes());
+  TORCH_CHECK(v.sizes() == k.sizes(), "v must have k's shape ", k.sizes(), "; got ", v.sizes());
+  TORCH_CHECK(q.size(0) == k.size(0), "k batch ", k.size(0), " must equal q batch ", q.size(0));
+  TORCH_CHECK(q.size(3) == k.size(3), "k head_dim ", k.size(3), " must equal q head_dim ", q.size(3));
+  TORCH_CHECK(k.size(2) > 0 && q.size(2) % k.size(2) == 0, "heads_q=", q.size(2),
+              " must be a multiple of heads_kv=", k.size(2));
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(),
+              "longmoe::flash_attn CPU kernel got tensors on ", q.device(), ", ", k.device(), ", ",
+              v.device());
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
+              "q, k, v must share a dtype; got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
+              v.scalar_type());
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
+              "q must be float32, bfloat16 or float16 for the native kernel (it computes in fp32 tiles; "
+              "use the reference backend for float64); got ",
+              q.scalar_type());
+  TORCH_CHECK(scale > 0, "softmax_scale must be > 0; got ", scale);
+  if (block_mask.has_value()) {
+    const auto& m = *block_mask;
+    TORCH_CHECK(block_size > 0, "block_size must be > 0; got ", block_size);
+    TORCH_CHECK(m.scalar_type() == at::kBool, "block_mask must be bool; got ", m.scalar_type());
+    const int64_t nq = (q.size(1) + block_size - 1) / block_size;
+    const int64_t nk = (k.size(1) + block_size - 1) / block_size;
+    TORCH_CHECK(m.dim() == 4 && m.size(0) == q.size(0) && m.size(1) == q.size(2) && m.size(2) == nq &&
+                    m.size(3) == nk,
+                "block_mask must be (batch, heads_q, ceil(seqlen_q/block_size), "
+                "ceil(seqlen_k/block_size)) = (",
+                q.size(0), ", ", q.size(2), ", ", nq, ", ", nk, "); got ", m.sizes());
+  }
+}
+
+Problem make_problem(const at::Tensor& q, const at::Tensor& k, bool causal, double scale,
+                     const std::optional<at::Tensor>& block_mask, int64_t block_size) {
+  Problem p;
+  p.B = q.size(0);
+  p.Sq = q.size(1);
+  p.Hq = q.size(2);
+  p.D = q.size(3);
+  p.Sk = k.size(1);
+  p.Hkv = k.size(2);
+  p.group = p.Hq / p.Hkv;
+  p.offset = p.Sk - p.Sq;
+  p.causal = causal;
+  p.scale = static_cast<float>(scale);
+  if (block_mask.has_value()) {
+    p.mask = block_mask->data_ptr<bool>();
+    for (int i = 0; i < 4; ++i) p.ms[i] = block_mask->stride(i);
+    p.block_size = block_size;
+  }
+  choose_tiles(p);
+  return p;
+}
+
+// Row strides of a (B, S, H, D) tensor with unit inner stride.
+struct Strides {
+  int64_t b, s, h;
+  explicit Strides(const at::Tensor& t) : b(t.stride(0)), s(t.stride(1)), h(t.stride(2)) {}
+};
+
+at::Tensor inner_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
+template <typename scalar_t>
+void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                    at::Tensor& out, at::Tensor& lse) {
+  const scalar_t* qd = q.data_ptr<scalar_t>();
+  const scalar_t* kd = k.data_ptr<scalar_t>();
+  const scalar_t* vd = v.data_ptr<scalar_t>();
+  scalar_t* od = out.data_ptr<scalar_t>();
+  float* ld_ = lse.data_ptr<float>();
+  const Strides qs(q), ks(k), vs(v), os(out);
+  const int64_t D = p.D, bq = p.bq, bk = p.bk;
+  const int64_t n_qt = (p.Sq + bq - 1) / bq;
+
+  at::parallel_for(0, p.B * p.Hq * n_qt, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qbuf(bq * D), kbuf(bk * D), vbuf(bk * D), sbuf(bq * bk), acc(bq * D);
+    std::vector<float> m(bq), l(bq);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t qt = item % n_qt, h = (item / n_qt) % p.Hq, b = item / (n_qt * p.Hq);
+      const int64_t hk = h / p.group, q0 = qt * bq, mq = std::min(bq, p.Sq - q0);
+      int64_t ldq, ldk, ldv;
+      const float* Q = load_rows(qd + b * qs.b + q0 * qs.s + h * qs.h, qs.s, mq, D, qbuf.data(), &ldq);
+      std::fill(m.begin(), m.end(), kNegInf);
+      std::fill(l.begin(), l.end(), 0.f);
+      std::fill(acc.begin(), acc.end(), 0.f);
+      const int64_t kv_end = p.kv_end(q0, mq);
+      for (int64_t k0 = 0; k0 < kv_end; k0 += bk) {
+        if (!p.tile_on(b, h, q0, k0)) continue;
+        const int64_t nk = std::min(bk, kv_end - k0);
+        const float* K = load_rows(kd + b * ks.b + k0 * ks.s + hk * ks.h, ks.s, nk, D, kbuf.data(), &ldk);
+        const float* V = load_rows(vd + b * vs.b + k0 * vs.s + hk * vs.h, vs.s, nk, D, vbuf.data(), &ldv);
+        float* S = sbuf.data();
+        gemm_rm(false, true, mq, nk, D, p.scale, Q, ldq, K, ldk, 0.f, S, nk);
+        for (int64_t i = 0; i < mq; ++i) {
+          float* row = S + i * nk;
+          const int64_t vis = p.visible(q0 + i, k0, nk);
+          float mx = kNegInf;
+#pragma omp simd reduction(max : mx)
+          for (int64_t j = 0; j < vis; ++j) mx = std::max(mx, row[j]);
+          const float m_new = std::max(m[i], mx);
+          float sum = 0.f;
+          if (vis > 0) {
+#pragma omp simd reduction(+ : sum)
+            for (int64_t j = 0; j < vis; ++j) {
+              const float e = exp_nonpos(row[j] - m_new);
+              row[j] = e;
+              sum += e;
+            }
+          }
+          std::fill(row + vis, row + nk, 0.f);
+          if (vis == 0) continue;
+          const float corr = exp_nonpos(m[i] - m_new);
+          l[i] = l[i] * corr + sum;
+          m[i] = m_new;
+          if (corr != 1.f) {
+            float* a = acc.data() + i * D;
+#pragma omp simd
+            for (int64_t d = 0; d < D; ++d) a[d] *= corr;
+          }
+        }
+        gemm_rm(false, false, mq, D, nk, 1.f, S, nk, V, ldv, 1.f, acc.data(), D);
+      }
+      float* lrow = ld_ + (b * p.Hq + h) * p.Sq + q0;
+      for (int64_t i = 0; i < mq; ++i) {
+        float* a = acc.data() + i * D;
+        if (l[i] > 0.f) {
+          const float inv = 1.f / l[i];
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) a[d] *= inv;
+          lrow[i] = m[i] + std::log(l[i]);
+        } else {
+          std::fill(a, a + D, 0.f);
+          lrow[i] = kNegInf;
+        }
+      }
+      store_rows(acc.data(), D, mq, D, od + b * os.b + q0 * os.s + h * os.h, os.s);
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_kernel(const Problem& p, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq,
+                     at::Tensor& dk_acc, at::Tensor& dv_acc) {
+  const scalar_t* dod = dout.data_ptr<scalar_t>();
+  const scalar_t* qd = q.data_ptr<scalar_t>();
+  const scalar_t* kd = k.data_ptr<scalar_t>();
+  const scalar_t* vd = v.data_ptr<scalar_t>();
+  const scalar_t* od = out.data_ptr<scalar_t>();
+  const float* lsed = lse.data_ptr<float>();
+  const int64_t lse_b = lse.stride(0), lse_h = lse.stride(1), lse_s = lse.stride(2);
+  scalar_t* dqd = dq.data_ptr<scalar_t>();
+  float* dkd = dk_acc.data_ptr<float>();  // (B, Hq, Sk, D) fp32, one slab per query head
+  float* dvd = dv_acc.data_ptr<float>();
+  const Strides dos(dout), qs(q), ks(k), vs(v), os(out), dqs(dq);
+  const int64_t D = p.D, bq = p.bq, bk = p.bk;
+
+  // One work item per (batch, query head): it owns its dq rows and its dk/dv slab, so no two
+  // threads write the same memory; GQA groups are summed afterwards.
+  at::parallel_for(0, p.B * p.Hq, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qbuf(bq * D), dobuf(bq * D), obuf(bq * D), kbuf(bk * D), vbuf(bk * D);
+    std::vector<float> pbuf(bq * bk), dpbuf(bq * bk), dqacc(bq * D), lrow(bq), drow(bq);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t h = item % p.Hq, b = item / p.Hq, hk = h / p.group;
+      float* dK = dkd + item * p.Sk * D;
+      float* dV = dvd + item * p.Sk * D;
+      for (int64_t q0 = 0; q0 < p.Sq; q0 += bq) {
+        const int64_t mq = std::min(bq, p.Sq - q0);
+        int64_t ldq, lddo, ldo, ldk, ldv;
+        const float* Q = load_rows(qd + b * qs.b + q0 * qs.s + h * qs.h, qs.s, mq, D, qbuf.data(), &ldq);
+        const float* dO =
+            load_rows(dod + b * dos.b + q0 * dos.s + h * dos.h, dos.s, mq, D, dobuf.data(), &lddo);
+        const float* O = load_rows(od + b * os.b + q0 * os.s + h * os.h, os.s, mq, D, obuf.data(), &ldo);
+        for (int64_t i = 0; i < mq; ++i) {
+          lrow[i] = lsed[b * lse_b + h * lse_h + (q0 + i) * lse_s];
+          float dsum = 0.f;  // D_i = rowsum(dO * O), the softmax-backward row term
+          const float* x = dO + i * lddo;
+          const float* y = O + i * ldo;
+#pragma omp simd reduction(+ : dsum)
+          for (int64_t d = 0; d < D; ++d) dsum += x[d] * y[d];
+          drow[i] = dsum;
+        }
+        std::fill(dqacc.begin(), dqacc.end(), 0.f);
+        const int64_t kv_end = p.kv_end(q0, mq);
+        for (int64_t k0 = 0; k0 < kv_end; k0 += bk) {
+          if (!p.tile_on(b, h, q0, k0)) continue;
+          const int64_t nk = std::min(bk, kv_end - k0);
+          const float* K =
+              load_rows(kd + b * ks.b + k0 * ks.s + hk * ks.h, ks.s, nk, D, kbuf.data(), &ldk);
+          const float* V =
+              load_rows(vd + b * vs.b + k0 * vs.s + hk * vs.h, vs.s, nk, D, vbuf.data(), &ldv);
+          float* P = pbuf.data();
+          float* dP = dpbuf.data();
+          gemm_rm(false, true, mq, nk, D, p.scale, Q, ldq, K, ldk, 0.f, P, nk);
+          for (int64_t i = 0; i < mq; ++i) {
+            float* row = P + i * nk;
+            const float li = lrow[i];
+            // lse = -inf: the row saw no key in the forward pass, so it has no gradient.
+            const int64_t vis = std::isinf(li) ? 0 : p.visible(q0 + i, k0, nk);
+#pragma omp simd
+            for (int64_t j = 0; j < vis; ++j) row[j] = exp_nonpos(row[j] - li);
+            std::fill(row + vis, row + nk, 0.f);
+          }
+          gemm_rm(true, false, nk, D, mq, 1.f, P, nk, dO, lddo, 1.f, dV + k0 * D, D);  // dV += P^T dO
+          gemm_rm(false, true, mq, nk, D, 1.f, dO, lddo, V, ldv, 0.f, dP, nk);         // dP = dO V^T
+          for (int64_t i = 0; i < mq; ++i) {
+            float* ds = dP + i * nk;
+            const float* pr = P + i * nk;
+            const float di = drow[i];
+#pragma omp simd
+            for (int64_t j = 0; j < nk; ++j) ds[j] = pr[j] * (ds[j] - di);  // dS = P * (dP - D)
+          }
+          gemm_rm(false, false, mq, D, nk, p.scale, dP, nk, K, ldk, 1.f, dqacc.data(), D);  // dQ += dS K
+          gemm_rm(true, false, nk, D, mq, p.scale, dP, nk, Q, ldq, 1.f, dK + k0 * D, D);    // dK += dS^T Q
+        }
+        store_rows(dqacc.data(), D, mq, D, dqd + b * dqs.b + q0 * dqs.s + h * dqs.h, dqs.s);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                      const at::Tensor& v_in,
+                                                      const std::optional<at::Tensor>& block_mask,
+                                                      int64_t block_size, bool causal, double softmax_scale) {
+  check_common(q_in, k_in, v_in, block_mask, block_size, softmax_scale);
+  const at::Tensor q = inner_contiguous(q_in), k = inner_contiguous(k_in), v = inner_contiguous(v_in);
+  const Problem p = make_problem(q, k, causal, softmax_scale, block_mask, block_size);
+  at::Tensor out = at::empty({p.B, p.Sq, p.Hq, p.D}, q.options());
+  at::Tensor lse = at::empty({p.B, p.Hq, p.Sq}, q.options().dtype(at::kFloat));
+  if (p.B * p.Sq * p.Hq == 0) return {out, lse};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "longmoe_flash_attn_fwd", [&] { forward_kernel<scalar_t>(p, q, k, v, out, lse); });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cpu(
+    const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& out_in, const at::Tensor& lse, const std::optional<at::Tensor>& block_mask,
+    int64_t block_size, bool causal, double softmax_scale) {
+  check_common(q_in, k_in, v_in, block_mask, block_size, softmax_scale);
+  TORCH_CHECK(dout_in.sizes() == q_in.sizes(), "dout must have q's shape ", q_in.sizes(), "; got ",
+              dout_in.sizes());
+  TORCH_CHECK(out_in.sizes() == q_in.sizes(), "out must have q's shape ", q_in.sizes(), "; got ",
+              out_in.sizes());
+  TORCH_CHECK(dout_in.scalar_type() == q_in.scalar_type() && out_in.scalar_type() == q_in.scalar_type(),
+              "dout and out must have q's dtype ", q_in.scalar_type(), "; got ", dout_in.scalar_type(),
+              " and ", out_in.scalar_type());
+  TORCH_CHECK(lse.scalar_type() == at::kFloat, "lse must be float32; got ", lse.scalar_type());
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == q_in.size(0) && lse.size(1) == q_in.size(2) &&
+                  lse.size(2) == q_in.size(1),
+              "lse must be (batch, heads_q, seqlen_q) = (", q_in.size(0), ", ", q_in.size(2), ", ",
+              q_in.size(1), "); got ", lse.sizes());
+  const at::Tensor q = inner_contiguous(q_in), k = inner_contiguous(k_in), v = inner_contiguous(v_in);
+  const at::Tensor dout = inner_contiguous(dout_in), out = inner_contiguous(out_in);
+  const Problem p = make_problem(q, k, causal, softmax_scale, block_mask, block_size);
+  at::Tensor dq = at::empty({p.B, p.Sq, p.Hq, p.D}, q.options());
+  at::Tensor dk_acc = at::zeros({p.B, p.Hq, p.Sk, p.D}, q.options().dtype(at::kFloat));
+  at::Tensor dv_acc = at::zeros({p.B, p.Hq, p.Sk, p.D}, q.options().dtype(at::kFloat));
+  if (p.B * p.Sq * p.Hq > 0 && p.Sk > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "longmoe_flash_attn_bwd", [&] {
+      backward_kernel<scalar_t>(p, dout, q, k, v, out, lse, dq, dk_acc, dv_acc);
+    });
+  } else {
+    dq.zero_();
+  }
+  // (B, Hq, Sk, D) -> sum over each GQA group -> (B, Sk, Hkv, D) in the input dtype.
+  auto fold = [&](const at::Tensor& acc) {
+    at::Tensor g = p.group == 1 ? acc : acc.view({p.B, p.Hkv, p.group, p.Sk, p.D}).sum(2);
+    return g.permute({0, 2, 1, 3}).to(q.scalar_type()).contiguous();
+  };
+  return {dq, fold(dk_acc), fold(dv_acc)};
+}
+
+bool native_has_blas() { return have_blas(); }
+
+}  // namespace longmoe

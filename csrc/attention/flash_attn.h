@@ -1,0 +1,26 @@
+// CPU flash attention with log-sum-exp and an optional block mask; see flash_attn.cpp.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+namespace longmoe {
+
+// q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D) -> out (B, Sq, Hq, D) in q's dtype, lse (B, Hq, Sq) fp32.
+std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                      const at::Tensor& v,
+                                                      const std::optional<at::Tensor>& block_mask,
+                                                      int64_t block_size, bool causal, double softmax_scale);
+
+// Gradients given the (possibly globally merged) out and lse: (dq, dk, dv) in the input dtypes.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cpu(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& block_mask,
+    int64_t block_size, bool causal, double softmax_scale);
+
+// True when the tile GEMMs run through a BLAS sgemm found in the torch libraries.
+bool native_has_blas();
+
+}  // namespace longmoe

@@ -1,0 +1,115 @@
+// Small building blocks shared by longmoe's CPU kernels: a row-major GEMM over the BLAS that torch
+// ships (MKL or OpenBLAS, found at load time), a vectorisable exp, and tile loaders that turn any
+// floating dtype into fp32 rows.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <limits>
+
+extern "C" {
+// Fortran BLAS sgemm. torch's CPU wheels export it from libtorch_cpu (MKL); declared weak so the
+// extension still loads against a torch without it, and falls back to the loops below.
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+            const float* beta, float* c, const int* ldc) __attribute__((weak));
+}
+
+namespace longmoe {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+inline bool have_blas() { return sgemm_ != nullptr; }
+
+// Row-major C[M,N] = alpha * op(A)[M,K] * op(B)[K,N] + beta * C.
+// trans_a: A is stored [K,M]; trans_b: B is stored [N,K]. Leading dimensions are row strides.
+inline void gemm_rm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
+                    const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C,
+                    int64_t ldc) {
+  if (M == 0 || N == 0) return;
+  if (sgemm_ != nullptr && K > 0) {
+    // Row-major C = op(A) op(B)  <=>  column-major C^T = op(B)^T op(A)^T.
+    const char ta = trans_b ? 'T' : 'N', tb = trans_a ? 'T' : 'N';
+    const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
+    const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
+    sgemm_(&ta, &tb, &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C, &lc);
+    return;
+  }
+  for (int64_t i = 0; i < M; ++i) {
+    float* c = C + i * ldc;
+    if (beta == 0.f) {
+      std::fill(c, c + N, 0.f);
+    } else if (beta != 1.f) {
+      for (int64_t j = 0; j < N; ++j) c[j] *= beta;
+    }
+    for (int64_t p = 0; p < K; ++p) {
+      const float a = alpha * (trans_a ? A[p * lda + i] : A[i * lda + p]);
+      if (!trans_b) {
+        const float* b = B + p * ldb;
+#pragma omp simd
+        for (int64_t j = 0; j < N; ++j) c[j] += a * b[j];
+      } else {
+        for (int64_t j = 0; j < N; ++j) c[j] += a * B[j * ldb + p];
+      }
+    }
+  }
+}
+
+// exp(x) for x <= 0 to ~2 ulp, branch-free so GCC vectorises loops over it; returns 0 for x < -87
+// (and for -inf), where expf would be denormal or 0 anyway.
+inline float exp_nonpos(float x) {
+  const bool tiny = x < -87.0f;
+  x = std::max(x, -87.0f);
+  const float n = std::nearbyint(x * 1.44269504088896341f);
+  float r = x - n * 0.693359375f;  // ln2 split in a high part exact in fp32 ...
+  r = r + n * 2.12194440e-4f;      // ... and the low remainder (Cephes)
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return tiny ? 0.f : p * scale;
+}
+
+// A [rows, cols] fp32 view of rows [r0, r0+rows) of one head of a (B, S, H, D) tensor: the tensor's
+// memory when it already is fp32 with a unit inner stride, otherwise a converted copy in `buf`.
+template <typename scalar_t>
+inline const float* load_rows(const scalar_t* base, int64_t row_stride, int64_t rows, int64_t cols,
+                              float* buf, int64_t* ld) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    *ld = row_stride;
+    return base;
+  } else {
+    for (int64_t r = 0; r < rows; ++r) {
+      const scalar_t* src = base + r * row_stride;
+      float* dst = buf + r * cols;
+#pragma omp simd
+      for (int64_t c = 0; c < cols; ++c) dst[c] = static_cast<float>(src[c]);
+    }
+    *ld = cols;
+    return buf;
+  }
+}
+
+template <typename scalar_t>
+inline void store_rows(const float* src, int64_t ld_src, int64_t rows, int64_t cols, scalar_t* dst,
+                       int64_t row_stride) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* s = src + r * ld_src;
+    scalar_t* d = dst + r * row_stride;
+#pragma omp simd
+    for (int64_t c = 0; c < cols; ++c) d[c] = static_cast<scalar_t>(s[c]);
+  }
+}
+
+}  // namespace longmoe

@@ -1,0 +1,15 @@
+"""longmoe: long-context and Mixture-of-Experts runtime for PyTorch.
+
+Subpackages: ``longmoe.runtime`` (native loader, backends, process groups, launcher, exchanger),
+``longmoe.attention`` (attention core with LSE, merge), ``longmoe.kernels`` (Triton GPU kernels),
+``longmoe.parallel`` (sequence parallelism), ``longmoe.moe`` (Mixture of Experts).
+"""
+
+from longmoe import attention, runtime
+from longmoe.attention import flash_attention, flash_attention_backward, merge_attention_partials
+
+# Load the C++ kernels now so torch.ops.longmoe.* exist after `import longmoe` (warns once if not built).
+runtime.load_native()
+
+__version__ = "0.1.0"
+__all__ = ["attention", "runtime", "flash_attention", "flash_attention_backward", "merge_attention_partials"]

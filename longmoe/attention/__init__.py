@@ -1,0 +1,24 @@
+"""Attention core: flash attention with log-sum-exp (dense or block-sparse) and the partial merge."""
+
+from longmoe.attention.flash_attention import (
+    FlashAttentionFunction,
+    expand_block_mask,
+    flash_attention,
+    flash_attention_backward,
+    flash_attention_backward_ref,
+    flash_attention_forward,
+    flash_attention_ref,
+)
+from longmoe.attention.merge import merge_attention_partials, merge_attention_partials_ref
+
+__all__ = [
+    "FlashAttentionFunction",
+    "expand_block_mask",
+    "flash_attention",
+    "flash_attention_backward",
+    "flash_attention_backward_ref",
+    "flash_attention_forward",
+    "flash_attention_ref",
+    "merge_attention_partials",
+    "merge_attention_partials_ref",
+]

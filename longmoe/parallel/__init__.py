@@ -1,0 +1,1 @@
+"""Sequence parallelism (TokenRing, KV-ring, Ulysses): see the TokenRing issue; nothing public yet."""

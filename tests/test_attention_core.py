@@ -1,0 +1,208 @@
+"""The attention core (forward, LSE, backward) of every CPU backend against the fp64 oracle."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from longmoe.attention import (
+    flash_attention,
+    flash_attention_backward,
+    flash_attention_backward_ref,
+    flash_attention_forward,
+    flash_attention_ref,
+)
+from longmoe.runtime import native_available
+from tests.oracle import assert_within_oracle
+
+CPU_BACKENDS = ["native", "reference"]
+
+# (batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim): the shapes that break kernels.
+SHAPES = [
+    (1, 1, 1, 2, 2, 64),  # seq 1
+    (1, 97, 97, 4, 4, 64),  # odd length, MHA
+    (3, 128, 128, 4, 1, 80),  # batch 3, MQA, head_dim 80
+    (1, 1025, 1025, 4, 1, 128),  # one past a tile, MQA
+    (1, 1025, 1025, 8, 2, 64),  # GQA 4:1
+    (3, 97, 1025, 4, 1, 64),  # Sq < Sk (chunked prefill / ring step)
+    (1, 1025, 97, 4, 4, 128),  # Sq > Sk: with causal, the first 928 rows see no key
+    (1, 1, 1025, 8, 2, 80),  # decode-like: one query, many keys
+    (3, 128, 97, 2, 2, 128),
+]
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def make_qkv(shape, dtype, requires_grad=False):
+    b, sq, sk, hq, hkv, d = shape
+    q = torch.randn(b, sq, hq, d, dtype=dtype)
+    k = torch.randn(b, sk, hkv, d, dtype=dtype)
+    v = torch.randn(b, sk, hkv, d, dtype=dtype)
+    return [t.requires_grad_(requires_grad) for t in (q, k, v)]
+
+
+def oracle_and_same(q, k, v, dout, **kw):
+    """fp64 oracle and same-dtype reference: ((out, lse, dq, dk, dv), (same...))."""
+    q64, k64, v64, do64 = (t.detach().double() for t in (q, k, v, dout))
+    o64, l64 = flash_attention_ref(q64, k64, v64, **kw)
+    g64 = flash_attention_backward_ref(do64, q64, k64, v64, o64, l64, **kw)
+    qs, ks, vs = (t.detach() for t in (q, k, v))
+    os_, ls = flash_attention_ref(qs, ks, vs, upcast=False, **kw)
+    gs = flash_attention_backward_ref(dout, qs, ks, vs, os_, ls, upcast=False, **kw)
+    return (o64, l64, *g64), (os_, ls, *gs)
+
+
+def check_against_oracle(backend, shape, dtype, causal, block_mask=None, block_size=128):
+    kw = dict(causal=causal, block_mask=block_mask, block_size=block_size)
+    q, k, v = make_qkv(shape, dtype, requires_grad=True)
+    out, lse = flash_attention(q, k, v, return_lse=True, backend=backend, **kw)
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    oracle, same = oracle_and_same(q, k, v, dout, **kw)
+    ours = (out.detach(), lse, q.grad, k.grad, v.grad)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    assert q.grad.dtype == dtype and k.grad.dtype == dtype and v.grad.dtype == dtype
+    for name, a, s, o in zip(("out", "lse", "dq", "dk", "dv"), ours, same, oracle, strict=True):
+        assert_within_oracle(f"{backend} {name}", a, s, o, dtype)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_matches_oracle(backend, shape, causal, dtype):
+    check_against_oracle(backend, shape, dtype, causal)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_fp16_native(causal):
+    check_against_oracle("native", (2, 97, 130, 4, 2, 64), torch.float16, causal)
+
+
+@pytest.mark.parametrize("block_size", [64, 128])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_block_mask_matches_oracle(block_size, causal, dtype):
+    """Random tile masks, with some query blocks fully masked (their rows: out 0, lse -inf)."""
+    b, sq, sk, hq, hkv = 2, 300, 333, 4, 2
+    nq, nk = -(-sq // block_size), -(-sk // block_size)
+    mask = torch.rand(b, hq, nq, nk) < 0.5
+    mask[0, 1, 1] = False  # a fully masked query block
+    check_against_oracle("native", (b, sq, sk, hq, hkv, 64), dtype, causal, mask, block_size)
+
+
+def test_all_ones_mask_equals_dense():
+    q, k, v = make_qkv((2, 257, 300, 4, 2, 64), torch.float32)
+    mask = torch.ones(2, 4, 3, 3, dtype=torch.bool)
+    dense = flash_attention_forward(q, k, v, causal=True)
+    sparse = flash_attention_forward(q, k, v, causal=True, block_mask=mask, block_size=128)
+    # Same tiles up to the tile split, so equal to rounding, not bit-exact.
+    torch.testing.assert_close(sparse[0], dense[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sparse[1], dense[1], rtol=1e-5, atol=1e-6)
+
+
+def test_mask_skipping_is_exact_zero_for_dead_rows():
+    q, k, v = make_qkv((1, 200, 200, 2, 2, 64), torch.bfloat16, requires_grad=True)
+    mask = torch.zeros(1, 2, 2, 2, dtype=torch.bool)
+    mask[:, :, 1, 0] = True  # first query block sees nothing
+    out, lse = flash_attention(q, k, v, block_mask=mask, return_lse=True)
+    out.sum().backward()
+    assert torch.isneginf(lse[:, :, :128]).all() and torch.isfinite(lse[:, :, 128:]).all()
+    assert (out[:, :128] == 0).all()
+    assert (q.grad[:, :128] == 0).all()
+    assert not any(torch.isnan(t).any() for t in (out, q.grad, k.grad, v.grad))
+
+
+def test_backward_ref_equals_autograd_of_ref():
+    """The explicit backward formula (the oracle for gradients) agrees with autograd through the ref."""
+    q, k, v = (t.double() for t in make_qkv((2, 37, 53, 4, 2, 16), torch.float32))
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    out, lse = flash_attention_ref(q, k, v, causal=True)
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    dq, dk, dv = flash_attention_backward_ref(dout, q.detach(), k.detach(), v.detach(), out.detach(), lse, causal=True)
+    for a, b in ((dq, q.grad), (dk, k.grad), (dv, v.grad)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_backward_with_external_global_lse():
+    """Ring backward: one key chunk's grads from the *global* out/lse sum to the one-shot grads."""
+    q, k, v = make_qkv((1, 150, 300, 4, 2, 64), torch.float32)
+    out, lse = flash_attention_forward(q, k, v)
+    dout = torch.randn_like(out)
+    dq, dk, dv = flash_attention_backward(dout, q, k, v, out, lse)
+    dq_sum = torch.zeros_like(dq)
+    dks, dvs = [], []
+    for lo, hi in ((0, 128), (128, 200), (200, 300)):
+        a, b, c = flash_attention_backward(dout, q, k[:, lo:hi], v[:, lo:hi], out, lse)
+        dq_sum += a
+        dks.append(b)
+        dvs.append(c)
+    torch.testing.assert_close(dq_sum, dq, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.cat(dks, 1), dk, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.cat(dvs, 1), dv, rtol=1e-4, atol=1e-5)
+
+
+def test_noncontiguous_inputs():
+    """(B, H, S, D)-stored tensors viewed as (B, S, H, D), as users get from transpose()."""
+    q, k, v = (torch.randn(2, 4, 97, 64).transpose(1, 2) for _ in range(3))
+    out, lse = flash_attention_forward(q, k, v, causal=True)
+    ref, ref_lse = flash_attention_ref(q.double(), k.double(), v.double(), causal=True)
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=0, atol=1e-5)
+
+
+def test_empty_key_sequence_gives_zero_and_neg_inf():
+    q = torch.randn(1, 5, 2, 64)
+    k = v = torch.randn(1, 0, 2, 64)
+    out, lse = flash_attention_forward(q, k, v)
+    assert (out == 0).all() and torch.isneginf(lse).all()
+
+
+def test_default_backend_follows_device():
+    from longmoe.runtime import select_backend, use_backend
+
+    q = torch.randn(1, 2, 1, 8)
+    assert select_backend(q) == ("native" if native_available() else "reference")
+    with use_backend("reference"):
+        assert select_backend(q) == "reference"
+        assert select_backend(q, backend="native") == "native"
+    with pytest.raises(ValueError, match="use_backend"):
+        with use_backend("cuda-magic"):
+            pass
+
+
+def test_backend_env_var(monkeypatch):
+    from longmoe.runtime import select_backend
+
+    q = torch.randn(1, 2, 1, 8)
+    monkeypatch.setenv("LONGMOE_BACKEND", "reference")
+    assert select_backend(q) == "reference"
+    monkeypatch.setenv("LONGMOE_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="backend='bogus'"):
+        select_backend(q)
+
+
+def test_native_is_built():
+    """`make venv` builds the extension: the suite must exercise the C++ kernels, not the fallback."""
+    assert native_available(), "longmoe._C is not built; run `make venv` (pip install --no-build-isolation -e .)"
+    assert hasattr(torch.ops.longmoe, "flash_attn_fwd") and hasattr(torch.ops.longmoe, "flash_attn_bwd")
+
+
+def test_torch_compile_traces_native_op():
+    """The fake kernels let torch.compile trace the custom op (no graph break, right shapes)."""
+    q, k, v = make_qkv((1, 33, 40, 4, 2, 16), torch.float32)
+
+    def f(q, k, v):
+        out, lse = torch.ops.longmoe.flash_attn_fwd(q, k, v, None, 128, True, 0.25)
+        return out * 2, lse
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fq, fk, fv = (mode.from_tensor(t) for t in (q, k, v))
+        out, lse = f(fq, fk, fv)
+        assert out.shape == (1, 33, 4, 16) and lse.shape == (1, 4, 33) and lse.dtype == torch.float32
+    eager = f(q, k, v)
+    compiled = torch.compile(f, backend="eager", fullgraph=True)(q, k, v)
+    torch.testing.assert_close(compiled[0], eager[0])
