@@ -22,8 +22,9 @@ def max_err(x: torch.Tensor, oracle: torch.Tensor) -> float:
     return float((x.double() - oracle.double())[fin].abs().max())
 
 
-def assert_within_oracle(name: str, ours: torch.Tensor, same: torch.Tensor, oracle: torch.Tensor,
-                         dtype: torch.dtype) -> None:
+def assert_within_oracle(
+    name: str, ours: torch.Tensor, same: torch.Tensor, oracle: torch.Tensor, dtype: torch.dtype
+) -> None:
     """Assert ``ours`` is within twice the same-dtype reference's error of the fp64 oracle (+ a floor)."""
     assert ours.shape == oracle.shape, f"{name}: shape {tuple(ours.shape)} != oracle {tuple(oracle.shape)}"
     assert not torch.isnan(ours).any(), f"{name}: NaN in result"

@@ -120,7 +120,9 @@ def test_backward_ref_equals_autograd_of_ref():
     out, lse = flash_attention_ref(q, k, v, causal=True)
     dout = torch.randn_like(out)
     out.backward(dout)
-    dq, dk, dv = flash_attention_backward_ref(dout, q.detach(), k.detach(), v.detach(), out.detach(), lse, causal=True)
+    dq, dk, dv = flash_attention_backward_ref(
+        dout, q.detach(), k.detach(), v.detach(), out.detach(), lse, causal=True
+    )
     for a, b in ((dq, q.grad), (dk, k.grad), (dv, v.grad)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
@@ -185,7 +187,9 @@ def test_backend_env_var(monkeypatch):
 
 def test_native_is_built():
     """`make venv` builds the extension: the suite must exercise the C++ kernels, not the fallback."""
-    assert native_available(), "longmoe._C is not built; run `make venv` (pip install --no-build-isolation -e .)"
+    assert native_available(), (
+        "longmoe._C is not built; run `make venv` (pip install --no-build-isolation -e .)"
+    )
     assert hasattr(torch.ops.longmoe, "flash_attn_fwd") and hasattr(torch.ops.longmoe, "flash_attn_bwd")
 
 

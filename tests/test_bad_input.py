@@ -9,8 +9,10 @@ from longmoe.attention import flash_attention, flash_attention_backward, merge_a
 
 
 def qkv(b=1, sq=8, sk=8, hq=4, hkv=2, d=16, dtype=torch.float32):
-    return torch.randn(b, sq, hq, d, dtype=dtype), torch.randn(b, sk, hkv, d, dtype=dtype), torch.randn(
-        b, sk, hkv, d, dtype=dtype
+    return (
+        torch.randn(b, sq, hq, d, dtype=dtype),
+        torch.randn(b, sk, hkv, d, dtype=dtype),
+        torch.randn(b, sk, hkv, d, dtype=dtype),
     )
 
 
@@ -20,7 +22,11 @@ CASES = {
     "q rank 3": (lambda: flash_attention(q[0], k, v), ValueError, r"q must be 4-D .* got 3-D"),
     "k rank 5": (lambda: flash_attention(q, k[None], v), ValueError, r"k must be 4-D"),
     "k/v shape": (lambda: flash_attention(q, k, v[:, :4]), ValueError, r"k and v must have the same shape"),
-    "heads not divisible": (lambda: flash_attention(*qkv(hq=3, hkv=2)), ValueError, r"heads_q=3 .* heads_kv=2"),
+    "heads not divisible": (
+        lambda: flash_attention(*qkv(hq=3, hkv=2)),
+        ValueError,
+        r"heads_q=3 .* heads_kv=2",
+    ),
     "head dim mismatch": (
         lambda: flash_attention(q, torch.randn(1, 8, 2, 32), torch.randn(1, 8, 2, 32)),
         ValueError,
@@ -31,9 +37,17 @@ CASES = {
         ValueError,
         r"k batch=2 must equal q batch=1",
     ),
-    "dtype mix": (lambda: flash_attention(q, k.bfloat16(), v.bfloat16()), TypeError, r"share a dtype.*bfloat16"),
+    "dtype mix": (
+        lambda: flash_attention(q, k.bfloat16(), v.bfloat16()),
+        TypeError,
+        r"share a dtype.*bfloat16",
+    ),
     "device mix": (lambda: flash_attention(q, k.to("meta"), v.to("meta")), ValueError, r"one device.*meta"),
-    "integer dtype": (lambda: flash_attention(q.long(), k.long(), v.long()), TypeError, r"q must be a floating"),
+    "integer dtype": (
+        lambda: flash_attention(q.long(), k.long(), v.long()),
+        TypeError,
+        r"q must be a floating",
+    ),
     "empty head dim": (
         lambda: flash_attention(torch.randn(1, 8, 4, 0), torch.randn(1, 8, 2, 0), torch.randn(1, 8, 2, 0)),
         ValueError,
@@ -44,8 +58,16 @@ CASES = {
         ValueError,
         r"heads must be >= 1",
     ),
-    "scale zero": (lambda: flash_attention(q, k, v, softmax_scale=0.0), ValueError, r"softmax_scale .* got 0.0"),
-    "scale negative": (lambda: flash_attention(q, k, v, softmax_scale=-1), ValueError, r"softmax_scale .* got -1"),
+    "scale zero": (
+        lambda: flash_attention(q, k, v, softmax_scale=0.0),
+        ValueError,
+        r"softmax_scale .* got 0.0",
+    ),
+    "scale negative": (
+        lambda: flash_attention(q, k, v, softmax_scale=-1),
+        ValueError,
+        r"softmax_scale .* got -1",
+    ),
     "scale nan": (lambda: flash_attention(q, k, v, softmax_scale=float("nan")), ValueError, r"softmax_scale"),
     "mask not bool": (
         lambda: flash_attention(q, k, v, block_mask=torch.ones(1, 4, 1, 1), block_size=8),
@@ -102,9 +124,12 @@ def test_bad_input_names_argument(case):
 def test_native_op_checks_its_own_inputs():
     """The C++ op is public too (torch.ops.longmoe.*): its TORCH_CHECKs name the argument."""
     with pytest.raises(RuntimeError, match=r"heads_q=3 must be a multiple of heads_kv=2"):
-        torch.ops.longmoe.flash_attn_fwd(torch.randn(1, 4, 3, 8), torch.randn(1, 4, 2, 8), torch.randn(1, 4, 2, 8),
-                                         None, 128, False, 1.0)
+        torch.ops.longmoe.flash_attn_fwd(
+            torch.randn(1, 4, 3, 8), torch.randn(1, 4, 2, 8), torch.randn(1, 4, 2, 8), None, 128, False, 1.0
+        )
     with pytest.raises(RuntimeError, match=r"block_mask must be bool"):
         torch.ops.longmoe.flash_attn_fwd(q, k, v, torch.ones(1, 4, 1, 1), 8, False, 1.0)
     with pytest.raises(RuntimeError, match=r"lse must be float32"):
-        torch.ops.longmoe.flash_attn_bwd(q, q, k, v, q, torch.zeros(1, 4, 8, dtype=torch.float64), None, 128, False, 1.0)
+        torch.ops.longmoe.flash_attn_bwd(
+            q, q, k, v, q, torch.zeros(1, 4, 8, dtype=torch.float64), None, 128, False, 1.0
+        )

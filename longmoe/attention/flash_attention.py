@@ -115,7 +115,9 @@ def _check_backward_inputs(dout, q, out, lse) -> None:
 # ----------------------------------------------------------------------------------------------------
 # reference
 # ----------------------------------------------------------------------------------------------------
-def expand_block_mask(block_mask: torch.Tensor, block_size: int, seqlen_q: int, seqlen_k: int) -> torch.Tensor:
+def expand_block_mask(
+    block_mask: torch.Tensor, block_size: int, seqlen_q: int, seqlen_k: int
+) -> torch.Tensor:
     """(batch, heads, n_qblocks, n_kblocks) bool -> (batch, heads, seqlen_q, seqlen_k) element mask."""
     m = block_mask.repeat_interleave(block_size, dim=2).repeat_interleave(block_size, dim=3)
     return m[:, :, :seqlen_q, :seqlen_k]
@@ -296,7 +298,9 @@ def flash_attention_backward(
     kwargs = dict(causal=bool(causal), softmax_scale=scale, block_mask=block_mask, block_size=block_size)
     if name == "native":
         lse32 = lse if lse.dtype == torch.float32 else lse.float()
-        return torch.ops.longmoe.flash_attn_bwd(dout, q, k, v, out, lse32, block_mask, block_size, bool(causal), scale)
+        return torch.ops.longmoe.flash_attn_bwd(
+            dout, q, k, v, out, lse32, block_mask, block_size, bool(causal), scale
+        )
     if name == "triton":
         from longmoe.kernels.flash_attention import flash_attention_backward_triton
 

@@ -58,7 +58,11 @@ def merge_attention_partials(
             f"out, lse, block_out, block_lse must share a device; got {out.device}, {lse.device}, "
             f"{block_out.device}, {block_lse.device}"
         )
-    acc = torch.float64 if torch.float64 in (out.dtype, lse.dtype, block_out.dtype, block_lse.dtype) else torch.float32
+    acc = (
+        torch.float64
+        if torch.float64 in (out.dtype, lse.dtype, block_out.dtype, block_lse.dtype)
+        else torch.float32
+    )
     out, lse, block_out, block_lse = (t.to(acc) for t in (out, lse, block_out, block_lse))
     # (B, H, S) -> (B, S, H, 1) to broadcast over head_dim.
     la = lse.transpose(1, 2).unsqueeze(-1)

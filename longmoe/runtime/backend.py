@@ -77,10 +77,14 @@ def select_backend(*tensors: torch.Tensor, backend: str | None = None) -> str:
         if device != "cpu":
             raise ValueError(f"backend='native' runs CPU tensors only; got tensors on {device}")
         if not native_available():
-            raise RuntimeError("backend='native' requested but longmoe._C is not built (see the warning above)")
+            raise RuntimeError(
+                "backend='native' requested but longmoe._C is not built (see the warning above)"
+            )
     if name == "triton":
         if not triton_available():
             raise RuntimeError("backend='triton' requested but the triton package is not installed")
         if device == "cpu" and not triton_interpreting():
-            raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 (the Triton interpreter)")
+            raise ValueError(
+                "backend='triton' on CPU tensors needs TRITON_INTERPRET=1 (the Triton interpreter)"
+            )
     return name

@@ -286,7 +286,7 @@ class P2PExchanger:
             )
         if not self._queued:
             raise RuntimeError(f"{self._tag}.commit(): nothing queued; call send_recv/send/recv first")
-        ops, self._queued = self._queued, []
+        ops = self._queued
 
         self_sends = [op for op in ops if op.peer == self.rank and op.kind == "send"]
         self_recvs = [op for op in ops if op.peer == self.rank and op.kind == "recv"]
@@ -301,6 +301,9 @@ class P2PExchanger:
                     f"{self._tag}.commit(): step {s.step}: self-exchange of "
                     f"{tuple(s.tensor.shape)} {s.tensor.dtype} into {tuple(r.tensor.shape)} {r.tensor.dtype}"
                 )
+        # Validated: from here on the queue belongs to this batch.
+        self._queued = []
+        for s, r in zip(self_sends, self_recvs, strict=True):
             r.tensor.view(-1).copy_(s.tensor.view(-1))
 
         remote = [op for op in ops if op.peer != self.rank]
@@ -340,8 +343,9 @@ class P2PExchanger:
         self._inflight, self._works = None, []
         deadline = time.monotonic() + self.timeout_s
         for work, work_ops in works:
-            # gloo honours Work.wait(timeout): it raises "Timed out waiting ...ms for recv operation"
-            # (and closes the pair); NCCL with an explicit timeout blocks the CPU until done or timed out.
+            # gloo honours Work.wait(timeout) (checked on torch 2.13): it raises "Timed out waiting
+            # 2000ms for recv operation to complete" and closes the connection to that peer. NCCL, given
+            # an explicit timeout, blocks the CPU until the work is done or raises "... timed out ...".
             remaining = datetime.timedelta(seconds=max(0.0, deadline - time.monotonic()))
             try:
                 done = work.wait(timeout=max(remaining, _MIN_WAIT))

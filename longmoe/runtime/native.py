@@ -19,7 +19,9 @@ def load_native():
     try:
         from longmoe import _C  # noqa: PLC0415  (loading registers torch.ops.longmoe.*)
     except ImportError as exc:
-        reason = "built with LONGMOE_SKIP_NATIVE=1" if os.environ.get("LONGMOE_SKIP_NATIVE") == "1" else str(exc)
+        reason = (
+            "built with LONGMOE_SKIP_NATIVE=1" if os.environ.get("LONGMOE_SKIP_NATIVE") == "1" else str(exc)
+        )
         warnings.warn(
             f"longmoe: native CPU extension longmoe._C is not available ({reason}); CPU ops use the "
             "pure-PyTorch reference backend, which is correct but slow. Rebuild with "
