@@ -24,6 +24,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("build_info", [] {
     pybind11::dict info;
     info["blas_sgemm"] = longmoe::native_has_blas();
+    info["bf16_dot"] = longmoe::native_has_bf16_dot();
 #ifdef __AVX512F__
     info["isa"] = "avx512";
 #elif defined(__AVX2__)

@@ -13,7 +13,7 @@ from longmoe.attention import (
     flash_attention_ref,
 )
 from longmoe.runtime import native_available
-from tests.oracle import assert_within_oracle
+from tests.oracle import assert_within_oracle, attention_oracle
 
 CPU_BACKENDS = ["native", "reference"]
 
@@ -40,24 +40,13 @@ def make_qkv(shape, dtype, requires_grad=False):
     return [t.requires_grad_(requires_grad) for t in (q, k, v)]
 
 
-def oracle_and_same(q, k, v, dout, **kw):
-    """fp64 oracle and same-dtype reference: ((out, lse, dq, dk, dv), (same...))."""
-    q64, k64, v64, do64 = (t.detach().double() for t in (q, k, v, dout))
-    o64, l64 = flash_attention_ref(q64, k64, v64, **kw)
-    g64 = flash_attention_backward_ref(do64, q64, k64, v64, o64, l64, **kw)
-    qs, ks, vs = (t.detach() for t in (q, k, v))
-    os_, ls = flash_attention_ref(qs, ks, vs, upcast=False, **kw)
-    gs = flash_attention_backward_ref(dout, qs, ks, vs, os_, ls, upcast=False, **kw)
-    return (o64, l64, *g64), (os_, ls, *gs)
-
-
 def check_against_oracle(backend, shape, dtype, causal, block_mask=None, block_size=128):
     kw = dict(causal=causal, block_mask=block_mask, block_size=block_size)
     q, k, v = make_qkv(shape, dtype, requires_grad=True)
     out, lse = flash_attention(q, k, v, return_lse=True, backend=backend, **kw)
     dout = torch.randn_like(out)
     out.backward(dout)
-    oracle, same = oracle_and_same(q, k, v, dout, **kw)
+    oracle, same = attention_oracle(q, k, v, dout, **kw)
     ours = (out.detach(), lse, q.grad, k.grad, v.grad)
     assert out.dtype == dtype and lse.dtype == torch.float32
     assert q.grad.dtype == dtype and k.grad.dtype == dtype and v.grad.dtype == dtype

@@ -13,43 +13,14 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-pytest.importorskip("triton")
-
+from longmoe.attention import flash_attention  # noqa: E402
 from longmoe.kernels.flash_attention import (  # noqa: E402
     flash_attention_backward_triton,
     flash_attention_forward_triton,
 )
+from tests.oracle import assert_within_oracle, attention_oracle  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _attention_ref(q, k, v, *, causal, softmax_scale, block_mask=None, block_size=128, upcast=True):
-    """Dense softmax attention in fp64 (upcast) or in the inputs' dtype; returns (out, lse).
-
-    q: (batch, seqlen_q, nheads, headdim); k, v: (batch, seqlen_k, nheads_kv, headdim). Bottom-right causal,
-    block mask expanded to elements; rows with no visible key give out 0 and lse -inf.
-    """
-    if upcast:
-        q, k, v = q.double(), k.double(), v.double()
-    batch, seqlen_q, nheads, _ = q.shape
-    seqlen_k, nheads_kv = k.shape[1], k.shape[2]
-    k = k.repeat_interleave(nheads // nheads_kv, dim=2)
-    v = v.repeat_interleave(nheads // nheads_kv, dim=2)
-    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * softmax_scale
-    keep = torch.ones(batch, nheads, seqlen_q, seqlen_k, dtype=torch.bool, device=q.device)
-    if causal:
-        i = torch.arange(seqlen_q, device=q.device)[:, None]
-        j = torch.arange(seqlen_k, device=q.device)[None, :]
-        keep = keep & (j <= i + seqlen_k - seqlen_q)
-    if block_mask is not None:
-        dense = block_mask.repeat_interleave(block_size, 2).repeat_interleave(block_size, 3)
-        keep = keep & dense[:, :, :seqlen_q, :seqlen_k]
-    scores = scores.masked_fill(~keep, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)
-    # exp(-inf - -inf) is NaN (also in autograd), so fully masked rows subtract 0 instead: p = exp(-inf) = 0.
-    p = torch.exp(scores - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
-    out = torch.einsum("bhqk,bkhd->bqhd", p, v)
-    return out, lse.float()
 
 
 def _make_inputs(batch, seqlen_q, seqlen_k, nheads, nheads_kv, headdim, dtype, seed=0):
@@ -72,35 +43,6 @@ def _random_block_mask(batch, nheads, seqlen_q, seqlen_k, block_size, density, s
     return mask.to(DEVICE)
 
 
-def _fp32_atol(ref64):
-    # The kernels compute in fp32 whatever the input dtype, and make roundings the one-pass reference does not
-    # (online-softmax rescaling, scores in the log2 domain, the dp - delta cancellation of a row with a single
-    # key). Where torch's own error is exactly 0 (one visible key, exact zeros) a pure 2x bound would demand
-    # bit-exactness, so allow 4 fp32 ulps at the larger of the compared values and the O(1) input scale.
-    # Measured worst case over this file: 4 ulps (lse of a one-key row, magnitude ~4).
-    scale = max(1.0, ref64.abs().max().item()) if ref64.numel() else 1.0
-    return 4 * torch.finfo(torch.float32).eps * scale
-
-
-def _max_err(a, b):
-    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
-
-
-def _assert_close_to_ref(name, ours, ref_lowp, ref64):
-    assert not torch.isnan(ours).any(), f"{name} has NaN"
-    err, ref_err = _max_err(ours, ref64), _max_err(ref_lowp, ref64)
-    atol = _fp32_atol(ref64)
-    assert err <= 2 * ref_err + atol, f"{name}: err {err:.3g} > 2 * torch's {ref_err:.3g} + {atol:.3g}"
-
-
-def _assert_lse_close(lse, lse_lowp, lse64):
-    inf64 = torch.isinf(lse64)
-    assert torch.equal(torch.isinf(lse), inf64) and (lse[inf64] < 0).all(), "lse -inf pattern differs"
-    assert not torch.isnan(lse).any()
-    finite = ~inf64
-    _assert_close_to_ref("lse", lse[finite], lse_lowp[finite], lse64[finite])
-
-
 def _check_against_reference(shape, causal, dtype, block_mask=None, block_size=128, seed=0):
     batch, seqlen_q, seqlen_k, nheads, nheads_kv, headdim = shape
     q, k, v, dout = _make_inputs(batch, seqlen_q, seqlen_k, nheads, nheads_kv, headdim, dtype, seed)
@@ -112,18 +54,11 @@ def _check_against_reference(shape, causal, dtype, block_mask=None, block_size=1
     assert (dq.shape, dk.shape, dv.shape) == (q.shape, k.shape, v.shape)
     assert dq.dtype == dk.dtype == dv.dtype == dtype
 
-    results = {}
-    for upcast in (True, False):
-        leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
-        ref_out, ref_lse = _attention_ref(*leaves, upcast=upcast, **kw)
-        grads = torch.autograd.grad(ref_out, leaves, dout.to(ref_out.dtype))
-        results[upcast] = (ref_out.detach(), ref_lse.detach(), *grads)
-    ref64, lowp = results[True], results[False]
-
-    _assert_close_to_ref("out", out, lowp[0], ref64[0])
-    _assert_lse_close(lse, lowp[1], ref64[1])
-    for name, ours, lo, hi in zip(("dq", "dk", "dv"), (dq, dk, dv), lowp[2:], ref64[2:]):
-        _assert_close_to_ref(name, ours, lo, hi)
+    oracle, same = attention_oracle(q, k, v, dout, **kw)
+    for name, ours, lo, hi in zip(
+        ("out", "lse", "dq", "dk", "dv"), (out, lse, dq, dk, dv), same, oracle, strict=True
+    ):
+        assert_within_oracle(f"triton {name}", ours, lo, hi, dtype)
     return out, lse, dq, dk, dv
 
 
@@ -134,7 +69,7 @@ SHAPES = [
     (2, 37, 97, 4, 2, 80),  # Sq < Sk, GQA 2:1, headdim padded to 128
     (1, 97, 37, 4, 1, 64),  # Sq > Sk (causal: first 60 rows see no key), MQA 4:1
     (1, 97, 97, 2, 2, 80),  # MHA, odd length
-    (1, 65, 64, 2, 1, 128),
+    (1, 65, 64, 8, 2, 128),  # GQA 4:1 with several kv heads
 ]
 
 
@@ -168,7 +103,15 @@ def test_block_mask_matches_reference(case, causal, dtype):
     out, lse, dq, _, _ = _check_against_reference(shape, causal, dtype, mask, block_size)
     # The fully masked first query block of head 0: out 0, lse -inf, dq 0.
     rows = slice(0, block_size)
-    assert (out[:, rows, 0] == 0).all() and torch.isneginf(lse[:, 0, rows]).all() and (dq[:, rows, 0] == 0).all()
+    assert (
+        (out[:, rows, 0] == 0).all() and torch.isneginf(lse[:, 0, rows]).all() and (dq[:, rows, 0] == 0).all()
+    )
+
+
+def test_long_odd_sequence_block_sparse():
+    # seqlen 1025: one partial tile after 32 full ones; sparse so the interpreter run stays ~4 s.
+    mask = _random_block_mask(1, 2, 1025, 1025, 64, 0.3)
+    _check_against_reference((1, 1025, 1025, 2, 1, 64), True, torch.float16, mask, 64)
 
 
 def test_block_mask_broadcast_view():
@@ -200,7 +143,7 @@ def test_all_true_block_mask_equals_dense():
     grads_dense = flash_attention_backward_triton(dout, q, k, v, *dense, **kw)
     grads_sparse = flash_attention_backward_triton(dout, q, k, v, *sparse, block_mask=mask, **kw)
     # Same tiles visited in the same order (masked tiles add exactly 0): equal up to fp32 rounding at most.
-    for a, b in zip((*dense, *grads_dense), (*sparse, *grads_sparse)):
+    for a, b in zip((*dense, *grads_dense), (*sparse, *grads_sparse), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
@@ -228,13 +171,34 @@ def test_validation_errors():
     with pytest.raises(ValueError, match="block_size"):
         flash_attention_forward_triton(q, k, v, block_size=40, **kw)
     with pytest.raises(TypeError, match="block_mask"):
-        flash_attention_forward_triton(q, k, v, block_mask=torch.ones(1, 2, 1, 1, device=DEVICE), block_size=64,
-                                       **kw)
+        flash_attention_forward_triton(
+            q, k, v, block_mask=torch.ones(1, 2, 1, 1, device=DEVICE), block_size=64, **kw
+        )
     with pytest.raises(ValueError, match="block_mask"):
-        flash_attention_forward_triton(q, k, v, block_mask=torch.ones(1, 1, 1, 1, dtype=torch.bool, device=DEVICE),
-                                       block_size=64, **kw)
+        flash_attention_forward_triton(
+            q, k, v, block_mask=torch.ones(1, 1, 1, 1, dtype=torch.bool, device=DEVICE), block_size=64, **kw
+        )
     with pytest.raises(ValueError, match="multiple"):
-        flash_attention_forward_triton(q[:, :, :1].expand(-1, -1, 3, -1), k.expand(-1, -1, 2, -1),
-                                       v.expand(-1, -1, 2, -1), **kw)
+        flash_attention_forward_triton(
+            q[:, :, :1].expand(-1, -1, 3, -1), k.expand(-1, -1, 2, -1), v.expand(-1, -1, 2, -1), **kw
+        )
     with pytest.raises(TypeError, match="dtype"):
         flash_attention_forward_triton(q.half(), k, v, **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_public_api_autograd_on_triton(dtype):
+    """flash_attention(..., backend="triton") with autograd: the same contract as the native backend."""
+    q, k, v, dout = _make_inputs(2, 37, 50, 4, 2, 64, dtype)
+    q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    out, lse = flash_attention(q, k, v, causal=True, return_lse=True, backend="triton")
+    out.backward(dout)
+    oracle, same = attention_oracle(q, k, v, dout, causal=True)
+    for name, ours, lo, hi in zip(
+        ("out", "lse", "dq", "dk", "dv"),
+        (out.detach(), lse, q.grad, k.grad, v.grad),
+        same,
+        oracle,
+        strict=True,
+    ):
+        assert_within_oracle(f"triton api {name}", ours, lo, hi, dtype)

@@ -15,54 +15,16 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include <cstdlib>
 #include <numeric>
+#include <string>
 #include <vector>
 
+#include "attention/attn_problem.h"
 #include "attention/tile_math.h"
 
 namespace longmoe {
 namespace {
-
-struct Problem {
-  int64_t B, Sq, Sk, Hq, Hkv, D, group;
-  int64_t offset;  // Sk - Sq: bottom-right causal alignment
-  bool causal;
-  float scale;
-  // block mask (nullptr = dense)
-  const bool* mask = nullptr;
-  int64_t ms[4] = {0, 0, 0, 0};
-  int64_t block_size = 0;
-  // tiles
-  int64_t bq, bk;
-
-  bool tile_on(int64_t b, int64_t h, int64_t q0, int64_t k0) const {
-    if (mask == nullptr) return true;
-    return mask[b * ms[0] + h * ms[1] + (q0 / block_size) * ms[2] + (k0 / block_size) * ms[3]];
-  }
-  // Keys [0, kv_end) can be visible to query rows [q0, q0 + mq).
-  int64_t kv_end(int64_t q0, int64_t mq) const {
-    if (!causal) return Sk;
-    return std::clamp<int64_t>(q0 + mq + offset, 0, Sk);
-  }
-  // Number of visible columns of row `qi` in the key tile starting at k0 (of width nk).
-  int64_t visible(int64_t qi, int64_t k0, int64_t nk) const {
-    if (!causal) return nk;
-    return std::clamp<int64_t>(qi + offset - k0 + 1, 0, nk);
-  }
-};
-
-// Dense tiles: 64 query rows x 512 keys. Measured with benchmarks/attention_core.py on the 2-core
-// dev box (AVX-512, MKL): bq 64 beat 32 and 128; bk 512 beat 128/256 by keeping the P.V GEMM long.
-// Masked tiles follow the mask's block size so a tile never straddles two mask blocks.
-void choose_tiles(Problem& p) {
-  if (p.mask != nullptr) {
-    p.bk = p.block_size;
-    p.bq = std::gcd(p.block_size, static_cast<int64_t>(64));
-  } else {
-    p.bq = 64;
-    p.bk = 512;
-  }
-}
 
 void check_common(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   const std::optional<at::Tensor>& block_mask, int64_t block_size, double scale) {
@@ -98,6 +60,21 @@ void check_common(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   }
 }
 
+#ifdef LONGMOE_BF16_DOT
+// bf16 inputs take the AVX512-BF16 dot-product tiles when the CPU has them (about 2x the fp32 GEMM
+// rate on the dev box); LONGMOE_NATIVE_BF16_DOT=0 keeps them on the fp32 tiles (for comparisons).
+bool bf16_dot_eligible(const at::Tensor& q, const std::optional<at::Tensor>& block_mask, int64_t block_size) {
+  static const bool enabled = [] {
+    const char* env = std::getenv("LONGMOE_NATIVE_BF16_DOT");
+    return __builtin_cpu_supports("avx512bf16") && !(env != nullptr && std::string(env) == "0");
+  }();
+  return enabled && q.scalar_type() == at::kBFloat16 && q.size(3) % 2 == 0 &&
+         (!block_mask.has_value() || block_size % 2 == 0);
+}
+#endif
+
+}  // namespace
+
 Problem make_problem(const at::Tensor& q, const at::Tensor& k, bool causal, double scale,
                      const std::optional<at::Tensor>& block_mask, int64_t block_size) {
   Problem p;
@@ -116,17 +93,14 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, bool causal, doub
     for (int i = 0; i < 4; ++i) p.ms[i] = block_mask->stride(i);
     p.block_size = block_size;
   }
+#ifdef LONGMOE_BF16_DOT
+  p.bf16_dot = bf16_dot_eligible(q, block_mask, block_size);
+#endif
   choose_tiles(p);
   return p;
 }
 
-// Row strides of a (B, S, H, D) tensor with unit inner stride.
-struct Strides {
-  int64_t b, s, h;
-  explicit Strides(const at::Tensor& t) : b(t.stride(0)), s(t.stride(1)), h(t.stride(2)) {}
-};
-
-at::Tensor inner_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+namespace {
 
 template <typename scalar_t>
 void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -287,6 +261,7 @@ void backward_kernel(const Problem& p, const at::Tensor& dout, const at::Tensor&
   });
 }
 
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
@@ -299,7 +274,14 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cpu(const at::Tensor& q_in, co
   at::Tensor out = at::empty({p.B, p.Sq, p.Hq, p.D}, q.options());
   at::Tensor lse = at::empty({p.B, p.Hq, p.Sq}, q.options().dtype(at::kFloat));
   if (p.B * p.Sq * p.Hq == 0) return {out, lse};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "longmoe_flash_attn_fwd", [&] { forward_kernel<scalar_t>(p, q, k, v, out, lse); });
+#ifdef LONGMOE_BF16_DOT
+  if (p.bf16_dot) {
+    forward_bf16_dot(p, q, k, v, out, lse);
+    return {out, lse};
+  }
+#endif
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "longmoe_flash_attn_fwd",
+                                  [&] { forward_kernel<scalar_t>(p, q, k, v, out, lse); });
   return {out, lse};
 }
 
@@ -327,6 +309,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cpu(
   at::Tensor dk_acc = at::zeros({p.B, p.Hq, p.Sk, p.D}, q.options().dtype(at::kFloat));
   at::Tensor dv_acc = at::zeros({p.B, p.Hq, p.Sk, p.D}, q.options().dtype(at::kFloat));
   if (p.B * p.Sq * p.Hq > 0 && p.Sk > 0) {
+#ifdef LONGMOE_BF16_DOT
+    if (p.bf16_dot) {
+      backward_bf16_dot(p, dout, q, k, v, out, lse, dq, dk_acc, dv_acc);
+    } else
+#endif
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "longmoe_flash_attn_bwd", [&] {
       backward_kernel<scalar_t>(p, dout, q, k, v, out, lse, dq, dk_acc, dv_acc);
     });
@@ -342,5 +329,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cpu(
 }
 
 bool native_has_blas() { return have_blas(); }
+
+bool native_has_bf16_dot() {
+#ifdef LONGMOE_BF16_DOT
+  return __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
 
 }  // namespace longmoe

@@ -23,4 +23,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cpu(
 // True when the tile GEMMs run through a BLAS sgemm found in the torch libraries.
 bool native_has_blas();
 
+// True when bf16 tiles run on AVX512-BF16 dot products (compiled in and supported by this CPU).
+bool native_has_bf16_dot();
+
 }  // namespace longmoe

@@ -24,6 +24,8 @@ run in the input dtype with fp32 accumulators.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -31,7 +33,8 @@ import triton.language as tl
 __all__ = ["flash_attention_forward_triton", "flash_attention_backward_triton"]
 
 _LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
+# triton.jit reads TRITON_INTERPRET when it decorates the kernels below, i.e. at this module's import.
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -41,9 +44,25 @@ _LN2 = 0.6931471805599453
 
 @triton.jit
 def _flash_attn_fwd_tile(
-    acc, m_i, l_i, q, K, V, start_n, offs_m, offs_n, offs_d,
-    stride_kn, stride_vn, seqlen_q, seqlen_k, qk_scale,
-    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    acc,
+    m_i,
+    l_i,
+    q,
+    K,
+    V,
+    start_n,
+    offs_m,
+    offs_n,
+    offs_d,
+    stride_kn,
+    stride_vn,
+    seqlen_q,
+    seqlen_k,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
 ):
     """One (BLOCK_M x BLOCK_N) step of the online softmax; scores live in the log2 domain."""
     cols = start_n + offs_n
@@ -72,16 +91,44 @@ def _flash_attn_fwd_tile(
 
 @triton.jit
 def _flash_attn_fwd_kernel(
-    Q, K, V, Out, Lse, KvCount, KvIndex,
-    stride_qb, stride_qm, stride_qh,
-    stride_kb, stride_kn, stride_kh,
-    stride_vb, stride_vn, stride_vh,
-    stride_ob, stride_om, stride_oh,
-    stride_cb, stride_ch, stride_cm,
-    stride_ib, stride_ih, stride_im,
-    nheads, group_size, seqlen_q, seqlen_k, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASK_BLOCK: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr,
+    Q,
+    K,
+    V,
+    Out,
+    Lse,
+    KvCount,
+    KvIndex,
+    stride_qb,
+    stride_qm,
+    stride_qh,
+    stride_kb,
+    stride_kn,
+    stride_kh,
+    stride_vb,
+    stride_vn,
+    stride_vh,
+    stride_ob,
+    stride_om,
+    stride_oh,
+    stride_cb,
+    stride_ch,
+    stride_cm,
+    stride_ib,
+    stride_ih,
+    stride_im,
+    nheads,
+    group_size,
+    seqlen_q,
+    seqlen_k,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASK_BLOCK: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    UPCAST: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -95,8 +142,15 @@ def _flash_attn_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < seqlen_q
     q_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m.to(tl.int64)[:, None] * stride_qm
-                + offs_d[None, :], mask=q_mask, other=0.0)
+    q = tl.load(
+        Q
+        + off_b * stride_qb
+        + off_h * stride_qh
+        + offs_m.to(tl.int64)[:, None] * stride_qm
+        + offs_d[None, :],
+        mask=q_mask,
+        other=0.0,
+    )
     if UPCAST:
         q = q.to(tl.float32)
     K += off_b * stride_kb + off_hk * stride_kh
@@ -115,23 +169,66 @@ def _flash_attn_fwd_kernel(
             kb = tl.load(index + t // (MASK_BLOCK // BLOCK_N))
             start_n = kb * MASK_BLOCK + (t % (MASK_BLOCK // BLOCK_N)) * BLOCK_N
             acc, m_i, l_i = _flash_attn_fwd_tile(
-                acc, m_i, l_i, q, K, V, start_n, offs_m, offs_n, offs_d, stride_kn, stride_vn,
-                seqlen_q, seqlen_k, qk_scale, HEAD_DIM, CAUSAL, UPCAST, INPUT_PRECISION)
+                acc,
+                m_i,
+                l_i,
+                q,
+                K,
+                V,
+                start_n,
+                offs_m,
+                offs_n,
+                offs_d,
+                stride_kn,
+                stride_vn,
+                seqlen_q,
+                seqlen_k,
+                qk_scale,
+                HEAD_DIM,
+                CAUSAL,
+                UPCAST,
+                INPUT_PRECISION,
+            )
     else:
         hi = seqlen_k
         if CAUSAL:
             hi = tl.minimum(seqlen_k, (pid_m + 1) * BLOCK_M + seqlen_k - seqlen_q)
         for start_n in range(0, hi, BLOCK_N):
             acc, m_i, l_i = _flash_attn_fwd_tile(
-                acc, m_i, l_i, q, K, V, start_n, offs_m, offs_n, offs_d, stride_kn, stride_vn,
-                seqlen_q, seqlen_k, qk_scale, HEAD_DIM, CAUSAL, UPCAST, INPUT_PRECISION)
+                acc,
+                m_i,
+                l_i,
+                q,
+                K,
+                V,
+                start_n,
+                offs_m,
+                offs_n,
+                offs_d,
+                stride_kn,
+                stride_vn,
+                seqlen_q,
+                seqlen_k,
+                qk_scale,
+                HEAD_DIM,
+                CAUSAL,
+                UPCAST,
+                INPUT_PRECISION,
+            )
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     acc = acc / l_safe[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
-    tl.store(Out + off_b * stride_ob + off_h * stride_oh + offs_m.to(tl.int64)[:, None] * stride_om
-             + offs_d[None, :], acc.to(Out.dtype.element_ty), mask=q_mask)
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)  # log2 -> ln
+    tl.store(
+        Out
+        + off_b * stride_ob
+        + off_h * stride_oh
+        + offs_m.to(tl.int64)[:, None] * stride_om
+        + offs_d[None, :],
+        acc.to(Out.dtype.element_ty),
+        mask=q_mask,
+    )
     tl.store(Lse + (off_b * nheads + off_h) * seqlen_q + offs_m, lse, mask=row_ok)
 
 
@@ -142,11 +239,20 @@ def _flash_attn_fwd_kernel(
 
 @triton.jit
 def _flash_attn_bwd_preprocess_kernel(
-    Out, DO, Delta,
-    stride_ob, stride_om, stride_oh,
-    stride_db, stride_dm, stride_dh,
-    nheads, seqlen_q,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    Out,
+    DO,
+    Delta,
+    stride_ob,
+    stride_om,
+    stride_oh,
+    stride_db,
+    stride_dm,
+    stride_dh,
+    nheads,
+    seqlen_q,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
     """delta[b, h, i] = sum_d dout[b, i, h, d] * out[b, i, h, d], in fp32."""
     pid_m = tl.program_id(0)
@@ -157,18 +263,42 @@ def _flash_attn_bwd_preprocess_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     rows64 = offs_m.to(tl.int64)[:, None]
     mask = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
-    o = tl.load(Out + off_b * stride_ob + off_h * stride_oh + rows64 * stride_om + offs_d[None, :],
-                mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + off_b * stride_db + off_h * stride_dh + rows64 * stride_dm + offs_d[None, :],
-                 mask=mask, other=0.0).to(tl.float32)
+    o = tl.load(
+        Out + off_b * stride_ob + off_h * stride_oh + rows64 * stride_om + offs_d[None, :],
+        mask=mask,
+        other=0.0,
+    ).to(tl.float32)
+    do = tl.load(
+        DO + off_b * stride_db + off_h * stride_dh + rows64 * stride_dm + offs_d[None, :],
+        mask=mask,
+        other=0.0,
+    ).to(tl.float32)
     tl.store(Delta + (off_b * nheads + off_h) * seqlen_q + offs_m, tl.sum(o * do, 1), mask=offs_m < seqlen_q)
 
 
 @triton.jit
 def _flash_attn_bwd_dkdv_tile(
-    dk, dv, k, v, Q, DO, Lse, Delta, start_m, offs_m, offs_n, offs_d,
-    stride_qm, stride_dom, seqlen_q, seqlen_k, qk_scale,
-    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    dk,
+    dv,
+    k,
+    v,
+    Q,
+    DO,
+    Lse,
+    Delta,
+    start_m,
+    offs_m,
+    offs_n,
+    offs_d,
+    stride_qm,
+    stride_dom,
+    seqlen_q,
+    seqlen_k,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
 ):
     """Accumulate one q tile's contribution to this program's dK/dV tile (dK still unscaled)."""
     rows = start_m + offs_m
@@ -182,7 +312,7 @@ def _flash_attn_bwd_dkdv_tile(
         do = do.to(tl.float32)
     # Rows that saw no key (lse = -inf) contribute nothing: +inf makes p = exp2(s - inf) = 0, never NaN.
     lse = tl.load(Lse + rows, mask=row_ok, other=float("inf"))
-    lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+    lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634  # ln -> log2
     delta = tl.load(Delta + rows, mask=row_ok, other=0.0)
 
     s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
@@ -199,18 +329,55 @@ def _flash_attn_bwd_dkdv_tile(
 
 @triton.jit
 def _flash_attn_bwd_dkdv_kernel(
-    Q, K, V, DO, Lse, Delta, DK, DV, QCount, QIndex,
-    stride_qb, stride_qm, stride_qh,
-    stride_kb, stride_kn, stride_kh,
-    stride_vb, stride_vn, stride_vh,
-    stride_dob, stride_dom, stride_doh,
-    stride_dkb, stride_dkn, stride_dkh,
-    stride_dvb, stride_dvn, stride_dvh,
-    stride_cb, stride_ch, stride_cn,
-    stride_ib, stride_ih, stride_in,
-    nheads, nheads_kv, group_size, seqlen_q, seqlen_k, sm_scale, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASK_BLOCK: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    Lse,
+    Delta,
+    DK,
+    DV,
+    QCount,
+    QIndex,
+    stride_qb,
+    stride_qm,
+    stride_qh,
+    stride_kb,
+    stride_kn,
+    stride_kh,
+    stride_vb,
+    stride_vn,
+    stride_vh,
+    stride_dob,
+    stride_dom,
+    stride_doh,
+    stride_dkb,
+    stride_dkn,
+    stride_dkh,
+    stride_dvb,
+    stride_dvn,
+    stride_dvh,
+    stride_cb,
+    stride_ch,
+    stride_cn,
+    stride_ib,
+    stride_ih,
+    stride_in,
+    nheads,
+    nheads_kv,
+    group_size,
+    seqlen_q,
+    seqlen_k,
+    sm_scale,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASK_BLOCK: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    UPCAST: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -224,10 +391,16 @@ def _flash_attn_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     cols64 = offs_n.to(tl.int64)
     kv_mask = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
-    k = tl.load(K + off_b * stride_kb + off_hk * stride_kh + cols64[:, None] * stride_kn + offs_d[None, :],
-                mask=kv_mask, other=0.0)
-    v = tl.load(V + off_b * stride_vb + off_hk * stride_vh + cols64[:, None] * stride_vn + offs_d[None, :],
-                mask=kv_mask, other=0.0)
+    k = tl.load(
+        K + off_b * stride_kb + off_hk * stride_kh + cols64[:, None] * stride_kn + offs_d[None, :],
+        mask=kv_mask,
+        other=0.0,
+    )
+    v = tl.load(
+        V + off_b * stride_vb + off_hk * stride_vh + cols64[:, None] * stride_vn + offs_d[None, :],
+        mask=kv_mask,
+        other=0.0,
+    )
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
@@ -249,9 +422,28 @@ def _flash_attn_bwd_dkdv_kernel(
                 qb = tl.load(index + t // (MASK_BLOCK // BLOCK_M))
                 start_m = qb * MASK_BLOCK + (t % (MASK_BLOCK // BLOCK_M)) * BLOCK_M
                 dk, dv = _flash_attn_bwd_dkdv_tile(
-                    dk, dv, k, v, Qh, DOh, Lseh, Deltah, start_m, offs_m, offs_n, offs_d,
-                    stride_qm, stride_dom, seqlen_q, seqlen_k, qk_scale,
-                    HEAD_DIM, CAUSAL, UPCAST, INPUT_PRECISION)
+                    dk,
+                    dv,
+                    k,
+                    v,
+                    Qh,
+                    DOh,
+                    Lseh,
+                    Deltah,
+                    start_m,
+                    offs_m,
+                    offs_n,
+                    offs_d,
+                    stride_qm,
+                    stride_dom,
+                    seqlen_q,
+                    seqlen_k,
+                    qk_scale,
+                    HEAD_DIM,
+                    CAUSAL,
+                    UPCAST,
+                    INPUT_PRECISION,
+                )
         else:
             lo = 0
             if CAUSAL:
@@ -259,22 +451,64 @@ def _flash_attn_bwd_dkdv_kernel(
                 lo = (tl.maximum(start_n - (seqlen_k - seqlen_q), 0) // BLOCK_M) * BLOCK_M
             for start_m in range(lo, seqlen_q, BLOCK_M):
                 dk, dv = _flash_attn_bwd_dkdv_tile(
-                    dk, dv, k, v, Qh, DOh, Lseh, Deltah, start_m, offs_m, offs_n, offs_d,
-                    stride_qm, stride_dom, seqlen_q, seqlen_k, qk_scale,
-                    HEAD_DIM, CAUSAL, UPCAST, INPUT_PRECISION)
+                    dk,
+                    dv,
+                    k,
+                    v,
+                    Qh,
+                    DOh,
+                    Lseh,
+                    Deltah,
+                    start_m,
+                    offs_m,
+                    offs_n,
+                    offs_d,
+                    stride_qm,
+                    stride_dom,
+                    seqlen_q,
+                    seqlen_k,
+                    qk_scale,
+                    HEAD_DIM,
+                    CAUSAL,
+                    UPCAST,
+                    INPUT_PRECISION,
+                )
 
     dk = dk * sm_scale
-    tl.store(DK + off_b * stride_dkb + off_hk * stride_dkh + cols64[:, None] * stride_dkn + offs_d[None, :],
-             dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + off_b * stride_dvb + off_hk * stride_dvh + cols64[:, None] * stride_dvn + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=kv_mask)
+    tl.store(
+        DK + off_b * stride_dkb + off_hk * stride_dkh + cols64[:, None] * stride_dkn + offs_d[None, :],
+        dk.to(DK.dtype.element_ty),
+        mask=kv_mask,
+    )
+    tl.store(
+        DV + off_b * stride_dvb + off_hk * stride_dvh + cols64[:, None] * stride_dvn + offs_d[None, :],
+        dv.to(DV.dtype.element_ty),
+        mask=kv_mask,
+    )
 
 
 @triton.jit
 def _flash_attn_bwd_dq_tile(
-    dq, q, do, lse, delta, K, V, start_n, offs_m, offs_n, offs_d,
-    stride_kn, stride_vn, seqlen_q, seqlen_k, qk_scale,
-    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    dq,
+    q,
+    do,
+    lse,
+    delta,
+    K,
+    V,
+    start_n,
+    offs_m,
+    offs_n,
+    offs_d,
+    stride_kn,
+    stride_vn,
+    seqlen_q,
+    seqlen_k,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
 ):
     """Accumulate one kv tile's contribution to this program's dQ tile (still unscaled)."""
     cols = start_n + offs_n
@@ -298,17 +532,50 @@ def _flash_attn_bwd_dq_tile(
 
 @triton.jit
 def _flash_attn_bwd_dq_kernel(
-    Q, K, V, DO, Lse, Delta, DQ, KvCount, KvIndex,
-    stride_qb, stride_qm, stride_qh,
-    stride_kb, stride_kn, stride_kh,
-    stride_vb, stride_vn, stride_vh,
-    stride_dob, stride_dom, stride_doh,
-    stride_dqb, stride_dqm, stride_dqh,
-    stride_cb, stride_ch, stride_cm,
-    stride_ib, stride_ih, stride_im,
-    nheads, group_size, seqlen_q, seqlen_k, sm_scale, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASK_BLOCK: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    Lse,
+    Delta,
+    DQ,
+    KvCount,
+    KvIndex,
+    stride_qb,
+    stride_qm,
+    stride_qh,
+    stride_kb,
+    stride_kn,
+    stride_kh,
+    stride_vb,
+    stride_vn,
+    stride_vh,
+    stride_dob,
+    stride_dom,
+    stride_doh,
+    stride_dqb,
+    stride_dqm,
+    stride_dqh,
+    stride_cb,
+    stride_ch,
+    stride_cm,
+    stride_ib,
+    stride_ih,
+    stride_im,
+    nheads,
+    group_size,
+    seqlen_q,
+    seqlen_k,
+    sm_scale,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASK_BLOCK: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    UPCAST: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -323,15 +590,21 @@ def _flash_attn_bwd_dq_kernel(
     rows64 = offs_m.to(tl.int64)
     row_ok = offs_m < seqlen_q
     q_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + rows64[:, None] * stride_qm + offs_d[None, :],
-                mask=q_mask, other=0.0)
-    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + rows64[:, None] * stride_dom
-                 + offs_d[None, :], mask=q_mask, other=0.0)
+    q = tl.load(
+        Q + off_b * stride_qb + off_h * stride_qh + rows64[:, None] * stride_qm + offs_d[None, :],
+        mask=q_mask,
+        other=0.0,
+    )
+    do = tl.load(
+        DO + off_b * stride_dob + off_h * stride_doh + rows64[:, None] * stride_dom + offs_d[None, :],
+        mask=q_mask,
+        other=0.0,
+    )
     if UPCAST:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
     lse = tl.load(Lse + (off_b * nheads + off_h) * seqlen_q + offs_m, mask=row_ok, other=float("inf"))
-    lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+    lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634  # ln -> log2
     delta = tl.load(Delta + (off_b * nheads + off_h) * seqlen_q + offs_m, mask=row_ok, other=0.0)
     K += off_b * stride_kb + off_hk * stride_kh
     V += off_b * stride_vb + off_hk * stride_vh
@@ -345,20 +618,61 @@ def _flash_attn_bwd_dq_kernel(
             kb = tl.load(index + t // (MASK_BLOCK // BLOCK_N))
             start_n = kb * MASK_BLOCK + (t % (MASK_BLOCK // BLOCK_N)) * BLOCK_N
             dq = _flash_attn_bwd_dq_tile(
-                dq, q, do, lse, delta, K, V, start_n, offs_m, offs_n, offs_d, stride_kn, stride_vn,
-                seqlen_q, seqlen_k, qk_scale, HEAD_DIM, CAUSAL, UPCAST, INPUT_PRECISION)
+                dq,
+                q,
+                do,
+                lse,
+                delta,
+                K,
+                V,
+                start_n,
+                offs_m,
+                offs_n,
+                offs_d,
+                stride_kn,
+                stride_vn,
+                seqlen_q,
+                seqlen_k,
+                qk_scale,
+                HEAD_DIM,
+                CAUSAL,
+                UPCAST,
+                INPUT_PRECISION,
+            )
     else:
         hi = seqlen_k
         if CAUSAL:
             hi = tl.minimum(seqlen_k, (pid_m + 1) * BLOCK_M + seqlen_k - seqlen_q)
         for start_n in range(0, hi, BLOCK_N):
             dq = _flash_attn_bwd_dq_tile(
-                dq, q, do, lse, delta, K, V, start_n, offs_m, offs_n, offs_d, stride_kn, stride_vn,
-                seqlen_q, seqlen_k, qk_scale, HEAD_DIM, CAUSAL, UPCAST, INPUT_PRECISION)
+                dq,
+                q,
+                do,
+                lse,
+                delta,
+                K,
+                V,
+                start_n,
+                offs_m,
+                offs_n,
+                offs_d,
+                stride_kn,
+                stride_vn,
+                seqlen_q,
+                seqlen_k,
+                qk_scale,
+                HEAD_DIM,
+                CAUSAL,
+                UPCAST,
+                INPUT_PRECISION,
+            )
 
     dq = dq * sm_scale
-    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + rows64[:, None] * stride_dqm + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=q_mask)
+    tl.store(
+        DQ + off_b * stride_dqb + off_h * stride_dqh + rows64[:, None] * stride_dqm + offs_d[None, :],
+        dq.to(DQ.dtype.element_ty),
+        mask=q_mask,
+    )
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -388,8 +702,13 @@ def _pick_tile(preferred: int, seqlen: int, block_size: int | None) -> int:
 
 
 def _launch_config(q: torch.Tensor, seqlen_q: int, seqlen_k: int, block_size: int | None, backward: bool):
-    on_cuda = q.device.type == "cuda"
-    bm, bn = (_CUDA_BWD_TILES if backward else _CUDA_FWD_TILES) if on_cuda else _INTERPRETER_TILES
+    interpreted = q.device.type == "cpu"
+    if interpreted and not _INTERPRETED:
+        raise RuntimeError(
+            "Triton flash attention got CPU tensors but runs compiled: set TRITON_INTERPRET=1 before "
+            "longmoe.kernels.flash_attention is imported, or use the native/reference backend on CPU"
+        )
+    bm, bn = _INTERPRETER_TILES if interpreted else (_CUDA_BWD_TILES if backward else _CUDA_FWD_TILES)
     head_dim = q.shape[-1]
     return dict(
         BLOCK_M=_pick_tile(bm, seqlen_q, block_size),
@@ -397,10 +716,11 @@ def _launch_config(q: torch.Tensor, seqlen_q: int, seqlen_k: int, block_size: in
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         HEAD_DIM=head_dim,
         # The interpreter keeps bf16 as raw uint16 (its dot and arithmetic would be wrong): upcast there.
-        UPCAST=(not on_cuda) and q.dtype == torch.bfloat16,
+        UPCAST=interpreted and q.dtype == torch.bfloat16,
         # fp32 inputs follow torch's matmul setting (TF32 off by default) so results match torch fp32.
-        INPUT_PRECISION=("tf32" if q.dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32
-                         else "ieee"),
+        INPUT_PRECISION=(
+            "tf32" if q.dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32 else "ieee"
+        ),
         num_warps=4 if head_dim <= 64 else 8,
         num_stages=2 if backward else 3,
     )
@@ -414,7 +734,8 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(
             f"q, k, v must be (batch, seqlen, nheads, headdim); got q {tuple(q.shape)}, k {tuple(k.shape)}, "
-            f"v {tuple(v.shape)}")
+            f"v {tuple(v.shape)}"
+        )
     if k.shape != v.shape:
         raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
     if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
@@ -422,8 +743,9 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     if k.shape[2] == 0 or q.shape[2] % k.shape[2]:
         raise ValueError(f"nheads of q ({q.shape[2]}) must be a multiple of nheads of k/v ({k.shape[2]})")
     if q.dtype not in _SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"q, k, v must share one dtype of {_SUPPORTED_DTYPES}; got {q.dtype}, {k.dtype}, "
-                        f"{v.dtype}")
+        raise TypeError(
+            f"q, k, v must share one dtype of {_SUPPORTED_DTYPES}; got {q.dtype}, {k.dtype}, {v.dtype}"
+        )
     if k.device != q.device or v.device != q.device:
         raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
     if q.shape[3] > 256:
@@ -432,7 +754,9 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
 
 def _check_block_mask(block_mask: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, block_size: int):
     if not isinstance(block_size, int) or block_size <= 0 or block_size % 16:
-        raise ValueError(f"block_size must be a positive multiple of 16 (tl.dot's minimum tile); got {block_size}")
+        raise ValueError(
+            f"block_size must be a positive multiple of 16 (tl.dot's minimum tile); got {block_size}"
+        )
     if block_mask is None:
         return
     batch, seqlen_q, nheads, _ = q.shape
@@ -442,13 +766,15 @@ def _check_block_mask(block_mask: torch.Tensor | None, q: torch.Tensor, k: torch
     if tuple(block_mask.shape) != expected:
         raise ValueError(
             f"block_mask must have shape (batch, nheads, cdiv(seqlen_q, block_size), "
-            f"cdiv(seqlen_k, block_size)) = {expected} for block_size={block_size}; got {tuple(block_mask.shape)}")
+            f"cdiv(seqlen_k, block_size)) = {expected} for block_size={block_size}; got {tuple(block_mask.shape)}"
+        )
     if block_mask.device != q.device:
         raise ValueError(f"block_mask is on {block_mask.device} but q is on {q.device}")
 
 
-def _block_lists(block_mask: torch.Tensor, causal: bool, seqlen_q: int, seqlen_k: int, block_size: int,
-                 transpose: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _block_lists(
+    block_mask: torch.Tensor, causal: bool, seqlen_q: int, seqlen_k: int, block_size: int, transpose: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Kept blocks per row of the block mask (rows are q blocks, or k blocks when transpose=True),
     combined with causal at block granularity.
 
@@ -485,8 +811,14 @@ def _mask_args(block_mask, causal, seqlen_q, seqlen_k, block_size, transpose, de
 
 
 def flash_attention_forward_triton(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, softmax_scale: float,
-    block_mask: torch.Tensor | None = None, block_size: int = 128,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    softmax_scale: float,
+    block_mask: torch.Tensor | None = None,
+    block_size: int = 128,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Flash attention forward with Triton.
 
@@ -510,26 +842,57 @@ def flash_attention_forward_triton(
 
     # The dense path ignores MASK_BLOCK; a fixed value avoids one compilation per block_size.
     mask_block = block_size if block_mask is not None else 16
-    cfg = _launch_config(q, seqlen_q, seqlen_k, block_size if block_mask is not None else None, backward=False)
+    cfg = _launch_config(
+        q, seqlen_q, seqlen_k, block_size if block_mask is not None else None, backward=False
+    )
     mask_args = _mask_args(block_mask, causal, seqlen_q, seqlen_k, block_size, False, q.device)
     grid = (triton.cdiv(seqlen_q, cfg["BLOCK_M"]), batch * nheads)
     _flash_attn_fwd_kernel[grid](
-        q, k, v, out, lse, mask_args[0], mask_args[1],
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
+        q,
+        k,
+        v,
+        out,
+        lse,
+        mask_args[0],
+        mask_args[1],
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
         *mask_args[2:],
-        nheads, nheads // nheads_kv, seqlen_q, seqlen_k, softmax_scale * _LOG2E,
-        MASK_BLOCK=mask_block, CAUSAL=bool(causal), HAS_MASK=block_mask is not None, **cfg,
+        nheads,
+        nheads // nheads_kv,
+        seqlen_q,
+        seqlen_k,
+        softmax_scale * _LOG2E,
+        MASK_BLOCK=mask_block,
+        CAUSAL=bool(causal),
+        HAS_MASK=block_mask is not None,
+        **cfg,
     )
     return out, lse
 
 
 def flash_attention_backward_triton(
-    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-    lse: torch.Tensor, *, causal: bool, softmax_scale: float,
-    block_mask: torch.Tensor | None = None, block_size: int = 128,
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    causal: bool,
+    softmax_scale: float,
+    block_mask: torch.Tensor | None = None,
+    block_size: int = 128,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Flash attention backward with Triton (FA2 schedule).
 
@@ -541,11 +904,19 @@ def flash_attention_backward_triton(
     _check_qkv(q, k, v)
     _check_block_mask(block_mask, q, k, block_size)
     if dout.shape != q.shape or out.shape != q.shape:
-        raise ValueError(f"dout {tuple(dout.shape)} and out {tuple(out.shape)} must have q's shape {tuple(q.shape)}")
+        raise ValueError(
+            f"dout {tuple(dout.shape)} and out {tuple(out.shape)} must have q's shape {tuple(q.shape)}"
+        )
+    if dout.dtype != q.dtype or dout.device != q.device or out.device != q.device or lse.device != q.device:
+        raise TypeError(
+            f"dout must have q's dtype {q.dtype} and dout, out, lse q's device {q.device}; got dout "
+            f"{dout.dtype} on {dout.device}, out on {out.device}, lse on {lse.device}"
+        )
     batch, seqlen_q, nheads, head_dim = q.shape
     if lse.shape != (batch, nheads, seqlen_q) or lse.dtype != torch.float32:
-        raise ValueError(f"lse must be fp32 of shape {(batch, nheads, seqlen_q)}; got {lse.dtype} "
-                         f"{tuple(lse.shape)}")
+        raise ValueError(
+            f"lse must be fp32 of shape {(batch, nheads, seqlen_q)}; got {lse.dtype} {tuple(lse.shape)}"
+        )
     q, k, v, dout, out = (_last_dim_contiguous(x) for x in (q, k, v, dout, out))
     lse = lse.contiguous()
     seqlen_k, nheads_kv = k.shape[1], k.shape[2]
@@ -563,37 +934,102 @@ def flash_attention_backward_triton(
     delta = torch.empty((batch, nheads, seqlen_q), dtype=torch.float32, device=q.device)
     pre_block = 64
     _flash_attn_bwd_preprocess_kernel[(triton.cdiv(seqlen_q, pre_block), batch * nheads)](
-        out, dout, delta,
-        out.stride(0), out.stride(1), out.stride(2),
-        dout.stride(0), dout.stride(1), dout.stride(2),
-        nheads, seqlen_q,
-        HEAD_DIM=head_dim, BLOCK_D=cfg["BLOCK_D"], BLOCK_M=pre_block,
+        out,
+        dout,
+        delta,
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        dout.stride(0),
+        dout.stride(1),
+        dout.stride(2),
+        nheads,
+        seqlen_q,
+        HEAD_DIM=head_dim,
+        BLOCK_D=cfg["BLOCK_D"],
+        BLOCK_M=pre_block,
     )
 
     q_lists = _mask_args(block_mask, causal, seqlen_q, seqlen_k, block_size, True, q.device)
     _flash_attn_bwd_dkdv_kernel[(triton.cdiv(seqlen_k, cfg["BLOCK_N"]), batch * nheads_kv)](
-        q, k, v, dout, lse, delta, dk, dv, q_lists[0], q_lists[1],
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        dout.stride(0), dout.stride(1), dout.stride(2),
-        dk.stride(0), dk.stride(1), dk.stride(2),
-        dv.stride(0), dv.stride(1), dv.stride(2),
+        q,
+        k,
+        v,
+        dout,
+        lse,
+        delta,
+        dk,
+        dv,
+        q_lists[0],
+        q_lists[1],
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        dout.stride(0),
+        dout.stride(1),
+        dout.stride(2),
+        dk.stride(0),
+        dk.stride(1),
+        dk.stride(2),
+        dv.stride(0),
+        dv.stride(1),
+        dv.stride(2),
         *q_lists[2:],
-        nheads, nheads_kv, group_size, seqlen_q, seqlen_k, softmax_scale, qk_scale,
-        MASK_BLOCK=mask_block, CAUSAL=bool(causal), HAS_MASK=block_mask is not None, **cfg,
+        nheads,
+        nheads_kv,
+        group_size,
+        seqlen_q,
+        seqlen_k,
+        softmax_scale,
+        qk_scale,
+        MASK_BLOCK=mask_block,
+        CAUSAL=bool(causal),
+        HAS_MASK=block_mask is not None,
+        **cfg,
     )
 
     kv_lists = _mask_args(block_mask, causal, seqlen_q, seqlen_k, block_size, False, q.device)
     _flash_attn_bwd_dq_kernel[(triton.cdiv(seqlen_q, cfg["BLOCK_M"]), batch * nheads)](
-        q, k, v, dout, lse, delta, dq, kv_lists[0], kv_lists[1],
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        dout.stride(0), dout.stride(1), dout.stride(2),
-        dq.stride(0), dq.stride(1), dq.stride(2),
+        q,
+        k,
+        v,
+        dout,
+        lse,
+        delta,
+        dq,
+        kv_lists[0],
+        kv_lists[1],
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        dout.stride(0),
+        dout.stride(1),
+        dout.stride(2),
+        dq.stride(0),
+        dq.stride(1),
+        dq.stride(2),
         *kv_lists[2:],
-        nheads, group_size, seqlen_q, seqlen_k, softmax_scale, qk_scale,
-        MASK_BLOCK=mask_block, CAUSAL=bool(causal), HAS_MASK=block_mask is not None, **cfg,
+        nheads,
+        group_size,
+        seqlen_q,
+        seqlen_k,
+        softmax_scale,
+        qk_scale,
+        MASK_BLOCK=mask_block,
+        CAUSAL=bool(causal),
+        HAS_MASK=block_mask is not None,
+        **cfg,
     )
     return dq, dk, dv
