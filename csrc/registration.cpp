@@ -8,10 +8,11 @@
 TORCH_LIBRARY(longmoe, m) {
   m.def(
       "flash_attn_fwd(Tensor q, Tensor k, Tensor v, Tensor? block_mask, int block_size, bool causal, "
-      "float softmax_scale) -> (Tensor out, Tensor lse)");
+      "float softmax_scale, ScalarType? out_dtype=None) -> (Tensor out, Tensor lse)");
   m.def(
-      "flash_attn_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? block_mask, "
-      "int block_size, bool causal, float softmax_scale) -> (Tensor dq, Tensor dk, Tensor dv)");
+      "flash_attn_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor? out, Tensor lse, Tensor? block_mask, "
+      "int block_size, bool causal, float softmax_scale, Tensor? delta=None, ScalarType? grad_dtype=None) "
+      "-> (Tensor dq, Tensor dk, Tensor dv)");
 }
 
 TORCH_LIBRARY_IMPL(longmoe, CPU, m) {

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from longmoe.attention import (
+    attention_delta,
     flash_attention,
     flash_attention_backward,
     flash_attention_backward_ref,
@@ -199,3 +200,33 @@ def test_torch_compile_traces_native_op():
     eager = f(q, k, v)
     compiled = torch.compile(f, backend="eager", fullgraph=True)(q, k, v)
     torch.testing.assert_close(compiled[0], eager[0])
+
+
+@pytest.mark.parametrize("backend", ["native", "reference", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])
+def test_fp32_partials_and_external_delta(backend, dtype):
+    """What ring steps use: fp32 out partials, backward from (lse, delta) without out, fp32 gradients."""
+    if backend == "triton" and dtype == torch.bfloat16:
+        dtype = torch.float16  # the Triton interpreter mishandles bf16 dots; fp16 exercises the same path
+    shape = (2, 70, 97, 4, 2, 64)
+    q, k, v = make_qkv(shape, dtype)
+    dout = torch.randn_like(q)
+    kw = dict(causal=True, backend=backend)
+    out32, lse = flash_attention_forward(q, k, v, out_dtype=torch.float32, **kw)
+    assert out32.dtype == torch.float32
+    oracle, same = attention_oracle(q, k, v, dout, causal=True)
+    assert_within_oracle("fp32 out", out32, same[0], oracle[0], dtype)
+    # Rounded once, the fp32 partial is the dtype output.
+    out, _ = flash_attention_forward(q, k, v, **kw)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out32.to(dtype), out, rtol=0, atol=0)
+
+    delta = attention_delta(dout, out32)
+    grads = flash_attention_backward(dout, q, k, v, None, lse, delta=delta, grad_dtype=torch.float32, **kw)
+    for name, g, s, o in zip(("dq", "dk", "dv"), grads, same[2:], oracle[2:], strict=True):
+        assert g.dtype == torch.float32
+        assert_within_oracle(f"{backend} {name} from delta", g, s, o, dtype)
+    # An fp32 out is accepted directly too (delta is computed from it).
+    grads_out = flash_attention_backward(dout, q, k, v, out32, lse, grad_dtype=torch.float32, **kw)
+    for a, b in zip(grads, grads_out, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

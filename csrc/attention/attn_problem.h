@@ -78,11 +78,15 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, bool causal, doub
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
 #define LONGMOE_BF16_DOT 1
 // bf16 x bf16 -> fp32 tile GEMMs with AVX512-BF16 dot products (flash_attn_bf16.cpp).
+// out_t / grad_t: at::BFloat16 or float (see flash_attn_fwd_cpu's out_dtype, flash_attn_bwd_cpu's grad_dtype).
+template <typename out_t>
 void forward_bf16_dot(const Problem& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                       at::Tensor& out, at::Tensor& lse);
+// `out` is undefined when `delta` (B, Hq, Sq) fp32 is given.
+template <typename grad_t>
 void backward_bf16_dot(const Problem& p, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
-                       const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq,
-                       at::Tensor& dk_acc, at::Tensor& dv_acc);
+                       const at::Tensor& v, const at::Tensor& out, const at::Tensor& delta, const at::Tensor& lse,
+                       at::Tensor& dq, at::Tensor& dk_acc, at::Tensor& dv_acc);
 #endif
 
 }  // namespace longmoe

@@ -102,13 +102,13 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, bool causal, doub
 
 namespace {
 
-template <typename scalar_t>
+template <typename scalar_t, typename out_t>
 void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                     at::Tensor& out, at::Tensor& lse) {
   const scalar_t* qd = q.data_ptr<scalar_t>();
   const scalar_t* kd = k.data_ptr<scalar_t>();
   const scalar_t* vd = v.data_ptr<scalar_t>();
-  scalar_t* od = out.data_ptr<scalar_t>();
+  out_t* od = out.data_ptr<out_t>();
   float* ld_ = lse.data_ptr<float>();
   const Strides qs(q), ks(k), vs(v), os(out);
   const int64_t D = p.D, bq = p.bq, bk = p.bk;
@@ -180,21 +180,27 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
   });
 }
 
-template <typename scalar_t>
+template <typename scalar_t, typename grad_t>
 void backward_kernel(const Problem& p, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
-                     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq,
-                     at::Tensor& dk_acc, at::Tensor& dv_acc) {
+                     const at::Tensor& v, const at::Tensor& out, const at::Tensor& delta, const at::Tensor& lse,
+                     at::Tensor& dq, at::Tensor& dk_acc, at::Tensor& dv_acc) {
   const scalar_t* dod = dout.data_ptr<scalar_t>();
   const scalar_t* qd = q.data_ptr<scalar_t>();
   const scalar_t* kd = k.data_ptr<scalar_t>();
   const scalar_t* vd = v.data_ptr<scalar_t>();
-  const scalar_t* od = out.data_ptr<scalar_t>();
+  // Row term D_i = rowsum(dO * O): from `delta` (B, Hq, Sq) when given (ring backward sends D instead of
+  // O), else computed here from `out`.
+  const bool have_delta = delta.defined();
+  const scalar_t* od = have_delta ? nullptr : out.data_ptr<scalar_t>();
+  const float* deltad = have_delta ? delta.data_ptr<float>() : nullptr;
+  const int64_t dl_b = have_delta ? delta.stride(0) : 0, dl_h = have_delta ? delta.stride(1) : 0;
+  const int64_t dl_s = have_delta ? delta.stride(2) : 0;
   const float* lsed = lse.data_ptr<float>();
   const int64_t lse_b = lse.stride(0), lse_h = lse.stride(1), lse_s = lse.stride(2);
-  scalar_t* dqd = dq.data_ptr<scalar_t>();
+  grad_t* dqd = dq.data_ptr<grad_t>();
   float* dkd = dk_acc.data_ptr<float>();  // (B, Hq, Sk, D) fp32, one slab per query head
   float* dvd = dv_acc.data_ptr<float>();
-  const Strides dos(dout), qs(q), ks(k), vs(v), os(out), dqs(dq);
+  const Strides dos(dout), qs(q), ks(k), vs(v), os(have_delta ? dout : out), dqs(dq);
   const int64_t D = p.D, bq = p.bq, bk = p.bk;
 
   // One work item per (batch, query head): it owns its dq rows and its dk/dv slab, so no two
@@ -208,13 +214,18 @@ void backward_kernel(const Problem& p, const at::Tensor& dout, const at::Tensor&
       float* dV = dvd + item * p.Sk * D;
       for (int64_t q0 = 0; q0 < p.Sq; q0 += bq) {
         const int64_t mq = std::min(bq, p.Sq - q0);
-        int64_t ldq, lddo, ldo, ldk, ldv;
+        int64_t ldq, lddo, ldo = 0, ldk, ldv;
         const float* Q = load_rows(qd + b * qs.b + q0 * qs.s + h * qs.h, qs.s, mq, D, qbuf.data(), &ldq);
         const float* dO =
             load_rows(dod + b * dos.b + q0 * dos.s + h * dos.h, dos.s, mq, D, dobuf.data(), &lddo);
-        const float* O = load_rows(od + b * os.b + q0 * os.s + h * os.h, os.s, mq, D, obuf.data(), &ldo);
+        const float* O =
+            have_delta ? nullptr : load_rows(od + b * os.b + q0 * os.s + h * os.h, os.s, mq, D, obuf.data(), &ldo);
         for (int64_t i = 0; i < mq; ++i) {
           lrow[i] = lsed[b * lse_b + h * lse_h + (q0 + i) * lse_s];
+          if (have_delta) {
+            drow[i] = deltad[b * dl_b + h * dl_h + (q0 + i) * dl_s];
+            continue;
+          }
           float dsum = 0.f;  // D_i = rowsum(dO * O), the softmax-backward row term
           const float* x = dO + i * lddo;
           const float* y = O + i * ldo;
@@ -264,66 +275,110 @@ void backward_kernel(const Problem& p, const at::Tensor& dout, const at::Tensor&
 
 }  // namespace
 
+namespace {
+
+// out_dtype / grad_dtype: the input dtype (default) or float32, for partials that are merged or summed
+// across ring steps before being rounded once.
+at::ScalarType result_dtype(const std::optional<at::ScalarType>& want, at::ScalarType in, const char* name) {
+  if (!want.has_value()) return in;
+  TORCH_CHECK(*want == in || *want == at::kFloat, name, " must be the input dtype ", in, " or float32; got ",
+              *want);
+  return *want;
+}
+
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
                                                       const at::Tensor& v_in,
                                                       const std::optional<at::Tensor>& block_mask,
-                                                      int64_t block_size, bool causal, double softmax_scale) {
+                                                      int64_t block_size, bool causal, double softmax_scale,
+                                                      std::optional<at::ScalarType> out_dtype) {
   check_common(q_in, k_in, v_in, block_mask, block_size, softmax_scale);
   const at::Tensor q = inner_contiguous(q_in), k = inner_contiguous(k_in), v = inner_contiguous(v_in);
   const Problem p = make_problem(q, k, causal, softmax_scale, block_mask, block_size);
-  at::Tensor out = at::empty({p.B, p.Sq, p.Hq, p.D}, q.options());
+  const at::ScalarType odt = result_dtype(out_dtype, q.scalar_type(), "out_dtype");
+  at::Tensor out = at::empty({p.B, p.Sq, p.Hq, p.D}, q.options().dtype(odt));
   at::Tensor lse = at::empty({p.B, p.Hq, p.Sq}, q.options().dtype(at::kFloat));
   if (p.B * p.Sq * p.Hq == 0) return {out, lse};
 #ifdef LONGMOE_BF16_DOT
   if (p.bf16_dot) {
-    forward_bf16_dot(p, q, k, v, out, lse);
+    if (odt == at::kFloat) {
+      forward_bf16_dot<float>(p, q, k, v, out, lse);
+    } else {
+      forward_bf16_dot<at::BFloat16>(p, q, k, v, out, lse);
+    }
     return {out, lse};
   }
 #endif
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "longmoe_flash_attn_fwd",
-                                  [&] { forward_kernel<scalar_t>(p, q, k, v, out, lse); });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "longmoe_flash_attn_fwd", [&] {
+    if (odt == at::kFloat) {
+      forward_kernel<scalar_t, float>(p, q, k, v, out, lse);
+    } else {
+      forward_kernel<scalar_t, scalar_t>(p, q, k, v, out, lse);
+    }
+  });
   return {out, lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cpu(
     const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-    const at::Tensor& out_in, const at::Tensor& lse, const std::optional<at::Tensor>& block_mask,
-    int64_t block_size, bool causal, double softmax_scale) {
+    const std::optional<at::Tensor>& out_in, const at::Tensor& lse, const std::optional<at::Tensor>& block_mask,
+    int64_t block_size, bool causal, double softmax_scale, const std::optional<at::Tensor>& delta_in,
+    std::optional<at::ScalarType> grad_dtype) {
   check_common(q_in, k_in, v_in, block_mask, block_size, softmax_scale);
   TORCH_CHECK(dout_in.sizes() == q_in.sizes(), "dout must have q's shape ", q_in.sizes(), "; got ",
               dout_in.sizes());
-  TORCH_CHECK(out_in.sizes() == q_in.sizes(), "out must have q's shape ", q_in.sizes(), "; got ",
-              out_in.sizes());
-  TORCH_CHECK(dout_in.scalar_type() == q_in.scalar_type() && out_in.scalar_type() == q_in.scalar_type(),
-              "dout and out must have q's dtype ", q_in.scalar_type(), "; got ", dout_in.scalar_type(),
-              " and ", out_in.scalar_type());
+  TORCH_CHECK(dout_in.scalar_type() == q_in.scalar_type(), "dout must have q's dtype ", q_in.scalar_type(),
+              "; got ", dout_in.scalar_type());
+  TORCH_CHECK(out_in.has_value() || delta_in.has_value(),
+              "flash_attn_bwd needs out (to compute rowsum(dout * out)) or delta; got neither");
+  const int64_t B = q_in.size(0), Sq = q_in.size(1), Hq = q_in.size(2);
+  at::Tensor out, delta;
+  if (delta_in.has_value()) {
+    delta = *delta_in;
+    TORCH_CHECK(delta.scalar_type() == at::kFloat, "delta must be float32; got ", delta.scalar_type());
+    TORCH_CHECK(delta.dim() == 3 && delta.size(0) == B && delta.size(1) == Hq && delta.size(2) == Sq,
+                "delta must be (batch, heads_q, seqlen_q) = (", B, ", ", Hq, ", ", Sq, "); got ", delta.sizes());
+  } else {
+    out = inner_contiguous(*out_in);
+    TORCH_CHECK(out.sizes() == q_in.sizes(), "out must have q's shape ", q_in.sizes(), "; got ", out.sizes());
+    TORCH_CHECK(out.scalar_type() == q_in.scalar_type(), "out must have q's dtype ", q_in.scalar_type(),
+                "; got ", out.scalar_type(), " (pass delta = rowsum(dout * out) for another dtype)");
+  }
   TORCH_CHECK(lse.scalar_type() == at::kFloat, "lse must be float32; got ", lse.scalar_type());
-  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == q_in.size(0) && lse.size(1) == q_in.size(2) &&
-                  lse.size(2) == q_in.size(1),
-              "lse must be (batch, heads_q, seqlen_q) = (", q_in.size(0), ", ", q_in.size(2), ", ",
-              q_in.size(1), "); got ", lse.sizes());
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == B && lse.size(1) == Hq && lse.size(2) == Sq,
+              "lse must be (batch, heads_q, seqlen_q) = (", B, ", ", Hq, ", ", Sq, "); got ", lse.sizes());
   const at::Tensor q = inner_contiguous(q_in), k = inner_contiguous(k_in), v = inner_contiguous(v_in);
-  const at::Tensor dout = inner_contiguous(dout_in), out = inner_contiguous(out_in);
+  const at::Tensor dout = inner_contiguous(dout_in);
   const Problem p = make_problem(q, k, causal, softmax_scale, block_mask, block_size);
-  at::Tensor dq = at::empty({p.B, p.Sq, p.Hq, p.D}, q.options());
+  const at::ScalarType gdt = result_dtype(grad_dtype, q.scalar_type(), "grad_dtype");
+  at::Tensor dq = at::empty({p.B, p.Sq, p.Hq, p.D}, q.options().dtype(gdt));
   at::Tensor dk_acc = at::zeros({p.B, p.Hq, p.Sk, p.D}, q.options().dtype(at::kFloat));
   at::Tensor dv_acc = at::zeros({p.B, p.Hq, p.Sk, p.D}, q.options().dtype(at::kFloat));
   if (p.B * p.Sq * p.Hq > 0 && p.Sk > 0) {
 #ifdef LONGMOE_BF16_DOT
     if (p.bf16_dot) {
-      backward_bf16_dot(p, dout, q, k, v, out, lse, dq, dk_acc, dv_acc);
+      if (gdt == at::kFloat) {
+        backward_bf16_dot<float>(p, dout, q, k, v, out, delta, lse, dq, dk_acc, dv_acc);
+      } else {
+        backward_bf16_dot<at::BFloat16>(p, dout, q, k, v, out, delta, lse, dq, dk_acc, dv_acc);
+      }
     } else
 #endif
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "longmoe_flash_attn_bwd", [&] {
-      backward_kernel<scalar_t>(p, dout, q, k, v, out, lse, dq, dk_acc, dv_acc);
-    });
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "longmoe_flash_attn_bwd", [&] {
+        if (gdt == at::kFloat) {
+          backward_kernel<scalar_t, float>(p, dout, q, k, v, out, delta, lse, dq, dk_acc, dv_acc);
+        } else {
+          backward_kernel<scalar_t, scalar_t>(p, dout, q, k, v, out, delta, lse, dq, dk_acc, dv_acc);
+        }
+      });
   } else {
     dq.zero_();
   }
-  // (B, Hq, Sk, D) -> sum over each GQA group -> (B, Sk, Hkv, D) in the input dtype.
+  // (B, Hq, Sk, D) -> sum over each GQA group -> (B, Sk, Hkv, D) in the gradient dtype.
   auto fold = [&](const at::Tensor& acc) {
     at::Tensor g = p.group == 1 ? acc : acc.view({p.B, p.Hkv, p.group, p.Sk, p.D}).sum(2);
-    return g.permute({0, 2, 1, 3}).to(q.scalar_type()).contiguous();
+    return g.permute({0, 2, 1, 3}).to(gdt).contiguous();
   };
   return {dq, fold(dk_acc), fold(dv_acc)};
 }

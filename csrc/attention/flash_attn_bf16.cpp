@@ -181,12 +181,13 @@ Packed pack_heads(const Problem& p, const at::Tensor& x, bool transpose) {
 
 }  // namespace
 
+template <typename out_t>
 void forward_bf16_dot(const Problem& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                       at::Tensor& out, at::Tensor& lse) {
   const Packed kt = pack_heads(p, k, /*transpose=*/true);
   const Packed vr = pack_heads(p, v, /*transpose=*/false);
   const bf16* qd = bf16_ptr(q);
-  at::BFloat16* od = out.data_ptr<at::BFloat16>();
+  out_t* od = out.data_ptr<out_t>();
   float* lsed = lse.data_ptr<float>();
   const Strides qs(q), os(out);
   const int64_t D = p.D, bq = p.bq, bk = p.bk, bke = round_up(bk, 2);
@@ -255,21 +256,26 @@ void forward_bf16_dot(const Problem& p, const at::Tensor& q, const at::Tensor& k
   });
 }
 
+template <typename grad_t>
 void backward_bf16_dot(const Problem& p, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
-                       const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq,
-                       at::Tensor& dk_acc, at::Tensor& dv_acc) {
+                       const at::Tensor& v, const at::Tensor& out, const at::Tensor& delta, const at::Tensor& lse,
+                       at::Tensor& dq, at::Tensor& dk_acc, at::Tensor& dv_acc) {
   const Packed kt = pack_heads(p, k, /*transpose=*/true);   // S = Q K^T
   const Packed vt = pack_heads(p, v, /*transpose=*/true);   // dP = dO V^T
   const Packed kr = pack_heads(p, k, /*transpose=*/false);  // dQ += dS K
   const bf16* dod = bf16_ptr(dout);
   const bf16* qd = bf16_ptr(q);
-  const at::BFloat16* od = out.data_ptr<at::BFloat16>();
+  const bool have_delta = delta.defined();
+  const at::BFloat16* od = have_delta ? nullptr : out.data_ptr<at::BFloat16>();
+  const float* deltad = have_delta ? delta.data_ptr<float>() : nullptr;
+  const int64_t dl_b = have_delta ? delta.stride(0) : 0, dl_h = have_delta ? delta.stride(1) : 0;
+  const int64_t dl_s = have_delta ? delta.stride(2) : 0;
   const float* lsed = lse.data_ptr<float>();
   const int64_t lse_b = lse.stride(0), lse_h = lse.stride(1), lse_s = lse.stride(2);
-  at::BFloat16* dqd = dq.data_ptr<at::BFloat16>();
+  grad_t* dqd = dq.data_ptr<grad_t>();
   float* dkd = dk_acc.data_ptr<float>();
   float* dvd = dv_acc.data_ptr<float>();
-  const Strides dos(dout), qs(q), os(out), dqs(dq);
+  const Strides dos(dout), qs(q), os(have_delta ? dout : out), dqs(dq);
   const int64_t D = p.D, bq = p.bq, bk = p.bk, bqe = round_up(bq, 2), bke = round_up(bk, 2);
   const int64_t dp = round_up(D, 32);
 
@@ -292,6 +298,10 @@ void backward_bf16_dot(const Problem& p, const at::Tensor& dout, const at::Tenso
         pack_rows(dO, dos.s, mq, D, dor.data(), dp);
         for (int64_t i = 0; i < mq; ++i) {
           lrow[i] = lsed[b * lse_b + h * lse_h + (q0 + i) * lse_s];
+          if (have_delta) {
+            drow[i] = deltad[b * dl_b + h * dl_h + (q0 + i) * dl_s];
+            continue;
+          }
           const at::BFloat16* o = od + b * os.b + (q0 + i) * os.s + h * os.h;
           const at::BFloat16* g = reinterpret_cast<const at::BFloat16*>(dO + i * dos.s);
           float dsum = 0.f;
@@ -335,6 +345,18 @@ void backward_bf16_dot(const Problem& p, const at::Tensor& dout, const at::Tenso
     }
   });
 }
+
+template void forward_bf16_dot<float>(const Problem&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                      at::Tensor&, at::Tensor&);
+template void forward_bf16_dot<at::BFloat16>(const Problem&, const at::Tensor&, const at::Tensor&,
+                                             const at::Tensor&, at::Tensor&, at::Tensor&);
+template void backward_bf16_dot<float>(const Problem&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                       const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                       at::Tensor&, at::Tensor&, at::Tensor&);
+template void backward_bf16_dot<at::BFloat16>(const Problem&, const at::Tensor&, const at::Tensor&,
+                                              const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                              const at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&,
+                                              at::Tensor&);
 
 }  // namespace longmoe
 

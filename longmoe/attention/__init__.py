@@ -2,6 +2,7 @@
 
 from longmoe.attention.flash_attention import (
     FlashAttentionFunction,
+    attention_delta,
     expand_block_mask,
     flash_attention,
     flash_attention_backward,
@@ -13,6 +14,7 @@ from longmoe.attention.merge import merge_attention_partials, merge_attention_pa
 
 __all__ = [
     "FlashAttentionFunction",
+    "attention_delta",
     "expand_block_mask",
     "flash_attention",
     "flash_attention_backward",

@@ -30,6 +30,7 @@ __all__ = [
     "flash_attention_backward",
     "flash_attention_ref",
     "flash_attention_backward_ref",
+    "attention_delta",
     "FlashAttentionFunction",
     "expand_block_mask",
 ]
@@ -97,19 +98,46 @@ def _check_inputs(
     return float(softmax_scale)
 
 
-def _check_backward_inputs(dout, q, out, lse) -> None:
+def _check_backward_inputs(dout, q, out, lse, delta) -> None:
+    if out is None and delta is None:
+        raise ValueError("flash_attention_backward needs out, or delta = rowsum(dout * out); got neither")
     for name, t in (("dout", dout), ("out", out)):
+        if t is None:
+            continue
         if t.shape != q.shape:
             raise ValueError(f"{name} must have q's shape {tuple(q.shape)}; got {tuple(t.shape)}")
-        if t.dtype != q.dtype:
+        if t.dtype != q.dtype and not (name == "out" and t.dtype == torch.float32):
             raise TypeError(f"{name} must have q's dtype {q.dtype}; got {t.dtype}")
         if t.device != q.device:
             raise ValueError(f"{name} must be on q's device {q.device}; got {t.device}")
     b, sq, hq, _ = q.shape
-    if tuple(lse.shape) != (b, hq, sq):
-        raise ValueError(f"lse must be (batch, heads_q, seqlen_q) = {(b, hq, sq)}; got {tuple(lse.shape)}")
-    if lse.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"lse must be float32 (the dtype the forward returns); got {lse.dtype}")
+    for name, t in (("lse", lse), ("delta", delta)):
+        if t is None:
+            continue
+        if tuple(t.shape) != (b, hq, sq):
+            raise ValueError(
+                f"{name} must be (batch, heads_q, seqlen_q) = {(b, hq, sq)}; got {tuple(t.shape)}"
+            )
+        if t.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"{name} must be float32 (the dtype the forward returns); got {t.dtype}")
+
+
+def _check_result_dtype(dtype: torch.dtype | None, q: torch.Tensor, name: str) -> torch.dtype:
+    if dtype is None:
+        return q.dtype
+    if dtype not in (q.dtype, torch.float32):
+        raise TypeError(f"{name} must be None, q's dtype {q.dtype} or torch.float32; got {dtype}")
+    return dtype
+
+
+def attention_delta(dout: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """The softmax-backward row term ``D = rowsum(dout * out)`` in fp32.
+
+    dout, out: (batch, seqlen_q, heads_q, head_dim) -> (batch, heads_q, seqlen_q) fp32 (fp64 if either is).
+    Ring backward sends this instead of ``out``.
+    """
+    acc = torch.float64 if torch.float64 in (dout.dtype, out.dtype) else torch.float32
+    return (dout.to(acc) * out.to(acc)).sum(-1).transpose(1, 2).contiguous()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -158,6 +186,7 @@ def flash_attention_ref(
     block_mask: torch.Tensor | None = None,
     block_size: int = 128,
     upcast: bool = True,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain-PyTorch attention with LSE: the contract every backend is tested against.
 
@@ -166,8 +195,8 @@ def flash_attention_ref(
     ``upcast=True`` computes in fp32 (fp64 inputs stay fp64: that is the oracle); ``upcast=False``
     computes in the inputs' dtype, which is the same-dtype baseline that sets test tolerances.
 
-    Returns ``(out, lse)``: out (batch, seqlen_q, heads_q, head_dim) in q's dtype; lse
-    (batch, heads_q, seqlen_q) fp32 (fp64 for fp64 inputs).
+    Returns ``(out, lse)``: out (batch, seqlen_q, heads_q, head_dim) in ``out_dtype`` (default q's dtype);
+    lse (batch, heads_q, seqlen_q) fp32 (fp64 for fp64 inputs).
     """
     scale = _check_inputs(q, k, v, softmax_scale, block_mask, block_size)
     ct = _ref_dtype(q.dtype, upcast)
@@ -182,7 +211,7 @@ def flash_attention_ref(
     p = torch.where(torch.isneginf(lse).unsqueeze(-1), torch.zeros_like(p), p)
     out = torch.einsum("bhqk,bkhd->bqhd", p, vc)
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return out.to(q.dtype), lse.to(lse_dtype)
+    return out.to(out_dtype or q.dtype), lse.to(lse_dtype)
 
 
 def flash_attention_backward_ref(
@@ -190,7 +219,7 @@ def flash_attention_backward_ref(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    out: torch.Tensor,
+    out: torch.Tensor | None,
     lse: torch.Tensor,
     *,
     causal: bool = False,
@@ -198,8 +227,10 @@ def flash_attention_backward_ref(
     block_mask: torch.Tensor | None = None,
     block_size: int = 128,
     upcast: bool = True,
+    delta: torch.Tensor | None = None,
+    grad_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Plain-PyTorch attention backward given (possibly global) out and lse.
+    """Plain-PyTorch attention backward given (possibly global) out (or delta) and lse.
 
     With ``P = exp(scale * q k^T - lse)`` and ``D = rowsum(dout * out)``:
     ``dv = P^T dout``, ``dS = P * (dout v^T - D)``, ``dq = scale * dS k``, ``dk = scale * dS^T q``;
@@ -210,7 +241,7 @@ def flash_attention_backward_ref(
     hq, hkv = q.shape[2], k.shape[2]
     group = hq // hkv
     qc, kc, vc = q.to(ct), _repeat_kv(k, group).to(ct), _repeat_kv(v, group).to(ct)
-    doc, oc, lsec = dout.to(ct), out.to(ct), lse.to(ct)
+    doc, lsec = dout.to(ct), lse.to(ct)
     s = torch.einsum("bqhd,bkhd->bhqk", qc, kc) * scale
     p = torch.exp(s - lsec.unsqueeze(-1))
     vis = _visible(q.shape[1], k.shape[1], causal, block_mask, block_size, q.device)
@@ -218,15 +249,17 @@ def flash_attention_backward_ref(
     p = torch.where(dead if vis is None else dead | ~vis, torch.zeros_like(p), p)
     dv = torch.einsum("bhqk,bqhd->bkhd", p, doc)
     dp = torch.einsum("bqhd,bkhd->bhqk", doc, vc)
-    delta = (doc * oc).sum(-1).transpose(1, 2).unsqueeze(-1)  # (B, H, Sq, 1)
-    ds = p * (dp - delta)
+    if delta is None:
+        delta = (doc * out.to(ct)).sum(-1).transpose(1, 2)  # (B, H, Sq)
+    ds = p * (dp - delta.to(ct).unsqueeze(-1))
     dq = torch.einsum("bhqk,bkhd->bqhd", ds, kc) * scale
     dk = torch.einsum("bhqk,bqhd->bkhd", ds, qc) * scale
     if group > 1:
         b, sk, _, d = dk.shape
         dk = dk.view(b, sk, hkv, group, d).sum(3)
         dv = dv.view(b, sk, hkv, group, d).sum(3)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    gdt = grad_dtype or q.dtype
+    return dq.to(gdt), dk.to(gdt), dv.to(gdt)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -241,30 +274,44 @@ def flash_attention_forward(
     softmax_scale: float | None = None,
     block_mask: torch.Tensor | None = None,
     block_size: int = 128,
+    out_dtype: torch.dtype | None = None,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward without autograd: ``(out, lse)``.
 
     q: (batch, seqlen_q, heads_q, head_dim); k, v: (batch, seqlen_k, heads_kv, head_dim);
     block_mask: None (dense) or bool (batch, heads_q, ceil(seqlen_q/block_size), ceil(seqlen_k/block_size)),
-    tiles whose bit is False are skipped. Returns out (batch, seqlen_q, heads_q, head_dim) in q's dtype and
-    lse (batch, heads_q, seqlen_q) fp32.
+    tiles whose bit is False are skipped. ``out_dtype``: None (q's dtype) or torch.float32, for partials
+    that are merged before being rounded once (ring steps). Returns out (batch, seqlen_q, heads_q, head_dim)
+    and lse (batch, heads_q, seqlen_q) fp32.
     """
     scale = _check_inputs(q, k, v, softmax_scale, block_mask, block_size)
+    odt = _check_result_dtype(out_dtype, q, "out_dtype")
     name = select_backend(q, backend=backend)
     if name == "native" and q.dtype == torch.float64:
         name = "reference"  # the C++ kernel computes in fp32 tiles; fp64 is the test oracle's dtype
     if name == "native":
-        return torch.ops.longmoe.flash_attn_fwd(q, k, v, block_mask, block_size, bool(causal), scale)
+        return torch.ops.longmoe.flash_attn_fwd(
+            q, k, v, block_mask, block_size, bool(causal), scale, None if odt == q.dtype else odt
+        )
     if name == "triton":
         from longmoe.kernels.flash_attention import flash_attention_forward_triton
 
         return flash_attention_forward_triton(
-            q, k, v, causal=bool(causal), softmax_scale=scale, block_mask=block_mask, block_size=block_size
-        )
-    return flash_attention_ref(
-        q, k, v, causal=causal, softmax_scale=scale, block_mask=block_mask, block_size=block_size
+            q, k, v, causal=bool(causal), softmax_scale=scale, block_mask=block_mask, block_size=block_size,
+            out_dtype=odt,
+        )  # fmt: skip
+    out, lse = flash_attention_ref(
+        q,
+        k,
+        v,
+        causal=causal,
+        softmax_scale=scale,
+        block_mask=block_mask,
+        block_size=block_size,
+        out_dtype=odt,
     )
+    return out, lse
 
 
 def flash_attention_backward(
@@ -272,13 +319,15 @@ def flash_attention_backward(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    out: torch.Tensor,
+    out: torch.Tensor | None,
     lse: torch.Tensor,
     *,
     causal: bool = False,
     softmax_scale: float | None = None,
     block_mask: torch.Tensor | None = None,
     block_size: int = 128,
+    delta: torch.Tensor | None = None,
+    grad_dtype: torch.dtype | None = None,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of attention given an externally supplied out and lse.
@@ -286,26 +335,38 @@ def flash_attention_backward(
     Ring backward passes the *global* out and lse (merged over all key chunks) with one local key chunk:
     the result is that chunk's exact contribution to dq and its exact dk/dv.
 
-    dout, out: (batch, seqlen_q, heads_q, head_dim) in q's dtype; lse: (batch, heads_q, seqlen_q) fp32;
-    q, k, v, block_mask as :func:`flash_attention_forward`. Returns ``(dq, dk, dv)`` in the input dtypes,
-    shaped like q, k, v.
+    dout: (batch, seqlen_q, heads_q, head_dim) in q's dtype; out: the same shape in q's dtype or fp32, or
+    None when ``delta`` = rowsum(dout * out) (batch, heads_q, seqlen_q) fp32 is given instead (ring backward
+    sends delta, not out); lse: (batch, heads_q, seqlen_q) fp32; q, k, v, block_mask as
+    :func:`flash_attention_forward`. Returns ``(dq, dk, dv)`` shaped like q, k, v, in ``grad_dtype``
+    (None = q's dtype, or torch.float32 for partial gradients summed across ring steps).
     """
     scale = _check_inputs(q, k, v, softmax_scale, block_mask, block_size)
-    _check_backward_inputs(dout, q, out, lse)
+    _check_backward_inputs(dout, q, out, lse, delta)
+    gdt = _check_result_dtype(grad_dtype, q, "grad_dtype")
     name = select_backend(q, backend=backend)
     if name == "native" and q.dtype == torch.float64:
         name = "reference"
+    if out is not None and out.dtype != q.dtype and delta is None:
+        delta = attention_delta(dout, out)  # an fp32 out (merged ring partials) enters through delta
+    if delta is not None:
+        out = None
+        if name != "reference":
+            delta = delta.float()
     kwargs = dict(causal=bool(causal), softmax_scale=scale, block_mask=block_mask, block_size=block_size)
     if name == "native":
         lse32 = lse if lse.dtype == torch.float32 else lse.float()
         return torch.ops.longmoe.flash_attn_bwd(
-            dout, q, k, v, out, lse32, block_mask, block_size, bool(causal), scale
-        )
+            dout, q, k, v, out, lse32, block_mask, block_size, bool(causal), scale, delta,
+            None if gdt == q.dtype else gdt,
+        )  # fmt: skip
     if name == "triton":
         from longmoe.kernels.flash_attention import flash_attention_backward_triton
 
-        return flash_attention_backward_triton(dout, q, k, v, out, lse.float(), **kwargs)
-    return flash_attention_backward_ref(dout, q, k, v, out, lse, **kwargs)
+        return flash_attention_backward_triton(
+            dout, q, k, v, out, lse.float(), delta=delta, grad_dtype=gdt, **kwargs
+        )
+    return flash_attention_backward_ref(dout, q, k, v, out, lse, delta=delta, grad_dtype=gdt, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------

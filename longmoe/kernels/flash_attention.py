@@ -819,6 +819,7 @@ def flash_attention_forward_triton(
     softmax_scale: float,
     block_mask: torch.Tensor | None = None,
     block_size: int = 128,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Flash attention forward with Triton.
 
@@ -827,7 +828,8 @@ def flash_attention_forward_triton(
     (batch, nheads, cdiv(seqlen_q, block_size), cdiv(seqlen_k, block_size)); tile (qb, kb) is computed only
     where True (and, when causal, where some query of qb sees some key of kb).
 
-    Returns out: (batch, seqlen_q, nheads, headdim) in q's dtype, and lse: (batch, nheads, seqlen_q) fp32,
+    Returns out: (batch, seqlen_q, nheads, headdim) in ``out_dtype`` (default q's dtype; float32 keeps ring
+    partials unrounded), and lse: (batch, nheads, seqlen_q) fp32,
     natural log of the scaled scores; rows with no visible key get out 0 and lse -inf.
     """
     _check_qkv(q, k, v)
@@ -835,7 +837,7 @@ def flash_attention_forward_triton(
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
     batch, seqlen_q, nheads, head_dim = q.shape
     seqlen_k, nheads_kv = k.shape[1], k.shape[2]
-    out = torch.empty((batch, seqlen_q, nheads, head_dim), dtype=q.dtype, device=q.device)
+    out = torch.empty((batch, seqlen_q, nheads, head_dim), dtype=out_dtype or q.dtype, device=q.device)
     lse = torch.empty((batch, nheads, seqlen_q), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
@@ -886,43 +888,57 @@ def flash_attention_backward_triton(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    out: torch.Tensor,
+    out: torch.Tensor | None,
     lse: torch.Tensor,
     *,
     causal: bool,
     softmax_scale: float,
     block_mask: torch.Tensor | None = None,
     block_size: int = 128,
+    delta: torch.Tensor | None = None,
+    grad_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Flash attention backward with Triton (FA2 schedule).
 
     dout, out: (batch, seqlen_q, nheads, headdim); q, k, v as in the forward; lse: (batch, nheads, seqlen_q)
     fp32, natural log -- out and lse are taken as given (for a ring they are the global ones), not
-    recomputed. Rows with lse -inf contribute nothing. Returns dq, dk, dv shaped and typed like q, k, v
-    (accumulated in fp32).
+    recomputed. ``delta`` (batch, nheads, seqlen_q) fp32 = rowsum(dout * out) may be given instead of out
+    (ring backward sends it instead of out). Rows with lse -inf contribute nothing. Returns dq, dk, dv shaped
+    like q, k, v in ``grad_dtype`` (default the input dtype; accumulated in fp32).
     """
     _check_qkv(q, k, v)
     _check_block_mask(block_mask, q, k, block_size)
-    if dout.shape != q.shape or out.shape != q.shape:
+    if out is None and delta is None:
         raise ValueError(
-            f"dout {tuple(dout.shape)} and out {tuple(out.shape)} must have q's shape {tuple(q.shape)}"
+            "flash_attention_backward_triton needs out or delta = rowsum(dout * out); got neither"
         )
-    if dout.dtype != q.dtype or dout.device != q.device or out.device != q.device or lse.device != q.device:
+    ref_out = out if out is not None else dout
+    if dout.shape != q.shape or ref_out.shape != q.shape:
+        raise ValueError(
+            f"dout {tuple(dout.shape)} and out {tuple(ref_out.shape)} must have q's shape {tuple(q.shape)}"
+        )
+    if (
+        dout.dtype != q.dtype
+        or dout.device != q.device
+        or ref_out.device != q.device
+        or lse.device != q.device
+    ):
         raise TypeError(
             f"dout must have q's dtype {q.dtype} and dout, out, lse q's device {q.device}; got dout "
-            f"{dout.dtype} on {dout.device}, out on {out.device}, lse on {lse.device}"
+            f"{dout.dtype} on {dout.device}, out on {ref_out.device}, lse on {lse.device}"
         )
     batch, seqlen_q, nheads, head_dim = q.shape
     if lse.shape != (batch, nheads, seqlen_q) or lse.dtype != torch.float32:
         raise ValueError(
             f"lse must be fp32 of shape {(batch, nheads, seqlen_q)}; got {lse.dtype} {tuple(lse.shape)}"
         )
-    q, k, v, dout, out = (_last_dim_contiguous(x) for x in (q, k, v, dout, out))
+    q, k, v, dout = (_last_dim_contiguous(x) for x in (q, k, v, dout))
     lse = lse.contiguous()
     seqlen_k, nheads_kv = k.shape[1], k.shape[2]
-    dq = torch.empty((batch, seqlen_q, nheads, head_dim), dtype=q.dtype, device=q.device)
-    dk = torch.empty((batch, seqlen_k, nheads_kv, head_dim), dtype=k.dtype, device=k.device)
-    dv = torch.empty((batch, seqlen_k, nheads_kv, head_dim), dtype=v.dtype, device=v.device)
+    gdt = grad_dtype or q.dtype
+    dq = torch.empty((batch, seqlen_q, nheads, head_dim), dtype=gdt, device=q.device)
+    dk = torch.empty((batch, seqlen_k, nheads_kv, head_dim), dtype=gdt, device=k.device)
+    dv = torch.empty((batch, seqlen_k, nheads_kv, head_dim), dtype=gdt, device=v.device)
     if dq.numel() == 0 or dk.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
 
@@ -931,24 +947,37 @@ def flash_attention_backward_triton(
     group_size = nheads // nheads_kv
     qk_scale = softmax_scale * _LOG2E
 
-    delta = torch.empty((batch, nheads, seqlen_q), dtype=torch.float32, device=q.device)
-    pre_block = 64
-    _flash_attn_bwd_preprocess_kernel[(triton.cdiv(seqlen_q, pre_block), batch * nheads)](
-        out,
-        dout,
-        delta,
-        out.stride(0),
-        out.stride(1),
-        out.stride(2),
-        dout.stride(0),
-        dout.stride(1),
-        dout.stride(2),
-        nheads,
-        seqlen_q,
-        HEAD_DIM=head_dim,
-        BLOCK_D=cfg["BLOCK_D"],
-        BLOCK_M=pre_block,
-    )
+    if delta is not None:
+        if (
+            delta.shape != (batch, nheads, seqlen_q)
+            or delta.dtype != torch.float32
+            or delta.device != q.device
+        ):
+            raise ValueError(
+                f"delta must be fp32 {(batch, nheads, seqlen_q)} on {q.device}; got {delta.dtype} "
+                f"{tuple(delta.shape)} on {delta.device}"
+            )
+        delta = delta.contiguous()
+    else:
+        out = _last_dim_contiguous(out)
+        delta = torch.empty((batch, nheads, seqlen_q), dtype=torch.float32, device=q.device)
+        pre_block = 64
+        _flash_attn_bwd_preprocess_kernel[(triton.cdiv(seqlen_q, pre_block), batch * nheads)](
+            out,
+            dout,
+            delta,
+            out.stride(0),
+            out.stride(1),
+            out.stride(2),
+            dout.stride(0),
+            dout.stride(1),
+            dout.stride(2),
+            nheads,
+            seqlen_q,
+            HEAD_DIM=head_dim,
+            BLOCK_D=cfg["BLOCK_D"],
+            BLOCK_M=pre_block,
+        )
 
     q_lists = _mask_args(block_mask, causal, seqlen_q, seqlen_k, block_size, True, q.device)
     _flash_attn_bwd_dkdv_kernel[(triton.cdiv(seqlen_k, cfg["BLOCK_N"]), batch * nheads_kv)](

@@ -1,0 +1,170 @@
+"""One entry point for sequence-parallel attention, a drop-in module and an SDPA-shaped function."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from longmoe.parallel.cost_model import AttentionShape, Topology, choose_algorithm, measure_topology
+from longmoe.parallel.plan import world_and_rank
+from longmoe.parallel.ring import ring_attention
+from longmoe.parallel.sharding import check_layout
+from longmoe.parallel.token_ring import token_ring_attention
+from longmoe.parallel.ulysses import ulysses_attention
+
+__all__ = [
+    "sequence_parallel_attention",
+    "select_algorithm",
+    "SequenceParallelAttention",
+    "sequence_parallel_sdpa",
+]
+
+ALGORITHM_CHOICES = ("auto", "token_ring", "ring", "ulysses")
+
+
+def select_algorithm(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    group: dist.ProcessGroup | None = None,
+    causal: bool = False,
+    layout: str = "zigzag",
+    topology: Topology | None = None,
+    backward: bool | None = None,
+) -> tuple[str, dict[str, float]]:
+    """The algorithm ``algorithm="auto"`` runs for these shards, and the estimated seconds of each.
+
+    q: (batch, seqlen_local, heads_q, head_dim); k: (batch, seqlen_local, heads_kv, head_dim).
+    ``topology`` defaults to one measured on ``group`` (collective, cached). ``backward`` defaults to
+    whether autograd will need gradients.
+    """
+    world, _ = world_and_rank(group)
+    if world == 1:
+        return "token_ring", {"token_ring": 0.0}
+    shape = AttentionShape(
+        world_size=world, batch=q.shape[0], seqlen_local=q.shape[1], heads_q=q.shape[2], heads_kv=k.shape[2],
+        head_dim=q.shape[3], dtype=q.dtype, causal=bool(causal), layout=layout,
+    )  # fmt: skip
+    topo = topology if topology is not None else measure_topology(group)
+    if backward is None:
+        backward = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+    return choose_algorithm(shape, topo, backward=backward)
+
+
+def sequence_parallel_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    group: dist.ProcessGroup | None = None,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    layout: str = "zigzag",
+    algorithm: Literal["auto", "token_ring", "ring", "ulysses"] = "auto",
+    return_lse: bool = False,
+    topology: Topology | None = None,
+    timeout_s: float = 120.0,
+):
+    """Attention over sequence shards with TokenRing, the KV ring or Ulysses (``"auto"``: the cost model's
+    cheapest for these shapes and ``topology``). Every rank of ``group`` calls it.
+
+    q: (batch, seqlen_local, heads_q, head_dim); k, v: (batch, seqlen_local, heads_kv, head_dim) shards made
+    with :func:`longmoe.parallel.shard_sequence` in ``layout``. Returns out like q (and lse (batch, heads_q,
+    seqlen_local) fp32 with ``return_lse``); differentiable.
+    """
+    check_layout(layout)
+    if algorithm not in ALGORITHM_CHOICES:
+        raise ValueError(f"algorithm={algorithm!r}; expected one of {ALGORITHM_CHOICES}")
+    if algorithm == "auto":
+        algorithm, _ = select_algorithm(q, k, group=group, causal=causal, layout=layout, topology=topology)
+    kw = dict(group=group, causal=causal, softmax_scale=softmax_scale, layout=layout, return_lse=return_lse)
+    if algorithm == "token_ring":
+        return token_ring_attention(q, k, v, timeout_s=timeout_s, **kw)
+    if algorithm == "ring":
+        return ring_attention(q, k, v, timeout_s=timeout_s, **kw)
+    return ulysses_attention(q, k, v, **kw)
+
+
+class SequenceParallelAttention(nn.Module):
+    """Drop-in attention core over sequence shards: ``forward(q, k, v)`` with flash-attention layout.
+
+    Replace ``flash_attn_func(q, k, v, causal=True)`` (or an SDPA call on transposed tensors) by this
+    module in a model whose activations are sharded along the sequence with ``shard_sequence``.
+    ``last_algorithm`` records what ``"auto"`` chose.
+    """
+
+    def __init__(
+        self,
+        *,
+        group: dist.ProcessGroup | None = None,
+        causal: bool = True,
+        softmax_scale: float | None = None,
+        layout: str = "zigzag",
+        algorithm: str = "auto",
+        topology: Topology | None = None,
+        timeout_s: float = 120.0,
+    ):
+        super().__init__()
+        check_layout(layout)
+        if algorithm not in ALGORITHM_CHOICES:
+            raise ValueError(f"algorithm={algorithm!r}; expected one of {ALGORITHM_CHOICES}")
+        self.group, self.causal, self.softmax_scale = group, causal, softmax_scale
+        self.layout, self.algorithm, self.topology, self.timeout_s = layout, algorithm, topology, timeout_s
+        self.last_algorithm: str | None = None
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q: (batch, seqlen_local, heads_q, head_dim); k, v: (batch, seqlen_local, heads_kv, head_dim)."""
+        alg = self.algorithm
+        if alg == "auto":
+            alg, _ = select_algorithm(
+                q, k, group=self.group, causal=self.causal, layout=self.layout, topology=self.topology
+            )
+        self.last_algorithm = alg
+        return sequence_parallel_attention(
+            q, k, v, group=self.group, causal=self.causal, softmax_scale=self.softmax_scale, layout=self.layout,
+            algorithm=alg, timeout_s=self.timeout_s,
+        )  # fmt: skip
+
+    def extra_repr(self) -> str:
+        return f"algorithm={self.algorithm!r}, layout={self.layout!r}, causal={self.causal}"
+
+
+def sequence_parallel_sdpa(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    group: dist.ProcessGroup | None = None,
+    layout: str = "zigzag",
+    algorithm: str = "auto",
+) -> torch.Tensor:
+    """``torch.nn.functional.scaled_dot_product_attention`` over sequence shards.
+
+    query: (batch, heads_q, seqlen_local, head_dim); key, value: (batch, heads_kv, seqlen_local, head_dim),
+    SDPA's layout; returns (batch, heads_q, seqlen_local, head_dim). Swap it in for SDPA with
+    ``functools.partial(sequence_parallel_sdpa, group=..., layout=...)``. Arbitrary ``attn_mask`` and dropout
+    are not supported across shards and raise.
+    """
+    if attn_mask is not None:
+        raise ValueError(
+            "sequence_parallel_sdpa: attn_mask is not supported across sequence shards; use is_causal"
+        )
+    if dropout_p != 0.0:
+        raise ValueError(f"sequence_parallel_sdpa: dropout_p must be 0.0; got {dropout_p}")
+    if query.shape[1] != key.shape[1] and not enable_gqa:
+        raise ValueError(
+            f"query has {query.shape[1]} heads and key {key.shape[1]}: pass enable_gqa=True for GQA, as with SDPA"
+        )
+    out = sequence_parallel_attention(
+        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), group=group, causal=is_causal,
+        softmax_scale=scale, layout=layout, algorithm=algorithm,
+    )  # fmt: skip
+    return out.transpose(1, 2)

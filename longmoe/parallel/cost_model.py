@@ -1,0 +1,274 @@
+"""Cost model for sequence-parallel attention: exact bytes per link direction, and step time estimates.
+
+``communication_bytes`` mirrors the implementations step by step (it walks the same :func:`step_plan`
+schedule), so its byte counts equal what the exchangers count, per rank and direction; tests assert that.
+``estimate_time`` turns bytes and FLOPs into seconds for a :class:`Topology` (link bandwidth, whether ranks
+form a full mesh or a ring, compute rate), assuming each step's communication overlaps its compute.
+``choose_algorithm`` picks the cheapest.
+
+Rule of thumb the model reproduces: per step TokenRing moves Q one way and the partial output (+LSE) the
+other, ``~Hq*D`` each, while the KV ring moves ``2*Hkv*D`` one way. With partials returned in the input
+dtype TokenRing's busier direction carries less than the KV ring's when ``Hq/Hkv`` is below about 2; with
+fp32 partials (our default) below about 1.3 -- so MHA favours TokenRing when communication dominates and
+GQA 8:1 favours the KV ring.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from longmoe.parallel.plan import step_plan
+from longmoe.parallel.token_ring import partial_direction
+
+__all__ = [
+    "ALGORITHMS",
+    "AttentionShape",
+    "Topology",
+    "communication_bytes",
+    "estimate_time",
+    "choose_algorithm",
+    "measure_topology",
+]
+
+ALGORITHMS: tuple[str, ...] = ("token_ring", "ring", "ulysses")
+Algorithm = Literal["token_ring", "ring", "ulysses"]
+
+
+@dataclass(kw_only=True, slots=True)
+class AttentionShape:
+    """One sequence-parallel attention call, as every rank sees it."""
+
+    world_size: int
+    """Ranks in the sequence-parallel group (P)."""
+    batch: int
+    seqlen_local: int
+    """Tokens per rank (S / P)."""
+    heads_q: int
+    heads_kv: int
+    head_dim: int
+    dtype: torch.dtype = torch.bfloat16
+    """dtype of q/k/v (and of what travels, except fp32 partials, LSE and gradient accumulators)."""
+    causal: bool = True
+    layout: Literal["zigzag", "contiguous"] = "zigzag"
+    partial_dtype: torch.dtype | None = None
+    """dtype TokenRing returns partial outputs / partial dQ in (None: float32)."""
+
+    def __post_init__(self):
+        for name in ("world_size", "batch", "seqlen_local", "heads_q", "heads_kv", "head_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
+        if self.heads_q % self.heads_kv:
+            raise ValueError(f"heads_q={self.heads_q} must be a multiple of heads_kv={self.heads_kv}")
+
+    @property
+    def elt(self) -> int:
+        return torch.finfo(self.dtype).bits // 8
+
+    @property
+    def partial_elt(self) -> int:
+        return 4 if self.partial_dtype in (None, torch.float32) else torch.finfo(self.partial_dtype).bits // 8
+
+
+@dataclass(kw_only=True, slots=True)
+class Topology:
+    """What the ranks are connected by."""
+
+    kind: Literal["mesh", "ring"] = "mesh"
+    """"mesh": every pair of ranks has its own link (NVSwitch, a fully connected node, loopback); "ring":
+    only neighbours are linked, traffic to rank r+s crosses s links."""
+    link_bandwidth: float = 25e9
+    """Bytes per second per link per direction."""
+    compute_rate: float = 100e12
+    """Attention FLOP/s of one rank."""
+    latency: float = 10e-6
+    """Seconds per message (launch and handshake)."""
+    notes: dict = field(default_factory=dict)
+
+
+def _add(d: dict, key: str, n: int) -> None:
+    if n:
+        d[key] = d.get(key, 0) + n
+
+
+def communication_bytes(
+    algorithm: str, shape: AttentionShape, rank: int, *, backward: bool = False
+) -> dict[str, int]:
+    """Bytes rank ``rank`` sends, by direction label ("next", "prev", "other"), in one forward
+    (``backward=False``) or one backward pass; equal to what the implementation's exchangers count.
+
+    Ulysses uses all-to-all collectives: its bytes are those sent to other ranks, under "other".
+    """
+    p, b, sl, hq, hkv, d = (
+        shape.world_size,
+        shape.batch,
+        shape.seqlen_local,
+        shape.heads_q,
+        shape.heads_kv,
+        shape.head_dim,
+    )
+    elt, pelt = shape.elt, shape.partial_elt
+    out: dict[str, int] = {}
+    if p == 1:
+        return out
+    if algorithm == "token_ring":
+        # per travelling query row: q (fwd); q + dout + lse + delta (bwd)
+        row_travel = hq * d * elt if not backward else 2 * hq * d * elt + 2 * hq * 4
+        # per returned row: out + lse (fwd); dq (bwd)
+        row_return = hq * d * pelt + hq * 4 if not backward else hq * d * pelt
+        for s in range(p):
+            owner = (rank + s) % p
+            if s < p - 1:
+                need = step_plan(owner, (rank - 1) % p, sl, shape.causal, shape.layout)
+                if need is not None:
+                    _add(out, "prev", b * need.num_q * row_travel)
+            if s > 0:
+                mine = step_plan(owner, rank, sl, shape.causal, shape.layout)
+                if mine is not None:
+                    _add(out, partial_direction(s, p), b * mine.num_q * row_return)
+        return out
+    if algorithm == "ring":
+        kv = 2 * b * sl * hkv * d * elt
+        _add(out, "next", (p - 1) * kv)
+        if backward:
+            _add(out, "next", p * 2 * b * sl * hkv * d * 4)  # fp32 dK/dV accumulators, P hops
+        return out
+    if algorithm == "ulysses":
+        hkv_eff = max(hkv, p) if hkv % p else hkv
+        per_pass = b * sl * d * elt * (2 * hq + 2 * hkv_eff)  # q, k, v there and out back
+        if backward:
+            per_pass = b * sl * d * elt * (2 * hq + 2 * hkv_eff)  # dout there, dq, dk, dv back
+        _add(out, "other", per_pass * (p - 1) // p)
+        return out
+    raise ValueError(f"algorithm={algorithm!r} is not one of {ALGORITHMS}")
+
+
+def _step_flops(shape: AttentionShape, nq: int, nk: int, causal: bool, backward: bool) -> float:
+    f = 4.0 * shape.batch * shape.heads_q * nq * nk * shape.head_dim * (0.5 if causal else 1.0)
+    return 2.5 * f if backward else f
+
+
+def estimate_time(
+    algorithm: str, shape: AttentionShape, topology: Topology, *, backward: bool = False
+) -> float:
+    """Estimated seconds of one forward (or backward) pass on every rank (ranks are symmetric)."""
+    p, sl = shape.world_size, shape.seqlen_local
+    bw, rate, lat = topology.link_bandwidth, topology.compute_rate, topology.latency
+    if p == 1:
+        return _step_flops(shape, sl, sl, shape.causal, backward) / rate
+    if algorithm == "ulysses":
+        total = sum(communication_bytes("ulysses", shape, 0, backward=backward).values())
+        if topology.kind == "mesh":
+            comm = total / (p - 1) / bw  # each peer link carries 1/(P-1) of it, all in parallel
+        else:  # each destination d is reached over min(d, P-d) links, split between the two directions
+            per_dst = total / (p - 1)
+            load = sum(min(dd, p - dd) * per_dst for dd in range(1, p)) / 2
+            comm = load / bw
+        s = p * sl
+        return comm + 2 * lat * (p - 1) + _step_flops(shape, s, s, shape.causal, backward) / p / rate
+    return max(_ring_time(algorithm, shape, topology, r, backward) for r in range(p))
+
+
+def _ring_time(algorithm: str, shape: AttentionShape, topology: Topology, rank: int, backward: bool) -> float:
+    """Seconds of one pass on ``rank`` for the ring algorithms: per step max(compute, comm) + latency."""
+    p, sl = shape.world_size, shape.seqlen_local
+    bw, rate, lat = topology.link_bandwidth, topology.compute_rate, topology.latency
+    elt, pelt = shape.elt, shape.partial_elt
+    b, hq, hkv, d = shape.batch, shape.heads_q, shape.heads_kv, shape.head_dim
+    causal, layout = shape.causal, shape.layout
+    total = 0.0
+    for s in range(p):
+        if algorithm == "ring":
+            plan = step_plan(rank, (rank - s) % p, sl, causal, layout)
+            kv = 2 * b * sl * hkv * d * elt if s < p - 1 else 0
+            grads = 2 * b * sl * hkv * d * 4 if backward else 0
+            comm = (kv + grads) / bw  # both go to the next rank
+        elif algorithm == "token_ring":
+            owner = (rank + s) % p
+            plan = step_plan(owner, rank, sl, causal, layout)
+            travel = hq * d * elt if not backward else 2 * hq * d * elt + 8 * hq
+            ret = hq * d * pelt + 4 * hq if not backward else hq * d * pelt
+            sent_q = step_plan(owner, (rank - 1) % p, sl, causal, layout) if s < p - 1 else None
+            q_bytes = b * sent_q.num_q * travel if sent_q is not None else 0
+            r_bytes = b * plan.num_q * ret if (plan is not None and s > 0) else 0
+            if topology.kind == "mesh":
+                same_link = s == p - 1 or p == 2  # the owner is the previous rank: Q and partial share it
+                comm = (q_bytes + r_bytes) / bw if same_link else max(q_bytes, r_bytes) / bw
+            else:  # partials travel s hops forward: link r->r+1 carries s of them at step s
+                comm = max(q_bytes, s * r_bytes) / bw
+        else:
+            raise ValueError(f"algorithm={algorithm!r} is not one of {ALGORITHMS}")
+        compute = _step_flops(shape, plan.num_q, plan.num_kv, plan.causal, backward) / rate if plan else 0.0
+        total += max(compute, comm) + lat
+    return total
+
+
+def choose_algorithm(
+    shape: AttentionShape, topology: Topology, *, backward: bool = True, candidates=ALGORITHMS
+) -> tuple[str, dict[str, float]]:
+    """The algorithm with the lowest estimated forward (+ backward) time, and every estimate.
+
+    Ulysses is a candidate only when the heads split evenly over the ranks.
+    """
+    est = {}
+    for alg in candidates:
+        if alg == "ulysses" and (
+            shape.heads_q % shape.world_size
+            or (shape.heads_kv % shape.world_size and shape.world_size % shape.heads_kv)
+        ):
+            continue
+        t = estimate_time(alg, shape, topology)
+        if backward:
+            t += estimate_time(alg, shape, topology, backward=True)
+        est[alg] = t
+    best = min(est, key=est.get)
+    return best, est
+
+
+_MEASURED: dict[tuple, Topology] = {}
+
+
+def measure_topology(group=None, *, nbytes: int = 8 << 20, repeats: int = 3, kind: str = "mesh") -> Topology:
+    """Measure link bandwidth (a ring exchange of ``nbytes``) and this rank's attention FLOP/s; collective.
+
+    The result is averaged over ranks (all-reduce) so every rank makes the same choice, and cached per
+    group.
+    """
+    import torch.distributed as dist
+
+    from longmoe.attention import flash_attention_forward
+    from longmoe.parallel.plan import world_and_rank
+    from longmoe.runtime.exchanger import P2PExchanger
+
+    key = (id(group), kind)
+    if key in _MEASURED:
+        return _MEASURED[key]
+    world, rank = world_and_rank(group)
+    q = torch.randn(1, 1024, 8, 128)
+    flash_attention_forward(q, q, q)
+    t0 = time.perf_counter()
+    flash_attention_forward(q, q, q)
+    rate = 4.0 * 1024 * 1024 * 8 * 128 / (time.perf_counter() - t0)
+    bw = float("inf")
+    if world > 1:
+        ex = P2PExchanger(group, timeout_s=60, name="measure_topology")
+        buf = torch.empty(nbytes // 4)
+        best = math.inf
+        for i in range(repeats + 1):
+            t0 = time.perf_counter()
+            ex.send_recv(buf, (rank + 1) % world, (rank - 1) % world, step=i)
+            ex.commit()
+            ex.wait()
+            if i:
+                best = min(best, time.perf_counter() - t0)
+        bw = nbytes / best
+        stats = torch.tensor([bw, rate], dtype=torch.float64)
+        dist.all_reduce(stats, group=group)
+        bw, rate = (stats / world).tolist()
+    topo = Topology(kind=kind, link_bandwidth=bw, compute_rate=rate, notes={"measured": True})
+    _MEASURED[key] = topo
+    return topo

@@ -1,0 +1,164 @@
+"""KV-ring sequence-parallel attention (ring attention): Q stays, K/V circulate. The baseline TokenRing
+is compared with, and the cheaper choice when K/V are small (GQA with many query heads per KV head).
+
+Forward: at step ``s`` rank ``r`` attends its queries to the K/V of rank ``r - s``, received from rank
+``r - 1`` while the previous step computes, and merges the partial in fp32. Backward: K/V circulate again,
+and with them fp32 dK/dV accumulators (on a second process group, concurrently), which arrive at their
+owner after ``P`` hops; dQ stays local. Zigzag and contiguous layouts, causal or not, GQA/MQA.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from longmoe.attention import attention_delta, flash_attention_backward, flash_attention_forward
+from longmoe.attention.merge import merge_attention_partials
+from longmoe.parallel.plan import check_sequence_parallel_inputs, step_plan, world_and_rank
+from longmoe.parallel.sharding import check_layout
+from longmoe.parallel.token_ring import second_group
+from longmoe.runtime.exchanger import P2PExchanger
+
+__all__ = ["ring_attention", "RingAttentionFunction"]
+
+
+def ring_forward(
+    q, k, v, *, group, causal: bool, softmax_scale: float, layout: str, timeout_s: float, exchangers=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """KV-ring forward on local shards: (out fp32 (B, S_l, Hq, D), lse fp32 (B, Hq, S_l))."""
+    world, rank = world_and_rank(group)
+    b, sl, hq, d = q.shape
+    out = torch.zeros(b, sl, hq, d, dtype=torch.float32, device=q.device)
+    lse = torch.full((b, hq, sl), float("-inf"), dtype=torch.float32, device=q.device)
+    ex = P2PExchanger(group, timeout_s=timeout_s, name="ring.kv") if world > 1 else None
+    if exchangers is not None and ex is not None:
+        exchangers.append(ex)
+    cur_k, cur_v = k, v
+    for s in range(world):
+        if s < world - 1:
+            nxt, prv = (rank + 1) % world, (rank - 1) % world
+            k_in = ex.send_recv(cur_k, nxt, prv, step=s, direction="next")
+            v_in = ex.send_recv(cur_v, nxt, prv, step=s, direction="next")
+            ex.commit()
+        plan = step_plan(rank, (rank - s) % world, sl, causal, layout)
+        if plan is not None:
+            (qa, qe), (ka, ke) = plan.q_rows, plan.kv_rows
+            bo, bl = flash_attention_forward(
+                q[:, qa:qe], cur_k[:, ka:ke], cur_v[:, ka:ke], causal=plan.causal, softmax_scale=softmax_scale,
+                out_dtype=torch.float32,
+            )  # fmt: skip
+            mo, ml = merge_attention_partials(out[:, qa:qe], lse[:, :, qa:qe], bo, bl)
+            out[:, qa:qe] = mo
+            lse[:, :, qa:qe] = ml
+        if s < world - 1:
+            ex.wait()
+            cur_k, cur_v = k_in, v_in
+    return out, lse
+
+
+def ring_backward(
+    dout, q, k, v, out, lse, *, group, causal: bool, softmax_scale: float, layout: str, timeout_s: float,
+    exchangers=None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """KV-ring backward: (dq, dk, dv) for the local shards in the input dtype."""
+    world, rank = world_and_rank(group)
+    b, sl, hq, d = q.shape
+    delta = attention_delta(dout, out)
+    dq = torch.zeros(b, sl, hq, d, dtype=torch.float32, device=q.device)
+    kv_ex = P2PExchanger(group, timeout_s=timeout_s, name="ring.bwd.kv") if world > 1 else None
+    g_ex = P2PExchanger(second_group(group), timeout_s=timeout_s, name="ring.bwd.dkdv") if world > 1 else None
+    if exchangers is not None and kv_ex is not None:
+        exchangers.extend([kv_ex, g_ex])
+    cur_k, cur_v = k, v
+    # fp32 accumulators for the K/V block held this step; they travel with it and reach the owner last.
+    acc_k = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+    acc_v = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+    nxt, prv = (rank + 1) % world, (rank - 1) % world
+    gk_in = gv_in = None
+    for s in range(world):
+        if s < world - 1:
+            k_in = kv_ex.send_recv(cur_k, nxt, prv, step=s, direction="next")
+            v_in = kv_ex.send_recv(cur_v, nxt, prv, step=s, direction="next")
+            kv_ex.commit()
+        if s > 0:
+            g_ex.wait()
+            acc_k, acc_v = gk_in, gv_in
+        plan = step_plan(rank, (rank - s) % world, sl, causal, layout)
+        if plan is not None:
+            (qa, qe), (ka, ke) = plan.q_rows, plan.kv_rows
+            gq, gk, gv = flash_attention_backward(
+                dout[:, qa:qe], q[:, qa:qe], cur_k[:, ka:ke], cur_v[:, ka:ke], None, lse[:, :, qa:qe],
+                delta=delta[:, :, qa:qe], causal=plan.causal, softmax_scale=softmax_scale, grad_dtype=torch.float32,
+            )  # fmt: skip
+            dq[:, qa:qe] += gq
+            acc_k[:, ka:ke] += gk
+            acc_v[:, ka:ke] += gv
+        if world > 1:
+            gk_in = g_ex.send_recv(acc_k, nxt, prv, step=s, direction="next")
+            gv_in = g_ex.send_recv(acc_v, nxt, prv, step=s, direction="next")
+            g_ex.commit()
+        if s < world - 1:
+            kv_ex.wait()
+            cur_k, cur_v = k_in, v_in
+    if world > 1:
+        g_ex.wait()
+        acc_k, acc_v = gk_in, gv_in  # after P hops: the accumulators of this rank's own K/V
+    return dq.to(q.dtype), acc_k.to(k.dtype), acc_v.to(v.dtype)
+
+
+class RingAttentionFunction(torch.autograd.Function):
+    """Autograd wrapper around :func:`ring_forward` / :func:`ring_backward`."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, group, causal, softmax_scale, layout, timeout_s, exchangers):
+        out32, lse = ring_forward(
+            q, k, v, group=group, causal=causal, softmax_scale=softmax_scale, layout=layout, timeout_s=timeout_s,
+            exchangers=exchangers,
+        )  # fmt: skip
+        out = out32.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (group, causal, softmax_scale, layout, timeout_s, exchangers)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        group, causal, softmax_scale, layout, timeout_s, exchangers = ctx.args
+        dq, dk, dv = ring_backward(
+            dout.contiguous(), q, k, v, out, lse, group=group, causal=causal, softmax_scale=softmax_scale,
+            layout=layout, timeout_s=timeout_s, exchangers=exchangers,
+        )  # fmt: skip
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+def ring_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    group: dist.ProcessGroup | None = None,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    layout: str = "zigzag",
+    return_lse: bool = False,
+    timeout_s: float = 120.0,
+    check_ranks: bool = True,
+    exchangers: list | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """KV-ring attention over the sequence shards of ``group`` (every rank calls it), with autograd.
+
+    Args and returns as :func:`longmoe.parallel.token_ring_attention`: q (batch, seqlen_local, heads_q,
+    head_dim), k/v (batch, seqlen_local, heads_kv, head_dim) local shards; out like q, lse (batch, heads_q,
+    seqlen_local) fp32.
+    """
+    check_layout(layout)
+    world, rank = world_and_rank(group)
+    check_sequence_parallel_inputs(q, k, v, group, world, rank, layout, across_ranks=check_ranks)
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    if not scale > 0:
+        raise ValueError(f"softmax_scale must be > 0; got {softmax_scale!r}")
+    out, lse = RingAttentionFunction.apply(
+        q, k, v, group, bool(causal), scale, layout, float(timeout_s), exchangers
+    )
+    return (out, lse) if return_lse else out

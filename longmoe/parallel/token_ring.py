@@ -1,0 +1,340 @@
+"""TokenRing sequence-parallel attention (arXiv 2412.20501): K/V stay, Q travels, partials return directly.
+
+At step ``s`` rank ``r`` holds the queries of owner ``i = (r + s) mod P`` (they move one hop, from rank
+``r+1`` to ``r``, per step), attends them to its own K/V, and sends the partial ``(block_out, block_lse)``
+straight back to the owner over a second process group, so the Q batch and the partial batch are two
+concurrent P2P batches and both directions of a link carry data. The owner merges partials with the
+stable LSE update in fp32. With the zigzag layout a causal step needs only half of Q (or half of K/V), and
+only that half is sent and computed.
+
+Backward (ours; the paper and its code have none): K/V and dK/dV stay local. ``(q, dout, lse, delta)``
+with ``delta = rowsum(dout * out)`` travel the way Q did; each rank adds the step's dK/dV to its own
+accumulators and returns the partial dQ to the owner over the second group.
+
+Communication of step ``s+1`` is launched before the compute of step ``s`` and waited after it, so it
+overlaps compute; every wait has a timeout that names the rank, step and peer.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from longmoe.attention import attention_delta, flash_attention_backward, flash_attention_forward
+from longmoe.attention.merge import merge_attention_partials
+from longmoe.parallel.plan import StepPlan, check_sequence_parallel_inputs, step_plan, world_and_rank
+from longmoe.parallel.sharding import check_layout
+from longmoe.runtime.distributed import new_group_like
+from longmoe.runtime.exchanger import P2PExchanger
+
+__all__ = ["token_ring_attention", "TokenRingFunction", "partial_direction", "second_group"]
+
+_SECOND_GROUPS: dict[int, dist.ProcessGroup] = {}
+
+
+def second_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
+    """A second process group over ``group``'s ranks (created collectively on first use, then cached).
+
+    Two groups let the Q batch and the partial-output batch run as two independent P2P streams.
+    """
+    key = id(group) if group is not None else 0
+    if key not in _SECOND_GROUPS:
+        _SECOND_GROUPS[key] = new_group_like(group)
+    return _SECOND_GROUPS[key]
+
+
+def partial_direction(offset: int, world: int) -> str:
+    """Byte-accounting label of a send to rank ``r + offset``: "next", "prev" or "other" (a non-neighbour)."""
+    offset %= world
+    if offset == 1:
+        return "next"
+    if offset == world - 1:
+        return "prev"
+    return "other"
+
+
+def _rows(t: torch.Tensor, held: tuple[int, int], want: tuple[int, int], dim: int = 1) -> torch.Tensor:
+    """Rows ``want`` (owner-local indices) of ``t`` that holds rows ``held``."""
+    return t.narrow(dim, want[0] - held[0], want[1] - want[0])
+
+
+class _Traveller:
+    """The tensors that travel like Q (Q in the forward; q, dout, lse, delta in the backward).
+
+    ``tensors`` are (name, tensor, sequence dim); all hold the owner-local rows ``rows``.
+    """
+
+    def __init__(self, tensors: list[tuple[torch.Tensor, int]], rows: tuple[int, int]):
+        self.tensors = tensors
+        self.rows = rows
+
+    def part(self, want: tuple[int, int]) -> list[torch.Tensor]:
+        return [_rows(t, self.rows, want, dim) for t, dim in self.tensors]
+
+    def empty_like_rows(self, want: tuple[int, int]) -> _Traveller:
+        n = want[1] - want[0]
+        out = []
+        for t, dim in self.tensors:
+            shape = list(t.shape)
+            shape[dim] = n
+            out.append((t.new_empty(shape), dim))
+        return _Traveller(out, want)
+
+
+def _ring_steps(
+    traveller: _Traveller,
+    group: dist.ProcessGroup | None,
+    group2: dist.ProcessGroup,
+    causal: bool,
+    layout: str,
+    seqlen_local: int,
+    timeout_s: float,
+    name: str,
+    compute,
+    partial_shapes,
+    accumulate,
+    exchangers: list | None,
+):
+    """The TokenRing schedule shared by forward and backward.
+
+    compute(plan, tensors) -> list of partial tensors for the owner (or None);
+    partial_shapes(plan) -> list of (shape, dtype) of the partials an owner receives for ``plan``;
+    accumulate(plan, partials) adds partials (own or received) into the owner's result.
+    """
+    world, rank = world_and_rank(group)
+    if world == 1:
+        plan = step_plan(0, 0, seqlen_local, causal, layout)
+        accumulate(plan, compute(plan, traveller.part(plan.q_rows)))
+        return
+    prev, nxt = (rank - 1) % world, (rank + 1) % world
+    q_ex = P2PExchanger(group, timeout_s=timeout_s, name=f"{name}.q")
+    o_ex = P2PExchanger(group2, timeout_s=timeout_s, name=f"{name}.partials")
+    if exchangers is not None:
+        exchangers.extend([q_ex, o_ex])
+    cur: _Traveller | None = traveller
+    pending: tuple[StepPlan, list[torch.Tensor]] | None = None
+    for s in range(world):
+        owner = (rank + s) % world
+        incoming = None
+        if s < world - 1:
+            need_prev = step_plan(owner, prev, seqlen_local, causal, layout)
+            need_me = step_plan((owner + 1) % world, rank, seqlen_local, causal, layout)
+            if need_prev is not None:
+                for t in cur.part(need_prev.q_rows):
+                    q_ex.send(t, prev, step=s, direction="prev")
+            if need_me is not None:
+                incoming = traveller.empty_like_rows(need_me.q_rows)
+                for t, _ in incoming.tensors:
+                    q_ex.recv(t, nxt, step=s, direction="prev")
+            if q_ex.num_queued:
+                q_ex.commit()
+        plan = step_plan(owner, rank, seqlen_local, causal, layout)
+        partials = compute(plan, cur.part(plan.q_rows)) if plan is not None else None
+        if s == 0:
+            if partials is not None:
+                accumulate(plan, partials)
+        else:
+            if o_ex.in_flight:
+                o_ex.wait()
+                if pending is not None:
+                    accumulate(*pending)
+                pending = None
+            label = partial_direction(s, world)
+            if partials is not None:
+                for t in partials:
+                    o_ex.send(t, owner, step=s, direction=label)
+            src = (rank - s) % world
+            theirs = step_plan(rank, src, seqlen_local, causal, layout)
+            if theirs is not None:
+                bufs = [
+                    torch.empty(shape, dtype=dt, device=traveller.tensors[0][0].device)
+                    for shape, dt in partial_shapes(theirs)
+                ]
+                for t in bufs:
+                    o_ex.recv(t, src, step=s, direction=label)
+                pending = (theirs, bufs)
+            if o_ex.num_queued:
+                o_ex.commit()
+        if s < world - 1:
+            if q_ex.in_flight:
+                q_ex.wait()
+            cur = incoming
+    if o_ex.in_flight:
+        o_ex.wait()
+        if pending is not None:
+            accumulate(*pending)
+
+
+def token_ring_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    group: dist.ProcessGroup | None,
+    causal: bool,
+    softmax_scale: float,
+    layout: str,
+    timeout_s: float,
+    partial_dtype: torch.dtype,
+    exchangers: list | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """TokenRing forward on local shards; returns (out fp32 (B, S_l, Hq, D), lse fp32 (B, Hq, S_l))."""
+    b, sl, hq, d = q.shape
+    out = torch.zeros(b, sl, hq, d, dtype=torch.float32, device=q.device)
+    lse = torch.full((b, hq, sl), float("-inf"), dtype=torch.float32, device=q.device)
+
+    def compute(plan: StepPlan, tensors):
+        (qp,) = tensors
+        ka, kb = plan.kv_rows
+        bo, bl = flash_attention_forward(
+            qp,
+            k[:, ka:kb],
+            v[:, ka:kb],
+            causal=plan.causal,
+            softmax_scale=softmax_scale,
+            out_dtype=torch.float32,
+        )
+        return [bo.to(partial_dtype), bl]
+
+    def partial_shapes(plan: StepPlan):
+        return [((b, plan.num_q, hq, d), partial_dtype), ((b, hq, plan.num_q), torch.float32)]
+
+    def accumulate(plan: StepPlan, partials):
+        bo, bl = partials
+        a, e = plan.q_rows
+        mo, ml = merge_attention_partials(out[:, a:e], lse[:, :, a:e], bo, bl)
+        out[:, a:e] = mo
+        lse[:, :, a:e] = ml
+
+    group2 = second_group(group) if world_and_rank(group)[0] > 1 else None
+    _ring_steps(
+        _Traveller([(q, 1)], (0, sl)), group, group2, causal, layout, sl, timeout_s, "token_ring",
+        compute, partial_shapes, accumulate, exchangers,
+    )  # fmt: skip
+    return out, lse
+
+
+def token_ring_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    group: dist.ProcessGroup | None,
+    causal: bool,
+    softmax_scale: float,
+    layout: str,
+    timeout_s: float,
+    partial_dtype: torch.dtype,
+    exchangers: list | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """TokenRing backward: (dq, dk, dv) for the local shards, in the input dtype."""
+    b, sl, hq, d = q.shape
+    delta = attention_delta(dout, out)
+    dq = torch.zeros(b, sl, hq, d, dtype=torch.float32, device=q.device)
+    dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+    dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+
+    def compute(plan: StepPlan, tensors):
+        qp, dop, lp, dp = tensors
+        ka, kb = plan.kv_rows
+        gq, gk, gv = flash_attention_backward(
+            dop, qp, k[:, ka:kb], v[:, ka:kb], None, lp, delta=dp, causal=plan.causal,
+            softmax_scale=softmax_scale, grad_dtype=torch.float32,
+        )  # fmt: skip
+        dk[:, ka:kb] += gk
+        dv[:, ka:kb] += gv
+        return [gq.to(partial_dtype)]
+
+    def partial_shapes(plan: StepPlan):
+        return [((b, plan.num_q, hq, d), partial_dtype)]
+
+    def accumulate(plan: StepPlan, partials):
+        a, e = plan.q_rows
+        dq[:, a:e] += partials[0]
+
+    traveller = _Traveller([(q, 1), (dout.contiguous(), 1), (lse, 2), (delta, 2)], (0, sl))
+    group2 = second_group(group) if world_and_rank(group)[0] > 1 else None
+    _ring_steps(
+        traveller, group, group2, causal, layout, sl, timeout_s, "token_ring.bwd",
+        compute, partial_shapes, accumulate, exchangers,
+    )  # fmt: skip
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+class TokenRingFunction(torch.autograd.Function):
+    """Autograd wrapper around :func:`token_ring_forward` / :func:`token_ring_backward`."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, group, causal, softmax_scale, layout, timeout_s, partial_dtype, exchangers):
+        out32, lse = token_ring_forward(
+            q, k, v, group=group, causal=causal, softmax_scale=softmax_scale, layout=layout,
+            timeout_s=timeout_s, partial_dtype=partial_dtype, exchangers=exchangers,
+        )  # fmt: skip
+        out = out32.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (group, causal, softmax_scale, layout, timeout_s, partial_dtype, exchangers)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        group, causal, softmax_scale, layout, timeout_s, partial_dtype, exchangers = ctx.args
+        dq, dk, dv = token_ring_backward(
+            dout, q, k, v, out, lse, group=group, causal=causal, softmax_scale=softmax_scale, layout=layout,
+            timeout_s=timeout_s, partial_dtype=partial_dtype, exchangers=exchangers,
+        )  # fmt: skip
+        return dq, dk, dv, None, None, None, None, None, None, None
+
+
+def token_ring_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    group: dist.ProcessGroup | None = None,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    layout: str = "zigzag",
+    return_lse: bool = False,
+    timeout_s: float = 120.0,
+    partial_dtype: torch.dtype = torch.float32,
+    check_ranks: bool = True,
+    exchangers: list | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """TokenRing attention over the sequence shards of ``group`` (every rank calls it), with autograd.
+
+    Args:
+        q: (batch, seqlen_local, heads_q, head_dim), this rank's shard (see :func:`shard_sequence`).
+        k, v: (batch, seqlen_local, heads_kv, head_dim); ``heads_q % heads_kv == 0``.
+        group: the sequence-parallel process group (default: WORLD).
+        causal: causal attention over the global sequence.
+        softmax_scale: default ``1/sqrt(head_dim)``.
+        layout: how the global sequence was sharded: "zigzag" (balanced causal work) or "contiguous".
+        return_lse: also return lse (batch, heads_q, seqlen_local) fp32 (not differentiable).
+        timeout_s: limit for every wait; a stalled or dead peer raises ``ExchangeTimeout`` naming the
+            rank, step and peer.
+        partial_dtype: dtype partial outputs and partial dQ travel in: float32 (default; the merge then
+            rounds once) or the input dtype (half the return traffic; one more rounding per step).
+        check_ranks: all-gather the shapes/dtype once per call to catch mismatched ranks with a clear error.
+        exchangers: if a list is given, the P2P exchangers used are appended (byte counters for tests and
+            benchmarks).
+
+    Returns:
+        out (batch, seqlen_local, heads_q, head_dim) in q's dtype, or ``(out, lse)``.
+    """
+    check_layout(layout)
+    world, rank = world_and_rank(group)
+    check_sequence_parallel_inputs(q, k, v, group, world, rank, layout, across_ranks=check_ranks)
+    if partial_dtype not in (torch.float32, q.dtype):
+        raise TypeError(f"partial_dtype must be torch.float32 or q's dtype {q.dtype}; got {partial_dtype}")
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    if not scale > 0:
+        raise ValueError(f"softmax_scale must be > 0; got {softmax_scale!r}")
+    out, lse = TokenRingFunction.apply(
+        q, k, v, group, bool(causal), scale, layout, float(timeout_s), partial_dtype, exchangers
+    )
+    return (out, lse) if return_lse else out
