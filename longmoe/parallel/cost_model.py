@@ -6,11 +6,12 @@ schedule), so its byte counts equal what the exchangers count, per rank and dire
 form a full mesh or a ring, compute rate), assuming each step's communication overlaps its compute.
 ``choose_algorithm`` picks the cheapest.
 
-Rule of thumb the model reproduces: per step TokenRing moves Q one way and the partial output (+LSE) the
-other, ``~Hq*D`` each, while the KV ring moves ``2*Hkv*D`` one way. With partials returned in the input
-dtype TokenRing's busier direction carries less than the KV ring's when ``Hq/Hkv`` is below about 2; with
-fp32 partials (our default) below about 1.3 -- so MHA favours TokenRing when communication dominates and
-GQA 8:1 favours the KV ring.
+Rule of thumb the model reproduces (bytes per query row, elements of size e): forward, TokenRing moves Q
+one way and the partial output (+ fp32 LSE) the other, ``Hq*D*e`` each, where the KV ring moves
+``2*Hkv*D*e``; backward, TokenRing moves q, dout (+ lse, delta) and returns an fp32 dQ, ``2*Hq*D*e`` and
+``4*Hq*D``, where the KV ring moves K, V and fp32 dK, dV accumulators, ``2*Hkv*D*e + 8*Hkv*D``. Over a
+forward plus backward in bf16 TokenRing moves fewer bytes when ``Hq/Hkv < 16/6 ~ 2.7``: MHA favours
+TokenRing when communication dominates, GQA 8:1 the KV ring.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ class AttentionShape:
     causal: bool = True
     layout: Literal["zigzag", "contiguous"] = "zigzag"
     partial_dtype: torch.dtype | None = None
-    """dtype TokenRing returns partial outputs / partial dQ in (None: float32)."""
+    """dtype TokenRing returns partial outputs in (None: the input dtype); partial dQ is always fp32."""
 
     def __post_init__(self):
         for name in ("world_size", "batch", "seqlen_local", "heads_q", "heads_kv", "head_dim"):
@@ -71,7 +72,7 @@ class AttentionShape:
 
     @property
     def partial_elt(self) -> int:
-        return 4 if self.partial_dtype in (None, torch.float32) else torch.finfo(self.partial_dtype).bits // 8
+        return torch.finfo(self.partial_dtype or self.dtype).bits // 8
 
 
 @dataclass(kw_only=True, slots=True)
@@ -119,7 +120,7 @@ def communication_bytes(
         # per travelling query row: q (fwd); q + dout + lse + delta (bwd)
         row_travel = hq * d * elt if not backward else 2 * hq * d * elt + 2 * hq * 4
         # per returned row: out + lse (fwd); dq (bwd)
-        row_return = hq * d * pelt + hq * 4 if not backward else hq * d * pelt
+        row_return = hq * d * pelt + hq * 4 if not backward else hq * d * 4
         for s in range(p):
             owner = (rank + s) % p
             if s < p - 1:
@@ -191,7 +192,7 @@ def _ring_time(algorithm: str, shape: AttentionShape, topology: Topology, rank: 
             owner = (rank + s) % p
             plan = step_plan(owner, rank, sl, causal, layout)
             travel = hq * d * elt if not backward else 2 * hq * d * elt + 8 * hq
-            ret = hq * d * pelt + 4 * hq if not backward else hq * d * pelt
+            ret = hq * d * pelt + 4 * hq if not backward else hq * d * 4
             sent_q = step_plan(owner, (rank - 1) % p, sl, causal, layout) if s < p - 1 else None
             q_bytes = b * sent_q.num_q * travel if sent_q is not None else 0
             r_bytes = b * plan.num_q * ret if (plan is not None and s > 0) else 0

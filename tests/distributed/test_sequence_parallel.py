@@ -1,0 +1,261 @@
+"""Sequence-parallel attention (TokenRing, KV ring, Ulysses) on real gloo ranks against the fp64 oracle.
+
+Every rank builds the same global batch from a seed, shards it with the production sharding function,
+runs forward and backward, and asserts its shard of out, lse, dq, dk, dv against the single-process fp64
+oracle. The bound is 2x the error of the *single-process* computation in the same dtype (+ the floor in
+tests/oracle.py): error must not grow with the number of ranks. TokenRing and KV-ring byte counts per
+rank and direction must equal the cost model's.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from longmoe.attention import flash_attention, flash_attention_backward_ref, flash_attention_ref
+from longmoe.parallel import (
+    AttentionShape,
+    SequenceParallelAttention,
+    communication_bytes,
+    ring_attention,
+    sequence_parallel_sdpa,
+    shard_sequence,
+    token_ring_attention,
+    ulysses_attention,
+    unshard_sequence,
+)
+from longmoe.parallel.token_ring import second_group
+from longmoe.runtime import ExchangeTimeout, spawn
+from tests.oracle import ATOL, max_err
+
+ALGS = {"token_ring": token_ring_attention, "ring": ring_attention, "ulysses": ulysses_attention}
+
+
+def configs(world: int) -> list[dict]:
+    """(algorithm, causal, layout, heads_q, heads_kv, head_dim, dtype) cases for ``world`` ranks."""
+    out = []
+    for alg in ALGS:
+        if alg == "ulysses":  # heads must split over the ranks (K/V heads replicated when fewer)
+            heads = [(2 * world, 2 * world, 64, torch.float32), (4 * world, world, 128, torch.bfloat16),
+                     (2 * world, 1, 64, torch.bfloat16)]  # fmt: skip
+        else:
+            heads = [(4, 4, 64, torch.float32), (8, 2, 128, torch.bfloat16), (4, 1, 64, torch.bfloat16),
+                     (4, 1, 128, torch.float32)]  # fmt: skip
+        for causal, layout in ((True, "zigzag"), (True, "contiguous"), (False, "zigzag")):
+            for hq, hkv, d, dtype in heads:
+                out.append(dict(alg=alg, causal=causal, layout=layout, hq=hq, hkv=hkv, d=d, dtype=dtype))
+    # TokenRing partial outputs returned in fp32 instead of the input dtype.
+    out.append(dict(alg="token_ring", causal=True, layout="zigzag", hq=8, hkv=8, d=64, dtype=torch.bfloat16,
+                    partial_dtype=torch.float32))  # fmt: skip
+    return out
+
+
+def _global_batch(world, cfg, seed):
+    g = torch.Generator().manual_seed(seed)
+    s = 2 * world * 19  # 19-token zigzag chunks: odd, never a tile multiple
+    mk = lambda h: torch.randn(2, s, h, cfg["d"], generator=g, dtype=torch.float64)
+    return mk(cfg["hq"]), mk(cfg["hkv"]), mk(cfg["hkv"]), mk(cfg["hq"])
+
+
+def _check_case(rank, world, cfg, seed):
+    dtype, causal, layout = cfg["dtype"], cfg["causal"], cfg["layout"]
+    q, k, v, dout = _global_batch(world, cfg, seed)
+    # fp64 oracle and the single-process result in the same dtype (what one rank would get).
+    o64, l64 = flash_attention_ref(q, k, v, causal=causal)
+    g64 = flash_attention_backward_ref(dout, q, k, v, o64, l64, causal=causal)
+    leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+    o1, l1 = flash_attention(*leaves, causal=causal, return_lse=True)
+    o1.backward(dout.to(dtype))
+    single = (o1.detach(), l1, *(t.grad for t in leaves))
+    oracle = (o64, l64, *g64)
+
+    shard = lambda t, dim=1: shard_sequence(t, None, layout, dim=dim)
+    ql, kl, vl = (shard(t).to(dtype).requires_grad_() for t in (q, k, v))
+    exchangers = [] if cfg["alg"] != "ulysses" else None
+    kw = dict(exchangers=exchangers) if exchangers is not None else {}
+    if "partial_dtype" in cfg:
+        kw["partial_dtype"] = cfg["partial_dtype"]
+    out, lse = ALGS[cfg["alg"]](ql, kl, vl, causal=causal, layout=layout, return_lse=True, **kw)
+    out.backward(shard(dout).to(dtype))
+    ours = (out.detach(), lse, ql.grad, kl.grad, vl.grad)
+    assert out.dtype == dtype and ql.grad.dtype == dtype and lse.dtype == torch.float32
+
+    errs = {}
+    for name, a, o, s1 in zip(("out", "lse", "dq", "dk", "dv"), ours, oracle, single, strict=True):
+        dim = 2 if name == "lse" else 1
+        o_local = shard(o, dim)
+        assert torch.equal(torch.isneginf(a), torch.isneginf(o_local)), (
+            f"rank {rank} {cfg}: {name} -inf pattern"
+        )
+        assert not torch.isnan(a).any(), f"rank {rank} {cfg}: NaN in {name}"
+        e, e1 = max_err(a, o_local), max_err(s1, o)
+        bound = 2 * e1 + ATOL[dtype]
+        assert e <= bound, (
+            f"rank {rank}/{world} {cfg}: {name} err {e:.3e} > 2 * single-process {e1:.3e} + floor"
+        )
+        errs[name] = e
+    if exchangers is not None:
+        sent: dict[str, int] = {}
+        for ex in exchangers:
+            for label, n in ex.bytes_sent.items():
+                sent[label] = sent.get(label, 0) + n
+        shape = AttentionShape(
+            world_size=world, batch=2, seqlen_local=ql.shape[1], heads_q=cfg["hq"], heads_kv=cfg["hkv"],
+            head_dim=cfg["d"], dtype=dtype, causal=causal, layout=layout, partial_dtype=cfg.get("partial_dtype"),
+        )  # fmt: skip
+        model: dict[str, int] = {}
+        for backward in (False, True):
+            for label, n in communication_bytes(cfg["alg"], shape, rank, backward=backward).items():
+                model[label] = model.get(label, 0) + n
+        assert sent == model, f"rank {rank}/{world} {cfg}: exchanger counted {sent}, cost model says {model}"
+        if cfg["alg"] == "token_ring" and world > 1 and not (causal and layout == "contiguous"):
+            assert sent.get("next", 0) > 0 and sent.get("prev", 0) > 0, (
+                f"rank {rank}: one direction idle: {sent}"
+            )
+    return errs
+
+
+def _run_all(rank, world):
+    results = []
+    for i, cfg in enumerate(configs(world)):
+        results.append((cfg, _check_case(rank, world, cfg, seed=100 + i)))
+    return results
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_matches_single_process_oracle(world):
+    results = spawn(_run_all, world, timeout_s=400)
+    assert len(results) == world and all(len(r) == len(configs(world)) for r in results)
+
+
+# ---------------------------------------------------------------------------------------------- failures
+def _stalled(rank, world, alg):
+    # The second process group is created collectively once per group (setup, not a step); make it
+    # while every rank is alive, as a first healthy call would.
+    second_group(None)
+    if rank == 1:
+        time.sleep(4)  # alive but never joins: the others must give up on their own
+        return "stalled"
+    q = torch.randn(1, 8, 2, 16)
+    fn = ALGS[alg]
+    t0 = time.monotonic()
+    try:
+        fn(q, q, q, causal=True, timeout_s=2.0, check_ranks=False)
+    except ExchangeTimeout as exc:
+        waited = time.monotonic() - t0
+        msg = str(exc)
+        assert f"rank {rank}" in msg and "step" in msg, msg
+        assert waited < 5.0, f"rank {rank} waited {waited:.1f} s for a 2 s timeout"
+        return msg
+    raise AssertionError(f"rank {rank}: {alg} with a stalled peer did not raise")
+
+
+@pytest.mark.parametrize("alg", ["token_ring", "ring"])
+def test_stalled_rank_raises_with_rank_and_step(alg):
+    msgs = spawn(_stalled, 3, alg, timeout_s=60)
+    assert msgs[1] == "stalled"
+    assert all(
+        "within 2.0 s" in m or "Timed out" in m or "timed out" in m.lower() for m in (msgs[0], msgs[2])
+    )
+
+
+def _bad_inputs(rank, world):
+    q = torch.randn(1, 8, 4, 16)
+    kv = torch.randn(1, 8, 2, 16)
+    errors = {}
+
+    def expect(name, fn, exc, *words):
+        try:
+            fn()
+        except exc as e:
+            for w in words:
+                assert w in str(e), f"rank {rank}: {name}: {w!r} not in {e}"
+            errors[name] = str(e)
+            return
+        raise AssertionError(f"rank {rank}: {name} did not raise {exc.__name__}")
+
+    for alg, fn in ALGS.items():
+        expect(f"{alg} odd zigzag", lambda: fn(q[:, :7], kv[:, :7], kv[:, :7], layout="zigzag"), ValueError,
+               "seqlen_local=7", "zigzag")  # fmt: skip
+        expect(
+            f"{alg} heads",
+            lambda: fn(torch.randn(1, 8, 3, 16), kv, kv),
+            ValueError,
+            "heads_q=3",
+            "heads_kv=2",
+        )
+        hq = 4 if rank == 0 else 8  # a rank disagreeing on the head count
+        expect(f"{alg} head mismatch", lambda: fn(torch.randn(1, 8, hq, 16), kv, kv), ValueError,
+               "heads_q", "differ across ranks")  # fmt: skip
+        dt = torch.float32 if rank == 0 else torch.bfloat16
+        expect(
+            f"{alg} dtype mismatch", lambda: fn(q.to(dt), kv.to(dt), kv.to(dt)), ValueError, "dtype", "rank"
+        )
+        expect(f"{alg} layout", lambda: fn(q, kv, kv, layout="striped"), ValueError, "layout='striped'")
+    # A group this rank is not in (torch gives it size -1; torch cannot build a 0-rank group at all).
+    only_rank0 = dist.new_group(ranks=[0])
+    if rank == 1:
+        expect(
+            "not a member",
+            lambda: token_ring_attention(q, kv, kv, group=only_rank0),
+            ValueError,
+            "not a member",
+        )
+    else:
+        errors["not a member"] = "rank 0 is the member"
+        torch.testing.assert_close(
+            token_ring_attention(q, kv, kv, group=only_rank0), flash_attention(q, kv, kv)
+        )
+    expect("size 0", lambda: AttentionShape(world_size=0, batch=1, seqlen_local=8, heads_q=4, heads_kv=2, head_dim=16),
+           ValueError, "world_size must be >= 1")  # fmt: skip
+    return errors
+
+
+def test_bad_inputs_raise_clear_errors_on_every_rank():
+    errors = spawn(_bad_inputs, 2, timeout_s=120)
+    assert errors[0].keys() == errors[1].keys() and len(errors[0]) == 17
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _sharding_and_dropins(rank, world):
+    x = torch.arange(2 * 4 * world * 3, dtype=torch.float32).reshape(2, 4 * world, 3)
+    for layout in ("zigzag", "contiguous"):
+        local = shard_sequence(x, None, layout)
+        assert local.shape == (2, 4, 3)
+        assert torch.equal(unshard_sequence(local, None, layout), x)
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(1, 8 * world, 4, 32, generator=g)
+    k = torch.randn(1, 8 * world, 2, 32, generator=g)
+    v = torch.randn(1, 8 * world, 2, 32, generator=g)
+    ref = flash_attention(q, k, v, causal=True)
+    ql, kl, vl = (shard_sequence(t) for t in (q, k, v))
+    module = SequenceParallelAttention(causal=True)
+    out = module(ql, kl, vl)
+    assert module.last_algorithm in ("token_ring", "ring", "ulysses")
+    torch.testing.assert_close(out, shard_sequence(ref), rtol=1e-5, atol=1e-5)
+    sdpa_out = sequence_parallel_sdpa(
+        ql.transpose(1, 2),
+        kl.transpose(1, 2),
+        vl.transpose(1, 2),
+        is_causal=True,
+        enable_gqa=True,
+        algorithm="ring",
+    )
+    torch.testing.assert_close(sdpa_out.transpose(1, 2), shard_sequence(ref), rtol=1e-5, atol=1e-5)
+    return module.last_algorithm
+
+
+def test_sharding_module_and_sdpa_dropin():
+    chosen = spawn(_sharding_and_dropins, 3, timeout_s=120)
+    assert len(set(chosen)) == 1, f"ranks chose different algorithms: {chosen}"
+
+
+def test_single_process_without_process_group():
+    """Without torch.distributed initialised the functions run as plain attention (world size 1)."""
+    q, k, v = torch.randn(1, 10, 4, 16), torch.randn(1, 10, 2, 16), torch.randn(1, 10, 2, 16)
+    ref = flash_attention(q, k, v, causal=True)
+    for fn in ALGS.values():
+        torch.testing.assert_close(fn(q, k, v, causal=True), ref)
