@@ -77,6 +77,7 @@ def test_bf16_fp32_tile_path_matches_oracle():
     """The suite's bf16 cases run the AVX512-BF16 tiles on this CPU; run the fp32-tile bf16 path too
     (what CPUs without AVX512-BF16 use), in a process that switches the dot-product tiles off."""
     code = """
+import torch
 from tests.test_attention_core import check_against_oracle
 for shape in [(1, 97, 1025, 4, 1, 64), (3, 128, 97, 2, 2, 128)]:
     for causal in (False, True):
