@@ -3,7 +3,7 @@ PY        ?= python3
 VENV      := .venv
 VPY       := $(VENV)/bin/python
 PIP       := $(VPY) -m pip
-WORLD     ?= 2
+WORLD     ?= 4
 NATIVE_SRC := $(shell find csrc -name '*.cpp' -o -name '*.h' 2>/dev/null) setup.py
 
 .PHONY: venv build demo test lint bench clean

@@ -9,6 +9,7 @@ from longmoe.attention import (
     flash_attention_forward,
     flash_attention_ref,
     merge_attention_partials,
+    merge_attention_partials_,
     merge_attention_partials_ref,
 )
 from tests.oracle import assert_within_oracle
@@ -90,3 +91,26 @@ def test_merge_native_partials(dtype):
     # The merged result is never worse than twice the same-dtype one-shot reference.
     assert_within_oracle("merged out", out, same, o64, dtype)
     assert_within_oracle("merged lse", lse, same_lse, l64, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_inplace_merge_equals_functional(dtype):
+    """merge_attention_partials_ (one lerp pass, used by the rings) == the functional stable form, -inf
+    rows and views included."""
+    out = torch.randn(2, 50, 3, 16, dtype=dtype)
+    lse = torch.randn(2, 3, 50, dtype=dtype)
+    bo = torch.randn(2, 50, 3, 16).bfloat16()
+    bl = torch.randn(2, 3, 50)
+    lse[:, :, :5] = float("-inf")
+    out[:, :5] = 0
+    bl[:, :, 3:8] = float("-inf")
+    bo[:, 3:8] = 0
+    ref_out, ref_lse = merge_attention_partials(out, lse, bo, bl)
+    o, l = out.clone(), lse.clone()
+    merge_attention_partials_(o[:, 2:], l[:, :, 2:], bo[:, 2:], bl[:, :, 2:])  # through views
+    merge_attention_partials_(o[:, :2], l[:, :, :2], bo[:, :2], bl[:, :, :2])
+    assert not torch.isnan(o).any() and not torch.isnan(l).any()
+    torch.testing.assert_close(o, ref_out.to(dtype), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(l, ref_lse.to(dtype), rtol=1e-6, atol=1e-6)
+    with pytest.raises(TypeError, match="in-place merge needs fp32/fp64"):
+        merge_attention_partials_(out.bfloat16(), lse, bo, bl)

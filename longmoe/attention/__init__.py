@@ -10,7 +10,11 @@ from longmoe.attention.flash_attention import (
     flash_attention_forward,
     flash_attention_ref,
 )
-from longmoe.attention.merge import merge_attention_partials, merge_attention_partials_ref
+from longmoe.attention.merge import (
+    merge_attention_partials,
+    merge_attention_partials_,
+    merge_attention_partials_ref,
+)
 
 __all__ = [
     "FlashAttentionFunction",
@@ -22,5 +26,6 @@ __all__ = [
     "flash_attention_forward",
     "flash_attention_ref",
     "merge_attention_partials",
+    "merge_attention_partials_",
     "merge_attention_partials_ref",
 ]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["merge_attention_partials", "merge_attention_partials_ref"]
+__all__ = ["merge_attention_partials", "merge_attention_partials_", "merge_attention_partials_ref"]
 
 
 def _check(out: torch.Tensor, lse: torch.Tensor, name_out: str, name_lse: str) -> None:
@@ -74,6 +74,33 @@ def merge_attention_partials(
     new_out = out - w * (out - block_out)
     new_lse = torch.where(torch.isneginf(lse), block_lse, lse - F.logsigmoid(lse - block_lse))
     return new_out, new_lse
+
+
+def merge_attention_partials_(
+    out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor
+) -> None:
+    """In-place :func:`merge_attention_partials` for the running side of a ring: one pass over ``out``.
+
+    out: (batch, seqlen, heads, head_dim) fp32 (or fp64), updated in place (a view such as ``out[:, a:b]``
+    is fine); lse: (batch, heads, seqlen) of the same float dtype, updated in place; block_out / block_lse:
+    the new partial, any floating dtype. ``out + w * (block_out - out)`` with ``w = sigmoid(block_lse -
+    lse)`` is exactly the stable update, evaluated by ``torch.lerp`` in one fused pass (the functional form
+    makes ~10 passes, which dominated ring steps on CPU).
+    """
+    _check(out, lse, "out", "lse")
+    _check(block_out, block_lse, "block_out", "block_lse")
+    if out.shape != block_out.shape:
+        raise ValueError(f"block_out shape {tuple(block_out.shape)} must equal out shape {tuple(out.shape)}")
+    if out.dtype not in (torch.float32, torch.float64) or lse.dtype != out.dtype:
+        raise TypeError(
+            f"in-place merge needs fp32/fp64 out and lse of one dtype; got {out.dtype} and {lse.dtype}"
+        )
+    bl = block_lse.to(lse.dtype)
+    both_empty = torch.isneginf(lse) & torch.isneginf(bl)
+    w = torch.sigmoid(torch.where(both_empty, torch.full_like(lse, float("-inf")), bl - lse))
+    new_lse = torch.where(torch.isneginf(lse), bl, lse - F.logsigmoid(lse - bl))
+    out.lerp_(block_out.to(out.dtype), w.transpose(1, 2).unsqueeze(-1))
+    lse.copy_(new_lse)
 
 
 def merge_attention_partials_ref(

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from longmoe.attention import attention_delta, flash_attention_backward, flash_attention_forward
-from longmoe.attention.merge import merge_attention_partials
+from longmoe.attention.merge import merge_attention_partials_
 from longmoe.parallel.plan import check_sequence_parallel_inputs, step_plan, world_and_rank
 from longmoe.parallel.sharding import check_layout
 from longmoe.parallel.token_ring import second_group
@@ -47,9 +47,7 @@ def ring_forward(
                 q[:, qa:qe], cur_k[:, ka:ke], cur_v[:, ka:ke], causal=plan.causal, softmax_scale=softmax_scale,
                 out_dtype=torch.float32,
             )  # fmt: skip
-            mo, ml = merge_attention_partials(out[:, qa:qe], lse[:, :, qa:qe], bo, bl)
-            out[:, qa:qe] = mo
-            lse[:, :, qa:qe] = ml
+            merge_attention_partials_(out[:, qa:qe], lse[:, :, qa:qe], bo, bl)
         if s < world - 1:
             ex.wait()
             cur_k, cur_v = k_in, v_in

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from longmoe.attention import attention_delta, flash_attention_backward, flash_attention_forward
-from longmoe.attention.merge import merge_attention_partials
+from longmoe.attention.merge import merge_attention_partials_
 from longmoe.parallel.plan import StepPlan, check_sequence_parallel_inputs, step_plan, world_and_rank
 from longmoe.parallel.sharding import check_layout
 from longmoe.runtime.distributed import new_group_like
@@ -202,9 +202,7 @@ def token_ring_forward(
     def accumulate(plan: StepPlan, partials):
         bo, bl = partials
         a, e = plan.q_rows
-        mo, ml = merge_attention_partials(out[:, a:e], lse[:, :, a:e], bo, bl)
-        out[:, a:e] = mo
-        lse[:, :, a:e] = ml
+        merge_attention_partials_(out[:, a:e], lse[:, :, a:e], bo, bl)
 
     group2 = second_group(group) if world_and_rank(group)[0] > 1 else None
     _ring_steps(

@@ -1,0 +1,295 @@
+"""Sequence-parallel attention: TokenRing vs KV ring vs Ulysses on P ranks, forward and forward+backward.
+
+    python benchmarks/sequence_parallel.py --world-size 4              # spawns 4 local CPU ranks (gloo)
+    torchrun --nproc-per-node 4 benchmarks/sequence_parallel.py        # or under torchrun (gloo/NCCL)
+
+For MHA and GQA 8:1 over a sweep of S_local it measures the time per ring step (pass time / P), the
+compute-only time of the same schedule without communication, the exposed communication (the
+difference), the bytes each rank sends per direction (from the exchangers), and which algorithm the
+cost model (with a topology measured on this group) picks, against the measured fastest. It also
+measures the error of TokenRing with bf16 vs fp32 partial outputs. CSV under benchmarks/results/, a
+table, and a PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ALGS = ("token_ring", "ring", "ulysses")
+
+
+def _barrier_time(fn, repeats: int) -> float:
+    """Median over repeats of the slowest rank's wall time of fn()."""
+    times = []
+    fn()  # warm-up (also creates the second process group)
+    for _ in range(repeats):
+        dist.barrier()
+        t0 = time.perf_counter()
+        fn()
+        t = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        times.append(t.item())
+    return statistics.median(times)
+
+
+def _compute_only(alg, q, k, v, dout, causal, layout, world, rank, backward):
+    """The same per-step kernel calls as the algorithm, without any communication."""
+    from longmoe.attention import attention_delta, flash_attention_backward, flash_attention_forward
+    from longmoe.attention.merge import merge_attention_partials_
+    from longmoe.parallel.plan import step_plan
+
+    sl = q.shape[1]
+    if alg == "ulysses":
+        b, _, hq, d = q.shape
+        hkv = k.shape[2]
+        qh = torch.randn(b, sl * world, hq // world, d, dtype=q.dtype)
+        kvh = torch.randn(b, sl * world, max(hkv // world, 1), d, dtype=q.dtype)
+        out, lse = flash_attention_forward(qh, kvh, kvh, causal=causal)
+        if backward:
+            flash_attention_backward(torch.randn_like(qh), qh, kvh, kvh, out, lse, causal=causal)
+        return
+    out = torch.zeros(q.shape, dtype=torch.float32)
+    lse = torch.full((q.shape[0], q.shape[2], sl), float("-inf"))
+    delta = attention_delta(dout, q) if backward else None
+    for s in range(world):
+        owner, kv_rank = ((rank + s) % world, rank) if alg == "token_ring" else (rank, (rank - s) % world)
+        plan = step_plan(owner, kv_rank, sl, causal, layout)
+        if plan is None:
+            continue
+        (qa, qe), (ka, ke) = plan.q_rows, plan.kv_rows
+        if not backward:
+            bo, bl = flash_attention_forward(
+                q[:, qa:qe], k[:, ka:ke], v[:, ka:ke], causal=plan.causal, out_dtype=torch.float32
+            )
+            merge_attention_partials_(out[:, qa:qe], lse[:, :, qa:qe], bo, bl)
+        else:
+            flash_attention_backward(
+                dout[:, qa:qe], q[:, qa:qe], k[:, ka:ke], v[:, ka:ke], None, lse[:, :, qa:qe].nan_to_num(0.0),
+                delta=delta[:, :, qa:qe], causal=plan.causal, grad_dtype=torch.float32,
+            )  # fmt: skip
+
+
+def _bench_rank(rank, world, args):
+    from longmoe.attention import flash_attention
+    from longmoe.parallel import (
+        AttentionShape,
+        choose_algorithm,
+        measure_topology,
+        ring_attention,
+        shard_sequence,
+        token_ring_attention,
+        ulysses_attention,
+    )
+
+    fns = {"token_ring": token_ring_attention, "ring": ring_attention, "ulysses": ulysses_attention}
+    dtype = getattr(torch, args.dtype)
+    topo = measure_topology(None)
+    rows = []
+    progress = None
+    points = [(name, hq, hkv, sl) for name, hq, hkv in args.heads for sl in args.seqlens]
+    if rank == 0:
+        from rich.progress import Progress
+
+        progress = Progress(transient=True)
+        progress.start()
+        task = progress.add_task("sequence parallel", total=len(points) * len(ALGS) * 2)
+    for name, hq, hkv, sl in points:
+        g = torch.Generator().manual_seed(sl)
+        b, d = args.batch, args.head_dim
+        q = torch.randn(b, sl, hq, d, generator=g).to(dtype)
+        k = torch.randn(b, sl, hkv, d, generator=g).to(dtype)
+        v = torch.randn(b, sl, hkv, d, generator=g).to(dtype)
+        dout = torch.randn(b, sl, hq, d, generator=g).to(dtype)
+        shape = AttentionShape(
+            world_size=world, batch=b, seqlen_local=sl, heads_q=hq, heads_kv=hkv, head_dim=d, dtype=dtype,
+            causal=True, layout="zigzag",
+        )  # fmt: skip
+        measured = {}
+        for mode in ("fwd", "fwd+bwd"):
+            chosen, estimates = choose_algorithm(shape, topo, backward=mode == "fwd+bwd")
+            for alg in ALGS:
+                if alg not in estimates:
+                    continue
+                fn = fns[alg]
+                kw = {} if alg == "ulysses" else {"exchangers": []}
+
+                def run(fn=fn, kw=kw, mode=mode):
+                    if "exchangers" in kw:
+                        kw["exchangers"].clear()
+                    if mode == "fwd":
+                        with torch.no_grad():
+                            fn(q, k, v, causal=True, check_ranks=False, **kw)
+                    else:
+                        qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
+                        fn(qq, kk, vv, causal=True, check_ranks=False, **kw).backward(dout)
+
+                t = _barrier_time(run, args.repeats)
+
+                def compute(alg=alg, mode=mode):
+                    _compute_only(alg, q, k, v, dout, True, "zigzag", world, rank, False)
+                    if mode == "fwd+bwd":
+                        _compute_only(alg, q, k, v, dout, True, "zigzag", world, rank, True)
+
+                t_compute = _barrier_time(compute, args.repeats)
+                sent: dict[str, int] = {}
+                for ex in kw.get("exchangers", []):
+                    for label, n in ex.bytes_sent.items():
+                        sent[label] = sent.get(label, 0) + n
+                if alg == "ulysses":
+                    from longmoe.parallel import communication_bytes
+
+                    for bw in (False, True) if mode == "fwd+bwd" else (False,):
+                        for label, n in communication_bytes("ulysses", shape, rank, backward=bw).items():
+                            sent[label] = sent.get(label, 0) + n
+                measured[(mode, alg)] = t
+                rows.append(dict(
+                    heads=name, heads_q=hq, heads_kv=hkv, seqlen_local=sl, mode=mode, algorithm=alg,
+                    step_ms=t / world * 1e3, pass_ms=t * 1e3, compute_ms=t_compute * 1e3,
+                    exposed_comm_ms=max(t - t_compute, 0.0) * 1e3, bytes_next=sent.get("next", 0),
+                    bytes_prev=sent.get("prev", 0), bytes_other=sent.get("other", 0), chosen=chosen,
+                    estimate_ms=estimates[alg] * 1e3,
+                ))  # fmt: skip
+                if progress is not None:
+                    progress.advance(task)
+        for r in rows:
+            if r["seqlen_local"] == sl and r["heads"] == name:
+                fastest = min(
+                    (a for (m, a) in measured if m == r["mode"]), key=lambda a: measured[(r["mode"], a)]
+                )
+                r["fastest"] = fastest
+    if progress is not None:
+        progress.stop()
+
+    # Accuracy of the partial-output transport dtype (TokenRing, causal, the first head config).
+    name, hq, hkv = args.heads[0]
+    sl = args.seqlens[0]
+    g = torch.Generator().manual_seed(1)
+    qf, kf, vf = (
+        torch.randn(1, sl * world, h, args.head_dim, generator=g, dtype=torch.float64) for h in (hq, hkv, hkv)
+    )
+    ref = shard_sequence(flash_attention(qf, kf, vf, causal=True))
+    single = shard_sequence(flash_attention(qf.to(dtype), kf.to(dtype), vf.to(dtype), causal=True))
+    acc = {"single_process": (single.double() - ref).abs().max()}
+    for pd in (dtype, torch.float32):
+        out = token_ring_attention(
+            *(shard_sequence(t).to(dtype) for t in (qf, kf, vf)), causal=True, partial_dtype=pd
+        )
+        acc[f"token_ring_partials_{str(pd).split('.')[-1]}"] = (out.double() - ref).abs().max()
+    errs = torch.stack([acc[k] for k in acc]).double()
+    dist.all_reduce(errs, op=dist.ReduceOp.MAX)
+    accuracy = dict(zip(acc, errs.tolist(), strict=True))
+    return rows, accuracy, dict(link_GBps=topo.link_bandwidth / 1e9, compute_GFLOPs=topo.compute_rate / 1e9)
+
+
+def _spawned(rank, world, args):
+    return _bench_rank(rank, world, args)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--world-size", type=int, default=4, help="local ranks to spawn (ignored under torchrun)")
+    ap.add_argument("--seqlens", type=int, nargs="+", default=[512, 1024, 2048])
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=RESULTS / "sequence_parallel.csv")
+    args = ap.parse_args()
+    args.heads = [("MHA 16:16", 16, 16), ("GQA 16:2", 16, 2)]
+
+    if "RANK" in os.environ:  # torchrun
+        from longmoe.runtime import init_from_env
+
+        rank, world = init_from_env()
+        rows, accuracy, topo = _bench_rank(rank, world, args)
+        if rank != 0:
+            return
+    else:
+        from longmoe.runtime import spawn
+
+        world = args.world_size
+        rows, accuracy, topo = spawn(_spawned, world, args, timeout_s=3000)[0]
+    report(rows, accuracy, topo, world, args)
+
+
+def report(rows, accuracy, topo, world, args) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=170)
+    meta = dict(
+        machine=f"{platform.processor() or platform.machine()} x{os.cpu_count()}", world_size=world,
+        torch=torch.__version__, dtype=args.dtype, head_dim=args.head_dim, batch=args.batch,
+        timestamp=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **topo,
+    )  # fmt: skip
+    for r in rows:
+        base = next(x for x in rows if x["heads"] == r["heads"] and x["seqlen_local"] == r["seqlen_local"]
+                    and x["mode"] == r["mode"] and x["algorithm"] == "ring")  # fmt: skip
+        r["ratio_vs_ring"] = r["pass_ms"] / base["pass_ms"]
+        r.update(meta)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with args.out.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    table = Table(title=f"Sequence-parallel attention, {world} CPU ranks (gloo), {args.dtype}, causal zigzag, "
+                  f"D={args.head_dim}; link {topo['link_GBps']:.2f} GB/s, compute {topo['compute_GFLOPs']:.0f} GFLOP/s per rank")  # fmt: skip
+    for col in ("heads", "S_local", "mode", "algorithm", "ms/step", "pass ms", "compute-only ms", "exposed comm ms",
+                "MB sent next/prev/other", "vs ring", "model's pick", "fastest"):  # fmt: skip
+        table.add_column(col, justify="right")
+    for r in rows:
+        mb = "/".join(f"{r[k] / 1e6:.1f}" for k in ("bytes_next", "bytes_prev", "bytes_other"))
+        style = "green" if r["ratio_vs_ring"] <= 0.7 else ("red" if r["ratio_vs_ring"] > 1.0 else "")
+        ok = "" if r["chosen"] == r["fastest"] else "[red]"
+        table.add_row(
+            r["heads"], str(r["seqlen_local"]), r["mode"], r["algorithm"], f"{r['step_ms']:.1f}",
+            f"{r['pass_ms']:.1f}", f"{r['compute_ms']:.1f}", f"{r['exposed_comm_ms']:.1f}", mb,
+            f"[{style}]{r['ratio_vs_ring']:.2f}x[/]" if style else f"{r['ratio_vs_ring']:.2f}x",
+            f"{ok}{r['chosen']}", r["fastest"],
+        )  # fmt: skip
+    console.print(table)
+    console.print("max |out - fp64| (bf16 inputs, causal):", {k: f"{v:.2e}" for k, v in accuracy.items()})
+    console.print(f"CSV: {args.out}")
+    plot(rows, args.out.with_suffix(".png"), world)
+    console.print(f"Plot: {args.out.with_suffix('.png')}")
+
+
+def plot(rows, path: Path, world: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    heads = sorted({r["heads"] for r in rows})
+    modes = ("fwd", "fwd+bwd")
+    fig, axes = plt.subplots(len(heads), len(modes), figsize=(10, 3.6 * len(heads)), squeeze=False)
+    for i, h in enumerate(heads):
+        for j, m in enumerate(modes):
+            ax = axes[i][j]
+            for alg, style in zip(ALGS, ("o-", "s--", "^:"), strict=True):
+                pts = sorted((r["seqlen_local"], r["step_ms"], r["compute_ms"] / world) for r in rows
+                             if r["heads"] == h and r["mode"] == m and r["algorithm"] == alg)  # fmt: skip
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=f"{alg} step")
+            ax.set_xscale("log", base=2)
+            ax.set_title(f"{h}, {m}, P={world}", fontsize=9)
+            ax.set_xlabel("S_local")
+            ax.set_ylabel("ms per ring step")
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
