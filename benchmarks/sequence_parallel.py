@@ -189,7 +189,13 @@ def _bench_rank(rank, world, args):
     errs = torch.stack([acc[k] for k in acc]).double()
     dist.all_reduce(errs, op=dist.ReduceOp.MAX)
     accuracy = dict(zip(acc, errs.tolist(), strict=True))
-    return rows, accuracy, dict(link_GBps=topo.link_bandwidth / 1e9, compute_GFLOPs=topo.compute_rate / 1e9)
+    return (
+        rows,
+        accuracy,
+        dict(
+            link_GBps=topo.link_bandwidth / 1e9, compute_GFLOPs=topo.compute_rate / 1e9, overlap=topo.overlap
+        ),
+    )
 
 
 def _spawned(rank, world, args):
@@ -244,7 +250,8 @@ def report(rows, accuracy, topo, world, args) -> None:
         w.writeheader()
         w.writerows(rows)
     table = Table(title=f"Sequence-parallel attention, {world} CPU ranks (gloo), {args.dtype}, causal zigzag, "
-                  f"D={args.head_dim}; link {topo['link_GBps']:.2f} GB/s, compute {topo['compute_GFLOPs']:.0f} GFLOP/s per rank")  # fmt: skip
+                  f"D={args.head_dim}; measured link {topo['link_GBps']:.2f} GB/s, compute {topo['compute_GFLOPs']:.0f} GFLOP/s per rank, "
+                  f"overlap {topo['overlap']:.2f}")  # fmt: skip
     for col in ("heads", "S_local", "mode", "algorithm", "ms/step", "pass ms", "compute-only ms", "exposed comm ms",
                 "MB sent next/prev/other", "vs ring", "model's pick", "fastest"):  # fmt: skip
         table.add_column(col, justify="right")

@@ -135,7 +135,7 @@ def main() -> None:
     ap.add_argument("--sp-seqlen", type=int, default=4096, help="global sequence length of the sharded run")
     args = ap.parse_args()
 
-    console = Console()
+    console = Console(width=max(Console().width, 130))
     info = native_build_info()
     console.rule(
         f"longmoe {longmoe.__version__} · torch {torch.__version__} · {torch.get_num_threads()} threads"

@@ -16,7 +16,6 @@ TokenRing when communication dominates, GQA 8:1 the KV ring.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Literal
@@ -88,6 +87,10 @@ class Topology:
     """Attention FLOP/s of one rank."""
     latency: float = 10e-6
     """Seconds per message (launch and handshake)."""
+    overlap: float = 1.0
+    """Fraction of a step's communication hidden behind its compute: 1.0 when copy engines move the data
+    (GPUs), less when the transport itself burns the cores that compute (gloo on CPU). A step costs
+    ``max(compute, comm) + (1 - overlap) * min(compute, comm)``."""
     notes: dict = field(default_factory=dict)
 
 
@@ -204,7 +207,7 @@ def _ring_time(algorithm: str, shape: AttentionShape, topology: Topology, rank: 
         else:
             raise ValueError(f"algorithm={algorithm!r} is not one of {ALGORITHMS}")
         compute = _step_flops(shape, plan.num_q, plan.num_kv, plan.causal, backward) / rate if plan else 0.0
-        total += max(compute, comm) + lat
+        total += max(compute, comm) + (1.0 - topology.overlap) * min(compute, comm) + lat
     return total
 
 
@@ -213,7 +216,9 @@ def choose_algorithm(
 ) -> tuple[str, dict[str, float]]:
     """The algorithm with the lowest estimated forward (+ backward) time, and every estimate.
 
-    Ulysses is a candidate only when the heads split evenly over the ranks.
+    Ulysses is a candidate only when the heads split evenly over the ranks. Estimates within 2% of each
+    other count as a tie, broken by the fewest bytes on the busiest link direction (less to lose when
+    the overlap is worse than modelled).
     """
     est = {}
     for alg in candidates:
@@ -226,7 +231,16 @@ def choose_algorithm(
         if backward:
             t += estimate_time(alg, shape, topology, backward=True)
         est[alg] = t
-    best = min(est, key=est.get)
+    fastest = min(est.values())
+    tied = [a for a in est if est[a] <= fastest * 1.02]
+
+    def busiest(alg: str) -> int:
+        fwd = communication_bytes(alg, shape, 0)
+        bwd = communication_bytes(alg, shape, 0, backward=True) if backward else {}
+        labels = set(fwd) | set(bwd)
+        return max((fwd.get(k, 0) + bwd.get(k, 0) for k in labels), default=0)
+
+    best = min(tied, key=lambda a: (busiest(a), est[a]))
     return best, est
 
 
@@ -234,7 +248,8 @@ _MEASURED: dict[tuple, Topology] = {}
 
 
 def measure_topology(group=None, *, nbytes: int = 8 << 20, repeats: int = 3, kind: str = "mesh") -> Topology:
-    """Measure link bandwidth (a ring exchange of ``nbytes``) and this rank's attention FLOP/s; collective.
+    """Measure link bandwidth (a ring exchange of ``nbytes``), this rank's attention FLOP/s, and how much of
+    an exchange hides behind a concurrent attention call; collective.
 
     The result is averaged over ranks (all-reduce) so every rank makes the same choice, and cached per
     group.
@@ -253,23 +268,33 @@ def measure_topology(group=None, *, nbytes: int = 8 << 20, repeats: int = 3, kin
     flash_attention_forward(q, q, q)
     t0 = time.perf_counter()
     flash_attention_forward(q, q, q)
-    rate = 4.0 * 1024 * 1024 * 8 * 128 / (time.perf_counter() - t0)
-    bw = float("inf")
+    t_compute = time.perf_counter() - t0
+    rate = 4.0 * 1024 * 1024 * 8 * 128 / t_compute
+    bw, overlap = float("inf"), 1.0
     if world > 1:
         ex = P2PExchanger(group, timeout_s=60, name="measure_topology")
         buf = torch.empty(nbytes // 4)
-        best = math.inf
-        for i in range(repeats + 1):
+
+        def exchange(step: int, with_compute: bool) -> float:
             t0 = time.perf_counter()
-            ex.send_recv(buf, (rank + 1) % world, (rank - 1) % world, step=i)
+            ex.send_recv(buf, (rank + 1) % world, (rank - 1) % world, step=step)
             ex.commit()
+            if with_compute:
+                flash_attention_forward(q, q, q)
             ex.wait()
-            if i:
-                best = min(best, time.perf_counter() - t0)
-        bw = nbytes / best
-        stats = torch.tensor([bw, rate], dtype=torch.float64)
+            return time.perf_counter() - t0
+
+        t_comm = min(exchange(i, False) for i in range(repeats + 1))
+        t_both = min(exchange(100 + i, True) for i in range(repeats))
+        bw = nbytes / t_comm
+        # Fraction of the shorter of the two that ran in the shadow of the other.
+        overlap = (t_compute + t_comm - t_both) / min(t_compute, t_comm)
+        stats = torch.tensor([bw, rate, overlap], dtype=torch.float64)
         dist.all_reduce(stats, group=group)
-        bw, rate = (stats / world).tolist()
-    topo = Topology(kind=kind, link_bandwidth=bw, compute_rate=rate, notes={"measured": True})
+        bw, rate, overlap = (stats / world).tolist()
+        overlap = min(max(overlap, 0.0), 1.0)
+    topo = Topology(
+        kind=kind, link_bandwidth=bw, compute_rate=rate, overlap=overlap, notes={"measured": True}
+    )
     _MEASURED[key] = topo
     return topo
