@@ -47,7 +47,7 @@ def _compute_only(alg, q, k, v, dout, causal, layout, world, rank, backward):
     """The same per-step kernel calls as the algorithm, without any communication."""
     from longmoe.attention import attention_delta, flash_attention_backward, flash_attention_forward
     from longmoe.attention.merge import merge_attention_partials_
-    from longmoe.parallel.plan import step_plan
+    from longmoe.parallel.plan import ShardLayout
 
     sl = q.shape[1]
     if alg == "ulysses":
@@ -62,11 +62,13 @@ def _compute_only(alg, q, k, v, dout, causal, layout, world, rank, backward):
     out = torch.zeros(q.shape, dtype=torch.float32)
     lse = torch.full((q.shape[0], q.shape[2], sl), float("-inf"))
     delta = attention_delta(dout, q) if backward else None
+    shard = ShardLayout.make(world, layout, seqlen_local=sl)
     for s in range(world):
         owner, kv_rank = ((rank + s) % world, rank) if alg == "token_ring" else (rank, (rank - s) % world)
-        plan = step_plan(owner, kv_rank, sl, causal, layout)
-        if plan is None:
+        segs = shard.segments(owner, kv_rank, causal)
+        if not segs:
             continue
+        plan = segs[0]
         (qa, qe), (ka, ke) = plan.q_rows, plan.kv_rows
         if not backward:
             bo, bl = flash_attention_forward(

@@ -9,9 +9,8 @@ import torch.distributed as dist
 from torch import nn
 
 from longmoe.parallel.cost_model import AttentionShape, Topology, choose_algorithm, measure_topology
-from longmoe.parallel.plan import world_and_rank
+from longmoe.parallel.plan import check_layout, world_and_rank
 from longmoe.parallel.ring import ring_attention
-from longmoe.parallel.sharding import check_layout
 from longmoe.parallel.token_ring import token_ring_attention
 from longmoe.parallel.ulysses import ulysses_attention
 
@@ -34,12 +33,14 @@ def select_algorithm(
     layout: str = "zigzag",
     topology: Topology | None = None,
     backward: bool | None = None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[str, dict[str, float]]:
     """The algorithm ``algorithm="auto"`` runs for these shards, and the estimated seconds of each.
 
     q: (batch, seqlen_local, heads_q, head_dim); k: (batch, seqlen_local, heads_kv, head_dim).
     ``topology`` defaults to one measured on ``group`` (collective, cached). ``backward`` defaults to
-    whether autograd will need gradients.
+    whether autograd will need gradients. With packed documents (``cu_seqlens``) only the ring algorithms
+    are candidates.
     """
     world, _ = world_and_rank(group)
     if world == 1:
@@ -47,11 +48,13 @@ def select_algorithm(
     shape = AttentionShape(
         world_size=world, batch=q.shape[0], seqlen_local=q.shape[1], heads_q=q.shape[2], heads_kv=k.shape[2],
         head_dim=q.shape[3], dtype=q.dtype, causal=bool(causal), layout=layout,
+        cu_seqlens=None if cu_seqlens is None else tuple(int(x) for x in cu_seqlens.tolist()),
     )  # fmt: skip
     topo = topology if topology is not None else measure_topology(group)
     if backward is None:
         backward = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
-    return choose_algorithm(shape, topo, backward=backward)
+    candidates = ("token_ring", "ring") if cu_seqlens is not None else ("token_ring", "ring", "ulysses")
+    return choose_algorithm(shape, topo, backward=backward, candidates=candidates)
 
 
 def sequence_parallel_attention(
@@ -67,24 +70,32 @@ def sequence_parallel_attention(
     return_lse: bool = False,
     topology: Topology | None = None,
     timeout_s: float = 120.0,
+    cu_seqlens: torch.Tensor | None = None,
 ):
     """Attention over sequence shards with TokenRing, the KV ring or Ulysses (``"auto"``: the cost model's
     cheapest for these shapes and ``topology``). Every rank of ``group`` calls it.
 
     q: (batch, seqlen_local, heads_q, head_dim); k, v: (batch, seqlen_local, heads_kv, head_dim) shards made
-    with :func:`longmoe.parallel.shard_sequence` in ``layout``. Returns out like q (and lse (batch, heads_q,
-    seqlen_local) fp32 with ``return_lse``); differentiable.
+    with :func:`longmoe.parallel.shard_sequence` in ``layout``; packed documents: batch 1 and the global
+    ``cu_seqlens`` (TokenRing and the KV ring). Returns out like q (and lse (batch, heads_q, seqlen_local)
+    fp32 with ``return_lse``); differentiable.
     """
     check_layout(layout)
     if algorithm not in ALGORITHM_CHOICES:
         raise ValueError(f"algorithm={algorithm!r}; expected one of {ALGORITHM_CHOICES}")
     if algorithm == "auto":
-        algorithm, _ = select_algorithm(q, k, group=group, causal=causal, layout=layout, topology=topology)
+        algorithm, _ = select_algorithm(
+            q, k, group=group, causal=causal, layout=layout, topology=topology, cu_seqlens=cu_seqlens
+        )
     kw = dict(group=group, causal=causal, softmax_scale=softmax_scale, layout=layout, return_lse=return_lse)
     if algorithm == "token_ring":
-        return token_ring_attention(q, k, v, timeout_s=timeout_s, **kw)
+        return token_ring_attention(q, k, v, timeout_s=timeout_s, cu_seqlens=cu_seqlens, **kw)
     if algorithm == "ring":
-        return ring_attention(q, k, v, timeout_s=timeout_s, **kw)
+        return ring_attention(q, k, v, timeout_s=timeout_s, cu_seqlens=cu_seqlens, **kw)
+    if cu_seqlens is not None:
+        raise ValueError(
+            "algorithm='ulysses' does not take packed documents (cu_seqlens); use 'token_ring' or 'ring'"
+        )
     return ulysses_attention(q, k, v, **kw)
 
 
@@ -115,17 +126,21 @@ class SequenceParallelAttention(nn.Module):
         self.layout, self.algorithm, self.topology, self.timeout_s = layout, algorithm, topology, timeout_s
         self.last_algorithm: str | None = None
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q: (batch, seqlen_local, heads_q, head_dim); k, v: (batch, seqlen_local, heads_kv, head_dim)."""
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """q: (batch, seqlen_local, heads_q, head_dim); k, v: (batch, seqlen_local, heads_kv, head_dim);
+        cu_seqlens: global (ndocs + 1,) offsets for packed documents (batch 1)."""
         alg = self.algorithm
         if alg == "auto":
             alg, _ = select_algorithm(
-                q, k, group=self.group, causal=self.causal, layout=self.layout, topology=self.topology
-            )
+                q, k, group=self.group, causal=self.causal, layout=self.layout, topology=self.topology,
+                cu_seqlens=cu_seqlens,
+            )  # fmt: skip
         self.last_algorithm = alg
         return sequence_parallel_attention(
             q, k, v, group=self.group, causal=self.causal, softmax_scale=self.softmax_scale, layout=self.layout,
-            algorithm=alg, timeout_s=self.timeout_s,
+            algorithm=alg, timeout_s=self.timeout_s, cu_seqlens=cu_seqlens,
         )  # fmt: skip
 
     def extra_repr(self) -> str:

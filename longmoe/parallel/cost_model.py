@@ -1,7 +1,7 @@
 """Cost model for sequence-parallel attention: exact bytes per link direction, and step time estimates.
 
-``communication_bytes`` mirrors the implementations step by step (it walks the same :func:`step_plan`
-schedule), so its byte counts equal what the exchangers count, per rank and direction; tests assert that.
+``communication_bytes`` mirrors the implementations step by step (it walks the same
+:class:`ShardLayout` segments), so its byte counts equal what the exchangers count, per rank and direction; tests assert that.
 ``estimate_time`` turns bytes and FLOPs into seconds for a :class:`Topology` (link bandwidth, whether ranks
 form a full mesh or a ring, compute rate), assuming each step's communication overlaps its compute.
 ``choose_algorithm`` picks the cheapest.
@@ -22,7 +22,7 @@ from typing import Literal
 
 import torch
 
-from longmoe.parallel.plan import step_plan
+from longmoe.parallel.plan import ShardLayout
 from longmoe.parallel.token_ring import partial_direction
 
 __all__ = [
@@ -57,6 +57,9 @@ class AttentionShape:
     layout: Literal["zigzag", "contiguous"] = "zigzag"
     partial_dtype: torch.dtype | None = None
     """dtype TokenRing returns partial outputs in (None: the input dtype); partial dQ is always fp32."""
+    cu_seqlens: tuple[int, ...] | None = None
+    """Packed documents: the global (ndocs + 1,) offsets (then ``seqlen_local`` is ignored: each rank's
+    length follows from the per-document sharding)."""
 
     def __post_init__(self):
         for name in ("world_size", "batch", "seqlen_local", "heads_q", "heads_kv", "head_dim"):
@@ -64,6 +67,12 @@ class AttentionShape:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
         if self.heads_q % self.heads_kv:
             raise ValueError(f"heads_q={self.heads_q} must be a multiple of heads_kv={self.heads_kv}")
+
+    @property
+    def shard(self) -> ShardLayout:
+        return ShardLayout.make(
+            self.world_size, self.layout, seqlen_local=self.seqlen_local, cu_seqlens=self.cu_seqlens
+        )
 
     @property
     def elt(self) -> int:
@@ -119,27 +128,28 @@ def communication_bytes(
     out: dict[str, int] = {}
     if p == 1:
         return out
+    shard, causal = shape.shard, shape.causal
+    rows = lambda segs: sum(seg.num_q for seg in segs)
     if algorithm == "token_ring":
         # per travelling query row: q (fwd); q + dout + lse + delta (bwd)
         row_travel = hq * d * elt if not backward else 2 * hq * d * elt + 2 * hq * 4
-        # per returned row: out + lse (fwd); dq (bwd)
+        # per returned row: out + lse (fwd); fp32 dq (bwd)
         row_return = hq * d * pelt + hq * 4 if not backward else hq * d * 4
         for s in range(p):
             owner = (rank + s) % p
             if s < p - 1:
-                need = step_plan(owner, (rank - 1) % p, sl, shape.causal, shape.layout)
-                if need is not None:
-                    _add(out, "prev", b * need.num_q * row_travel)
+                _add(out, "prev", b * rows(shard.segments(owner, (rank - 1) % p, causal)) * row_travel)
             if s > 0:
-                mine = step_plan(owner, rank, sl, shape.causal, shape.layout)
-                if mine is not None:
-                    _add(out, partial_direction(s, p), b * mine.num_q * row_return)
+                _add(out, partial_direction(s, p), b * rows(shard.segments(owner, rank, causal)) * row_return)
         return out
     if algorithm == "ring":
-        kv = 2 * b * sl * hkv * d * elt
-        _add(out, "next", (p - 1) * kv)
-        if backward:
-            _add(out, "next", p * 2 * b * sl * hkv * d * 4)  # fp32 dK/dV accumulators, P hops
+        row_kv = 2 * b * hkv * d * elt
+        for s in range(p):
+            held = shard.local_len((rank - s) % p)  # the K/V block this rank holds (and forwards) at step s
+            if s < p - 1:
+                _add(out, "next", held * row_kv)
+            if backward:
+                _add(out, "next", held * 2 * b * hkv * d * 4)  # fp32 dK/dV accumulators travel every step
         return out
     if algorithm == "ulysses":
         hkv_eff = max(hkv, p) if hkv % p else hkv
@@ -160,10 +170,16 @@ def estimate_time(
     algorithm: str, shape: AttentionShape, topology: Topology, *, backward: bool = False
 ) -> float:
     """Estimated seconds of one forward (or backward) pass on every rank (ranks are symmetric)."""
-    p, sl = shape.world_size, shape.seqlen_local
+    p, sl = shape.world_size, shape.shard.local_len(0)
     bw, rate, lat = topology.link_bandwidth, topology.compute_rate, topology.latency
     if p == 1:
-        return _step_flops(shape, sl, sl, shape.causal, backward) / rate
+        return (
+            sum(
+                _step_flops(shape, g.num_q, g.num_kv, g.causal, backward)
+                for g in shape.shard.segments(0, 0, shape.causal)
+            )
+            / rate
+        )
     if algorithm == "ulysses":
         total = sum(communication_bytes("ulysses", shape, 0, backward=backward).values())
         if topology.kind == "mesh":
@@ -178,27 +194,29 @@ def estimate_time(
 
 
 def _ring_time(algorithm: str, shape: AttentionShape, topology: Topology, rank: int, backward: bool) -> float:
-    """Seconds of one pass on ``rank`` for the ring algorithms: per step max(compute, comm) + latency."""
-    p, sl = shape.world_size, shape.seqlen_local
+    """Seconds of one pass on ``rank`` for the ring algorithms: per step
+    ``max(compute, comm) + (1 - overlap) * min(compute, comm) + latency``."""
+    p = shape.world_size
     bw, rate, lat = topology.link_bandwidth, topology.compute_rate, topology.latency
     elt, pelt = shape.elt, shape.partial_elt
     b, hq, hkv, d = shape.batch, shape.heads_q, shape.heads_kv, shape.head_dim
-    causal, layout = shape.causal, shape.layout
+    shard, causal = shape.shard, shape.causal
+    rows = lambda segs: sum(seg.num_q for seg in segs)
     total = 0.0
     for s in range(p):
         if algorithm == "ring":
-            plan = step_plan(rank, (rank - s) % p, sl, causal, layout)
-            kv = 2 * b * sl * hkv * d * elt if s < p - 1 else 0
-            grads = 2 * b * sl * hkv * d * 4 if backward else 0
+            segs = shard.segments(rank, (rank - s) % p, causal)
+            held = shard.local_len((rank - s) % p)
+            kv = 2 * b * held * hkv * d * elt if s < p - 1 else 0
+            grads = 2 * b * held * hkv * d * 4 if backward else 0
             comm = (kv + grads) / bw  # both go to the next rank
         elif algorithm == "token_ring":
             owner = (rank + s) % p
-            plan = step_plan(owner, rank, sl, causal, layout)
+            segs = shard.segments(owner, rank, causal)
             travel = hq * d * elt if not backward else 2 * hq * d * elt + 8 * hq
             ret = hq * d * pelt + 4 * hq if not backward else hq * d * 4
-            sent_q = step_plan(owner, (rank - 1) % p, sl, causal, layout) if s < p - 1 else None
-            q_bytes = b * sent_q.num_q * travel if sent_q is not None else 0
-            r_bytes = b * plan.num_q * ret if (plan is not None and s > 0) else 0
+            q_bytes = b * rows(shard.segments(owner, (rank - 1) % p, causal)) * travel if s < p - 1 else 0
+            r_bytes = b * rows(segs) * ret if s > 0 else 0
             if topology.kind == "mesh":
                 same_link = s == p - 1 or p == 2  # the owner is the previous rank: Q and partial share it
                 comm = (q_bytes + r_bytes) / bw if same_link else max(q_bytes, r_bytes) / bw
@@ -206,7 +224,7 @@ def _ring_time(algorithm: str, shape: AttentionShape, topology: Topology, rank: 
                 comm = max(q_bytes, s * r_bytes) / bw
         else:
             raise ValueError(f"algorithm={algorithm!r} is not one of {ALGORITHMS}")
-        compute = _step_flops(shape, plan.num_q, plan.num_kv, plan.causal, backward) / rate if plan else 0.0
+        compute = sum(_step_flops(shape, seg.num_q, seg.num_kv, seg.causal, backward) for seg in segs) / rate
         total += max(compute, comm) + (1.0 - topology.overlap) * min(compute, comm) + lat
     return total
 

@@ -14,8 +14,7 @@ import torch.distributed as dist
 
 from longmoe.attention import attention_delta, flash_attention_backward, flash_attention_forward
 from longmoe.attention.merge import merge_attention_partials_
-from longmoe.parallel.plan import check_sequence_parallel_inputs, step_plan, world_and_rank
-from longmoe.parallel.sharding import check_layout
+from longmoe.parallel.plan import ShardLayout, check_layout, check_sequence_parallel_inputs, world_and_rank
 from longmoe.parallel.token_ring import second_group
 from longmoe.runtime.exchanger import P2PExchanger
 
@@ -23,7 +22,16 @@ __all__ = ["ring_attention", "RingAttentionFunction"]
 
 
 def ring_forward(
-    q, k, v, *, group, causal: bool, softmax_scale: float, layout: str, timeout_s: float, exchangers=None
+    q,
+    k,
+    v,
+    *,
+    group,
+    causal: bool,
+    softmax_scale: float,
+    shard: ShardLayout,
+    timeout_s: float,
+    exchangers=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """KV-ring forward on local shards: (out fp32 (B, S_l, Hq, D), lse fp32 (B, Hq, S_l))."""
     world, rank = world_and_rank(group)
@@ -34,17 +42,20 @@ def ring_forward(
     if exchangers is not None and ex is not None:
         exchangers.append(ex)
     cur_k, cur_v = k, v
+    nxt, prv = (rank + 1) % world, (rank - 1) % world
     for s in range(world):
         if s < world - 1:
-            nxt, prv = (rank + 1) % world, (rank - 1) % world
-            k_in = ex.send_recv(cur_k, nxt, prv, step=s, direction="next")
-            v_in = ex.send_recv(cur_v, nxt, prv, step=s, direction="next")
+            # Next step's K/V belong to rank r-s-1; with packed documents their length is that rank's.
+            n_in = shard.local_len((rank - s - 1) % world)
+            ex.send(cur_k, nxt, step=s, direction="next")
+            k_in = ex.recv(k.new_empty(b, n_in, *k.shape[2:]), prv, step=s, direction="next")
+            ex.send(cur_v, nxt, step=s, direction="next")
+            v_in = ex.recv(v.new_empty(b, n_in, *v.shape[2:]), prv, step=s, direction="next")
             ex.commit()
-        plan = step_plan(rank, (rank - s) % world, sl, causal, layout)
-        if plan is not None:
-            (qa, qe), (ka, ke) = plan.q_rows, plan.kv_rows
+        for seg in shard.segments(rank, (rank - s) % world, causal):
+            (qa, qe), (ka, ke) = seg.q_rows, seg.kv_rows
             bo, bl = flash_attention_forward(
-                q[:, qa:qe], cur_k[:, ka:ke], cur_v[:, ka:ke], causal=plan.causal, softmax_scale=softmax_scale,
+                q[:, qa:qe], cur_k[:, ka:ke], cur_v[:, ka:ke], causal=seg.causal, softmax_scale=softmax_scale,
                 out_dtype=torch.float32,
             )  # fmt: skip
             merge_attention_partials_(out[:, qa:qe], lse[:, :, qa:qe], bo, bl)
@@ -55,7 +66,7 @@ def ring_forward(
 
 
 def ring_backward(
-    dout, q, k, v, out, lse, *, group, causal: bool, softmax_scale: float, layout: str, timeout_s: float,
+    dout, q, k, v, out, lse, *, group, causal: bool, softmax_scale: float, shard: ShardLayout, timeout_s: float,
     exchangers=None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """KV-ring backward: (dq, dk, dv) for the local shards in the input dtype."""
@@ -74,26 +85,31 @@ def ring_backward(
     nxt, prv = (rank + 1) % world, (rank - 1) % world
     gk_in = gv_in = None
     for s in range(world):
+        n_in = shard.local_len((rank - s - 1) % world)  # length of the K/V block arriving for step s+1
         if s < world - 1:
-            k_in = kv_ex.send_recv(cur_k, nxt, prv, step=s, direction="next")
-            v_in = kv_ex.send_recv(cur_v, nxt, prv, step=s, direction="next")
+            kv_ex.send(cur_k, nxt, step=s, direction="next")
+            k_in = kv_ex.recv(k.new_empty(b, n_in, *k.shape[2:]), prv, step=s, direction="next")
+            kv_ex.send(cur_v, nxt, step=s, direction="next")
+            v_in = kv_ex.recv(v.new_empty(b, n_in, *v.shape[2:]), prv, step=s, direction="next")
             kv_ex.commit()
         if s > 0:
             g_ex.wait()
             acc_k, acc_v = gk_in, gv_in
-        plan = step_plan(rank, (rank - s) % world, sl, causal, layout)
-        if plan is not None:
-            (qa, qe), (ka, ke) = plan.q_rows, plan.kv_rows
+        for seg in shard.segments(rank, (rank - s) % world, causal):
+            (qa, qe), (ka, ke) = seg.q_rows, seg.kv_rows
             gq, gk, gv = flash_attention_backward(
                 dout[:, qa:qe], q[:, qa:qe], cur_k[:, ka:ke], cur_v[:, ka:ke], None, lse[:, :, qa:qe],
-                delta=delta[:, :, qa:qe], causal=plan.causal, softmax_scale=softmax_scale, grad_dtype=torch.float32,
+                delta=delta[:, :, qa:qe], causal=seg.causal, softmax_scale=softmax_scale, grad_dtype=torch.float32,
             )  # fmt: skip
             dq[:, qa:qe] += gq
             acc_k[:, ka:ke] += gk
             acc_v[:, ka:ke] += gv
         if world > 1:
-            gk_in = g_ex.send_recv(acc_k, nxt, prv, step=s, direction="next")
-            gv_in = g_ex.send_recv(acc_v, nxt, prv, step=s, direction="next")
+            acc_shape = (b, n_in, *k.shape[2:])
+            g_ex.send(acc_k, nxt, step=s, direction="next")
+            gk_in = g_ex.recv(acc_k.new_empty(acc_shape), prv, step=s, direction="next")
+            g_ex.send(acc_v, nxt, step=s, direction="next")
+            gv_in = g_ex.recv(acc_v.new_empty(acc_shape), prv, step=s, direction="next")
             g_ex.commit()
         if s < world - 1:
             kv_ex.wait()
@@ -108,24 +124,24 @@ class RingAttentionFunction(torch.autograd.Function):
     """Autograd wrapper around :func:`ring_forward` / :func:`ring_backward`."""
 
     @staticmethod
-    def forward(ctx, q, k, v, group, causal, softmax_scale, layout, timeout_s, exchangers):
+    def forward(ctx, q, k, v, group, causal, softmax_scale, shard, timeout_s, exchangers):
         out32, lse = ring_forward(
-            q, k, v, group=group, causal=causal, softmax_scale=softmax_scale, layout=layout, timeout_s=timeout_s,
+            q, k, v, group=group, causal=causal, softmax_scale=softmax_scale, shard=shard, timeout_s=timeout_s,
             exchangers=exchangers,
         )  # fmt: skip
         out = out32.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (group, causal, softmax_scale, layout, timeout_s, exchangers)
+        ctx.args = (group, causal, softmax_scale, shard, timeout_s, exchangers)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        group, causal, softmax_scale, layout, timeout_s, exchangers = ctx.args
+        group, causal, softmax_scale, shard, timeout_s, exchangers = ctx.args
         dq, dk, dv = ring_backward(
             dout.contiguous(), q, k, v, out, lse, group=group, causal=causal, softmax_scale=softmax_scale,
-            layout=layout, timeout_s=timeout_s, exchangers=exchangers,
+            shard=shard, timeout_s=timeout_s, exchangers=exchangers,
         )  # fmt: skip
         return dq, dk, dv, None, None, None, None, None, None
 
@@ -139,6 +155,7 @@ def ring_attention(
     causal: bool = False,
     softmax_scale: float | None = None,
     layout: str = "zigzag",
+    cu_seqlens: torch.Tensor | None = None,
     return_lse: bool = False,
     timeout_s: float = 120.0,
     check_ranks: bool = True,
@@ -147,16 +164,18 @@ def ring_attention(
     """KV-ring attention over the sequence shards of ``group`` (every rank calls it), with autograd.
 
     Args and returns as :func:`longmoe.parallel.token_ring_attention`: q (batch, seqlen_local, heads_q,
-    head_dim), k/v (batch, seqlen_local, heads_kv, head_dim) local shards; out like q, lse (batch, heads_q,
-    seqlen_local) fp32.
+    head_dim), k/v (batch, seqlen_local, heads_kv, head_dim) local shards, or packed documents with the
+    global ``cu_seqlens``; out like q, lse (batch, heads_q, seqlen_local) fp32.
     """
     check_layout(layout)
     world, rank = world_and_rank(group)
-    check_sequence_parallel_inputs(q, k, v, group, world, rank, layout, across_ranks=check_ranks)
+    shard = check_sequence_parallel_inputs(
+        q, k, v, group, world, rank, layout, across_ranks=check_ranks, cu_seqlens=cu_seqlens
+    )
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     if not scale > 0:
         raise ValueError(f"softmax_scale must be > 0; got {softmax_scale!r}")
     out, lse = RingAttentionFunction.apply(
-        q, k, v, group, bool(causal), scale, layout, float(timeout_s), exchangers
+        q, k, v, group, bool(causal), scale, shard, float(timeout_s), exchangers
     )
     return (out, lse) if return_lse else out

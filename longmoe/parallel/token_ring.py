@@ -22,8 +22,13 @@ import torch.distributed as dist
 
 from longmoe.attention import attention_delta, flash_attention_backward, flash_attention_forward
 from longmoe.attention.merge import merge_attention_partials_
-from longmoe.parallel.plan import StepPlan, check_sequence_parallel_inputs, step_plan, world_and_rank
-from longmoe.parallel.sharding import check_layout
+from longmoe.parallel.plan import (
+    ShardLayout,
+    check_layout,
+    check_sequence_parallel_inputs,
+    rows_of,
+    world_and_rank,
+)
 from longmoe.runtime.distributed import new_group_like
 from longmoe.runtime.exchanger import P2PExchanger
 
@@ -53,26 +58,38 @@ def partial_direction(offset: int, world: int) -> str:
     return "other"
 
 
-def _rows(t: torch.Tensor, held: tuple[int, int], want: tuple[int, int], dim: int = 1) -> torch.Tensor:
-    """Rows ``want`` (owner-local indices) of ``t`` that holds rows ``held``."""
-    return t.narrow(dim, want[0] - held[0], want[1] - want[0])
-
-
 class _Traveller:
-    """The tensors that travel like Q (Q in the forward; q, dout, lse, delta in the backward).
+    """Tensors that travel like Q (Q in the forward; q, dout, lse, delta in the backward).
 
-    ``tensors`` are (name, tensor, sequence dim); all hold the owner-local rows ``rows``.
+    ``tensors`` are (tensor, sequence dim) holding, compactly and in order, the owner-local query rows
+    ``rows`` (a tuple of disjoint ``(start, stop)`` ranges).
     """
 
-    def __init__(self, tensors: list[tuple[torch.Tensor, int]], rows: tuple[int, int]):
+    def __init__(self, tensors: list[tuple[torch.Tensor, int]], rows: tuple[tuple[int, int], ...]):
         self.tensors = tensors
         self.rows = rows
+        self._offsets = []
+        off = 0
+        for a, b in rows:
+            self._offsets.append(off)
+            off += b - a
 
-    def part(self, want: tuple[int, int]) -> list[torch.Tensor]:
-        return [_rows(t, self.rows, want, dim) for t, dim in self.tensors]
+    def _locate(self, want: tuple[int, int]) -> int:
+        for (a, b), off in zip(self.rows, self._offsets, strict=True):
+            if a <= want[0] and want[1] <= b:
+                return off + want[0] - a
+        raise AssertionError(f"rows {want} are not held (holding {self.rows})")  # a schedule bug
 
-    def empty_like_rows(self, want: tuple[int, int]) -> _Traveller:
-        n = want[1] - want[0]
+    def part(self, want: tuple[tuple[int, int], ...]) -> list[torch.Tensor]:
+        """The wanted rows of every tensor (contiguous copies when more than one range)."""
+        out = []
+        for t, dim in self.tensors:
+            pieces = [t.narrow(dim, self._locate(w), w[1] - w[0]) for w in want]
+            out.append(pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim))
+        return out
+
+    def empty_like_rows(self, want: tuple[tuple[int, int], ...]) -> _Traveller:
+        n = sum(b - a for a, b in want)
         out = []
         for t, dim in self.tensors:
             shape = list(t.shape)
@@ -81,13 +98,17 @@ class _Traveller:
         return _Traveller(out, want)
 
 
+def _split_rows(t: torch.Tensor, segments, dim: int) -> list[torch.Tensor]:
+    """Split a step's compact partial (rows of every segment, in order) back into per-segment pieces."""
+    return list(t.split([seg.num_q for seg in segments], dim=dim))
+
+
 def _ring_steps(
     traveller: _Traveller,
+    shard: ShardLayout,
     group: dist.ProcessGroup | None,
-    group2: dist.ProcessGroup,
+    group2: dist.ProcessGroup | None,
     causal: bool,
-    layout: str,
-    seqlen_local: int,
     timeout_s: float,
     name: str,
     compute,
@@ -97,14 +118,15 @@ def _ring_steps(
 ):
     """The TokenRing schedule shared by forward and backward.
 
-    compute(plan, tensors) -> list of partial tensors for the owner (or None);
-    partial_shapes(plan) -> list of (shape, dtype) of the partials an owner receives for ``plan``;
-    accumulate(plan, partials) adds partials (own or received) into the owner's result.
+    compute(segments, tensors) -> list of partial tensors for the owner (rows of every segment, compact);
+    partial_shapes(num_rows) -> list of (shape, dtype) an owner receives for a step with ``num_rows`` rows;
+    accumulate(segments, partials) adds partials (own or received) into the owner's result.
     """
     world, rank = world_and_rank(group)
     if world == 1:
-        plan = step_plan(0, 0, seqlen_local, causal, layout)
-        accumulate(plan, compute(plan, traveller.part(plan.q_rows)))
+        segs = shard.segments(0, 0, causal)
+        if segs:
+            accumulate(segs, compute(segs, traveller.part(rows_of(segs))))
         return
     prev, nxt = (rank - 1) % world, (rank + 1) % world
     q_ex = P2PExchanger(group, timeout_s=timeout_s, name=f"{name}.q")
@@ -112,27 +134,27 @@ def _ring_steps(
     if exchangers is not None:
         exchangers.extend([q_ex, o_ex])
     cur: _Traveller | None = traveller
-    pending: tuple[StepPlan, list[torch.Tensor]] | None = None
+    pending = None
     for s in range(world):
         owner = (rank + s) % world
         incoming = None
         if s < world - 1:
-            need_prev = step_plan(owner, prev, seqlen_local, causal, layout)
-            need_me = step_plan((owner + 1) % world, rank, seqlen_local, causal, layout)
-            if need_prev is not None:
-                for t in cur.part(need_prev.q_rows):
+            need_prev = shard.segments(owner, prev, causal)
+            need_me = shard.segments((owner + 1) % world, rank, causal)
+            if need_prev:
+                for t in cur.part(rows_of(need_prev)):
                     q_ex.send(t, prev, step=s, direction="prev")
-            if need_me is not None:
-                incoming = traveller.empty_like_rows(need_me.q_rows)
+            if need_me:
+                incoming = traveller.empty_like_rows(rows_of(need_me))
                 for t, _ in incoming.tensors:
                     q_ex.recv(t, nxt, step=s, direction="prev")
             if q_ex.num_queued:
                 q_ex.commit()
-        plan = step_plan(owner, rank, seqlen_local, causal, layout)
-        partials = compute(plan, cur.part(plan.q_rows)) if plan is not None else None
+        segs = shard.segments(owner, rank, causal)
+        partials = compute(segs, cur.part(rows_of(segs))) if segs else None
         if s == 0:
             if partials is not None:
-                accumulate(plan, partials)
+                accumulate(segs, partials)
         else:
             if o_ex.in_flight:
                 o_ex.wait()
@@ -144,12 +166,11 @@ def _ring_steps(
                 for t in partials:
                     o_ex.send(t, owner, step=s, direction=label)
             src = (rank - s) % world
-            theirs = step_plan(rank, src, seqlen_local, causal, layout)
-            if theirs is not None:
-                bufs = [
-                    torch.empty(shape, dtype=dt, device=traveller.tensors[0][0].device)
-                    for shape, dt in partial_shapes(theirs)
-                ]
+            theirs = shard.segments(rank, src, causal)
+            if theirs:
+                device = traveller.tensors[0][0].device
+                n = sum(seg.num_q for seg in theirs)
+                bufs = [torch.empty(shape, dtype=dt, device=device) for shape, dt in partial_shapes(n)]
                 for t in bufs:
                     o_ex.recv(t, src, step=s, direction=label)
                 pending = (theirs, bufs)
@@ -173,7 +194,7 @@ def token_ring_forward(
     group: dist.ProcessGroup | None,
     causal: bool,
     softmax_scale: float,
-    layout: str,
+    shard: ShardLayout,
     timeout_s: float,
     partial_dtype: torch.dtype,
     exchangers: list | None = None,
@@ -183,30 +204,36 @@ def token_ring_forward(
     out = torch.zeros(b, sl, hq, d, dtype=torch.float32, device=q.device)
     lse = torch.full((b, hq, sl), float("-inf"), dtype=torch.float32, device=q.device)
 
-    def compute(plan: StepPlan, tensors):
+    def compute(segs, tensors):
         (qp,) = tensors
-        ka, kb = plan.kv_rows
-        bo, bl = flash_attention_forward(
-            qp,
-            k[:, ka:kb],
-            v[:, ka:kb],
-            causal=plan.causal,
-            softmax_scale=softmax_scale,
-            out_dtype=torch.float32,
-        )
-        return [bo.to(partial_dtype), bl]
+        outs, lses = [], []
+        for seg, qs in zip(segs, _split_rows(qp, segs, 1), strict=True):
+            ka, kb = seg.kv_rows
+            bo, bl = flash_attention_forward(
+                qs,
+                k[:, ka:kb],
+                v[:, ka:kb],
+                causal=seg.causal,
+                softmax_scale=softmax_scale,
+                out_dtype=torch.float32,
+            )
+            outs.append(bo)
+            lses.append(bl)
+        cat = lambda xs, dim: xs[0] if len(xs) == 1 else torch.cat(xs, dim)
+        return [cat(outs, 1).to(partial_dtype), cat(lses, 2)]
 
-    def partial_shapes(plan: StepPlan):
-        return [((b, plan.num_q, hq, d), partial_dtype), ((b, hq, plan.num_q), torch.float32)]
+    def partial_shapes(n: int):
+        return [((b, n, hq, d), partial_dtype), ((b, hq, n), torch.float32)]
 
-    def accumulate(plan: StepPlan, partials):
+    def accumulate(segs, partials):
         bo, bl = partials
-        a, e = plan.q_rows
-        merge_attention_partials_(out[:, a:e], lse[:, :, a:e], bo, bl)
+        for seg, o, l in zip(segs, _split_rows(bo, segs, 1), _split_rows(bl, segs, 2), strict=True):
+            a, e = seg.q_rows
+            merge_attention_partials_(out[:, a:e], lse[:, :, a:e], o, l)
 
     group2 = second_group(group) if world_and_rank(group)[0] > 1 else None
     _ring_steps(
-        _Traveller([(q, 1)], (0, sl)), group, group2, causal, layout, sl, timeout_s, "token_ring",
+        _Traveller([(q, 1)], ((0, sl),)), shard, group, group2, causal, timeout_s, "token_ring",
         compute, partial_shapes, accumulate, exchangers,
     )  # fmt: skip
     return out, lse
@@ -223,9 +250,8 @@ def token_ring_backward(
     group: dist.ProcessGroup | None,
     causal: bool,
     softmax_scale: float,
-    layout: str,
+    shard: ShardLayout,
     timeout_s: float,
-    partial_dtype: torch.dtype,
     exchangers: list | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """TokenRing backward: (dq, dk, dv) for the local shards, in the input dtype."""
@@ -235,28 +261,33 @@ def token_ring_backward(
     dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
     dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
 
-    def compute(plan: StepPlan, tensors):
-        qp, dop, lp, dp = tensors
-        ka, kb = plan.kv_rows
-        gq, gk, gv = flash_attention_backward(
-            dop, qp, k[:, ka:kb], v[:, ka:kb], None, lp, delta=dp, causal=plan.causal,
-            softmax_scale=softmax_scale, grad_dtype=torch.float32,
-        )  # fmt: skip
-        dk[:, ka:kb] += gk
-        dv[:, ka:kb] += gv
-        return [gq]  # fp32: partial dQs are summed over up to P steps, so they travel unrounded
+    def compute(segs, tensors):
+        parts = [_split_rows(t, segs, dim) for t, dim in zip(tensors, (1, 1, 2, 2), strict=True)]
+        gqs = []
+        for seg, qp, dop, lp, dp in zip(segs, *parts, strict=True):
+            ka, kb = seg.kv_rows
+            gq, gk, gv = flash_attention_backward(
+                dop, qp, k[:, ka:kb], v[:, ka:kb], None, lp, delta=dp, causal=seg.causal,
+                softmax_scale=softmax_scale, grad_dtype=torch.float32,
+            )  # fmt: skip
+            dk[:, ka:kb] += gk
+            dv[:, ka:kb] += gv
+            gqs.append(gq)
+        # fp32: partial dQs are summed over up to P steps, so they travel unrounded
+        return [gqs[0] if len(gqs) == 1 else torch.cat(gqs, 1)]
 
-    def partial_shapes(plan: StepPlan):
-        return [((b, plan.num_q, hq, d), torch.float32)]
+    def partial_shapes(n: int):
+        return [((b, n, hq, d), torch.float32)]
 
-    def accumulate(plan: StepPlan, partials):
-        a, e = plan.q_rows
-        dq[:, a:e] += partials[0]
+    def accumulate(segs, partials):
+        for seg, g in zip(segs, _split_rows(partials[0], segs, 1), strict=True):
+            a, e = seg.q_rows
+            dq[:, a:e] += g
 
-    traveller = _Traveller([(q, 1), (dout.contiguous(), 1), (lse, 2), (delta, 2)], (0, sl))
+    traveller = _Traveller([(q, 1), (dout.contiguous(), 1), (lse, 2), (delta, 2)], ((0, sl),))
     group2 = second_group(group) if world_and_rank(group)[0] > 1 else None
     _ring_steps(
-        traveller, group, group2, causal, layout, sl, timeout_s, "token_ring.bwd",
+        traveller, shard, group, group2, causal, timeout_s, "token_ring.bwd",
         compute, partial_shapes, accumulate, exchangers,
     )  # fmt: skip
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
@@ -266,24 +297,24 @@ class TokenRingFunction(torch.autograd.Function):
     """Autograd wrapper around :func:`token_ring_forward` / :func:`token_ring_backward`."""
 
     @staticmethod
-    def forward(ctx, q, k, v, group, causal, softmax_scale, layout, timeout_s, partial_dtype, exchangers):
+    def forward(ctx, q, k, v, group, causal, softmax_scale, shard, timeout_s, partial_dtype, exchangers):
         out32, lse = token_ring_forward(
-            q, k, v, group=group, causal=causal, softmax_scale=softmax_scale, layout=layout,
+            q, k, v, group=group, causal=causal, softmax_scale=softmax_scale, shard=shard,
             timeout_s=timeout_s, partial_dtype=partial_dtype, exchangers=exchangers,
         )  # fmt: skip
         out = out32.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (group, causal, softmax_scale, layout, timeout_s, partial_dtype, exchangers)
+        ctx.args = (group, causal, softmax_scale, shard, timeout_s, exchangers)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        group, causal, softmax_scale, layout, timeout_s, partial_dtype, exchangers = ctx.args
+        group, causal, softmax_scale, shard, timeout_s, exchangers = ctx.args
         dq, dk, dv = token_ring_backward(
-            dout, q, k, v, out, lse, group=group, causal=causal, softmax_scale=softmax_scale, layout=layout,
-            timeout_s=timeout_s, partial_dtype=partial_dtype, exchangers=exchangers,
+            dout, q, k, v, out, lse, group=group, causal=causal, softmax_scale=softmax_scale, shard=shard,
+            timeout_s=timeout_s, exchangers=exchangers,
         )  # fmt: skip
         return dq, dk, dv, None, None, None, None, None, None, None
 
@@ -297,6 +328,7 @@ def token_ring_attention(
     causal: bool = False,
     softmax_scale: float | None = None,
     layout: str = "zigzag",
+    cu_seqlens: torch.Tensor | None = None,
     return_lse: bool = False,
     timeout_s: float = 120.0,
     partial_dtype: torch.dtype | None = None,
@@ -312,6 +344,10 @@ def token_ring_attention(
         causal: causal attention over the global sequence.
         softmax_scale: default ``1/sqrt(head_dim)``.
         layout: how the global sequence was sharded: "zigzag" (balanced causal work) or "contiguous".
+        cu_seqlens: packed documents: the *global* (ndocs + 1,) document offsets, the same on every rank;
+            q/k/v are then (1, local tokens, heads, head_dim) shards from ``shard_sequence(x, group, layout,
+            cu_seqlens=cu_seqlens)`` (each document sharded on its own, no padding), and attention stays
+            within documents.
         return_lse: also return lse (batch, heads_q, seqlen_local) fp32 (not differentiable).
         timeout_s: limit for every wait; a stalled or dead peer raises ``ExchangeTimeout`` naming the
             rank, step and peer.
@@ -328,7 +364,9 @@ def token_ring_attention(
     """
     check_layout(layout)
     world, rank = world_and_rank(group)
-    check_sequence_parallel_inputs(q, k, v, group, world, rank, layout, across_ranks=check_ranks)
+    shard = check_sequence_parallel_inputs(
+        q, k, v, group, world, rank, layout, across_ranks=check_ranks, cu_seqlens=cu_seqlens
+    )
     partial_dtype = q.dtype if partial_dtype is None else partial_dtype
     if partial_dtype not in (torch.float32, q.dtype):
         raise TypeError(f"partial_dtype must be torch.float32 or q's dtype {q.dtype}; got {partial_dtype}")
@@ -336,6 +374,6 @@ def token_ring_attention(
     if not scale > 0:
         raise ValueError(f"softmax_scale must be > 0; got {softmax_scale!r}")
     out, lse = TokenRingFunction.apply(
-        q, k, v, group, bool(causal), scale, layout, float(timeout_s), partial_dtype, exchangers
+        q, k, v, group, bool(causal), scale, shard, float(timeout_s), partial_dtype, exchangers
     )
     return (out, lse) if return_lse else out

@@ -259,3 +259,95 @@ def test_single_process_without_process_group():
     ref = flash_attention(q, k, v, causal=True)
     for fn in ALGS.values():
         torch.testing.assert_close(fn(q, k, v, causal=True), ref)
+
+
+# ---------------------------------------------------------------------------------------------- packed docs
+# Documents of lengths 5, 0, 32, 1, 62, 61: empty, shorter than 2P, odd — none padded to a multiple of 2P.
+CU_SEQLENS = torch.tensor([0, 5, 5, 37, 38, 100, 161])
+
+
+def _varlen_case(rank, world, alg, causal, layout, dtype):
+    cu = CU_SEQLENS.tolist()
+    g = torch.Generator().manual_seed(11)
+    q, k, v, dout = (torch.randn(1, cu[-1], h, 32, generator=g, dtype=torch.float64) for h in (4, 2, 2, 4))
+
+    def oracle(qd, kd, vd, dod):
+        o, l = flash_attention_ref(qd, kd, vd, causal=causal)
+        return (o, l, *flash_attention_backward_ref(dod, qd, kd, vd, o, l, causal=causal))
+
+    ref_parts, single_parts = [], []
+    for a, b in zip(cu[:-1], cu[1:], strict=True):
+        ref_parts.append(oracle(q[:, a:b], k[:, a:b], v[:, a:b], dout[:, a:b]))
+        leaves = [t[:, a:b].to(dtype).requires_grad_() for t in (q, k, v)]
+        o1, l1 = flash_attention(*leaves, causal=causal, return_lse=True)
+        o1.backward(dout[:, a:b].to(dtype))
+        single_parts.append((o1.detach(), l1, *(t.grad for t in leaves)))
+    cat = lambda parts: [torch.cat([p[i] for p in parts], dim=2 if i == 1 else 1) for i in range(5)]
+    ref, single = cat(ref_parts), cat(single_parts)
+
+    shard = lambda t, dim=1: shard_sequence(t, None, layout, dim=dim, cu_seqlens=CU_SEQLENS)
+    ql, kl, vl = (shard(t).to(dtype).requires_grad_() for t in (q, k, v))
+    exchangers = []
+    out, lse = ALGS[alg](ql, kl, vl, causal=causal, layout=layout, cu_seqlens=CU_SEQLENS, return_lse=True,
+                         exchangers=exchangers)  # fmt: skip
+    out.backward(shard(dout).to(dtype))
+    for name, a, o, s1 in zip(("out", "lse", "dq", "dk", "dv"), (out.detach(), lse, ql.grad, kl.grad, vl.grad),
+                              ref, single, strict=True):  # fmt: skip
+        o_local = shard(o, 2 if name == "lse" else 1)
+        assert torch.equal(torch.isneginf(a), torch.isneginf(o_local)), f"rank {rank}: {name} -inf pattern"
+        e, e1 = max_err(a, o_local), max_err(s1, o)
+        assert e <= 2 * e1 + ATOL[dtype], (
+            f"rank {rank}/{world} {alg} {causal} {layout} {dtype}: {name} {e:.2e} vs {e1:.2e}"
+        )
+    back = unshard_sequence(out.detach(), None, layout, cu_seqlens=CU_SEQLENS)
+    torch.testing.assert_close(
+        back, ref[0].to(dtype), rtol=0, atol=2 * max_err(single[0], ref[0]) + ATOL[dtype]
+    )
+    sent: dict[str, int] = {}
+    for ex in exchangers:
+        for label, n in ex.bytes_sent.items():
+            sent[label] = sent.get(label, 0) + n
+    shape = AttentionShape(world_size=world, batch=1, seqlen_local=1, heads_q=4, heads_kv=2, head_dim=32, dtype=dtype,
+                           causal=causal, layout=layout, cu_seqlens=tuple(cu))  # fmt: skip
+    model: dict[str, int] = {}
+    for backward in (False, True):
+        for label, n in communication_bytes(alg, shape, rank, backward=backward).items():
+            model[label] = model.get(label, 0) + n
+    assert sent == model, f"rank {rank}: exchangers {sent} != cost model {model}"
+
+
+def _varlen_all(rank, world):
+    cases = 0
+    for alg in ("token_ring", "ring"):
+        for causal, layout, dtype in ((True, "zigzag", torch.bfloat16), (True, "contiguous", torch.float32),
+                                      (False, "zigzag", torch.float32)):  # fmt: skip
+            _varlen_case(rank, world, alg, causal, layout, dtype)
+            cases += 1
+    local = shard_sequence(torch.zeros(1, int(CU_SEQLENS[-1])), None, "zigzag", cu_seqlens=CU_SEQLENS)
+    try:  # a shard that does not match cu_seqlens is refused by name
+        token_ring_attention(
+            *(torch.zeros(1, local.shape[1] + 1, 2, 8),) * 3, causal=True, cu_seqlens=CU_SEQLENS
+        )
+    except ValueError as exc:
+        assert "cu_seqlens" in str(exc) and f"rank {rank}" in str(exc), exc
+    else:
+        raise AssertionError("a mis-sharded packed batch was accepted")
+    return cases
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_packed_documents_match_per_document_oracle(world):
+    assert spawn(_varlen_all, world, timeout_s=300) == [6] * world
+
+
+def test_ulysses_refuses_packed_documents():
+    from longmoe.parallel import sequence_parallel_attention
+
+    q = torch.randn(1, 161, 4, 16)
+    with pytest.raises(ValueError, match="ulysses.*cu_seqlens"):
+        sequence_parallel_attention(q, q, q, algorithm="ulysses", cu_seqlens=CU_SEQLENS)
+    # auto picks a ring algorithm for packed documents (single process: plain attention per document)
+    out = sequence_parallel_attention(q, q, q, causal=True, cu_seqlens=CU_SEQLENS)
+    parts = [flash_attention(q[:, a:b], q[:, a:b], q[:, a:b], causal=True) for a, b in
+             zip(CU_SEQLENS[:-1].tolist(), CU_SEQLENS[1:].tolist(), strict=True)]  # fmt: skip
+    torch.testing.assert_close(out, torch.cat(parts, 1), rtol=1e-5, atol=1e-5)
