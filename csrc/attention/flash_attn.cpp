@@ -136,45 +136,12 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
         for (int64_t i = 0; i < mq; ++i) {
           float* row = S + i * nk;
           const int64_t vis = p.visible(q0 + i, k0, nk);
-          float mx = kNegInf;
-#pragma omp simd reduction(max : mx)
-          for (int64_t j = 0; j < vis; ++j) mx = std::max(mx, row[j]);
-          const float m_new = std::max(m[i], mx);
-          float sum = 0.f;
-          if (vis > 0) {
-#pragma omp simd reduction(+ : sum)
-            for (int64_t j = 0; j < vis; ++j) {
-              const float e = exp_nonpos(row[j] - m_new);
-              row[j] = e;
-              sum += e;
-            }
-          }
-          std::fill(row + vis, row + nk, 0.f);
-          if (vis == 0) continue;
-          const float corr = exp_nonpos(m[i] - m_new);
-          l[i] = l[i] * corr + sum;
-          m[i] = m_new;
-          if (corr != 1.f) {
-            float* a = acc.data() + i * D;
-#pragma omp simd
-            for (int64_t d = 0; d < D; ++d) a[d] *= corr;
-          }
+          online_softmax_row(row, vis, nk, m[i], l[i], acc.data() + i * D, D);
         }
         gemm_rm(false, false, mq, D, nk, 1.f, S, nk, V, ldv, 1.f, acc.data(), D);
       }
       float* lrow = ld_ + (b * p.Hq + h) * p.Sq + q0;
-      for (int64_t i = 0; i < mq; ++i) {
-        float* a = acc.data() + i * D;
-        if (l[i] > 0.f) {
-          const float inv = 1.f / l[i];
-#pragma omp simd
-          for (int64_t d = 0; d < D; ++d) a[d] *= inv;
-          lrow[i] = m[i] + std::log(l[i]);
-        } else {
-          std::fill(a, a + D, 0.f);
-          lrow[i] = kNegInf;
-        }
-      }
+      finish_rows(acc.data(), mq, D, m.data(), l.data(), lrow);
       store_rows(acc.data(), D, mq, D, od + b * os.b + q0 * os.s + h * os.h, os.s);
     }
   });

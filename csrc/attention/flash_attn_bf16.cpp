@@ -214,43 +214,13 @@ void forward_bf16_dot(const Problem& p, const at::Tensor& q, const at::Tensor& k
         for (int64_t i = 0; i < mq; ++i) {
           float* row = S + i * nk;
           const int64_t vis = p.visible(q0 + i, k0, nk);
-          float mx = kNegInf;
-#pragma omp simd reduction(max : mx)
-          for (int64_t j = 0; j < vis; ++j) mx = std::max(mx, row[j]);
-          const float m_new = std::max(m[i], mx);
-          float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-          for (int64_t j = 0; j < vis; ++j) {
-            const float e = exp_nonpos(row[j] - m_new);
-            row[j] = e;
-            sum += e;
-          }
-          row_to_bf16(row, vis, pb.data() + i * nke, nke);
-          if (vis == 0) continue;
-          const float corr = exp_nonpos(m[i] - m_new);
-          l[i] = l[i] * corr + sum;
-          m[i] = m_new;
-          if (corr != 1.f) {
-            float* a = acc.data() + i * D;
-#pragma omp simd
-            for (int64_t d = 0; d < D; ++d) a[d] *= corr;
-          }
+          online_softmax_row(row, vis, nk, m[i], l[i], acc.data() + i * D, D);
+          row_to_bf16(row, nk, pb.data() + i * nke, nke);
         }
         gemm_bf16(mq, D, nke / 2, pb.data(), nke, VR + (k0 / 2) * vr.np, vr.np, acc.data(), D, 1.f, true);
       }
       float* lrow = lsed + (b * p.Hq + h) * p.Sq + q0;
-      for (int64_t i = 0; i < mq; ++i) {
-        float* a = acc.data() + i * D;
-        if (l[i] > 0.f) {
-          const float inv = 1.f / l[i];
-#pragma omp simd
-          for (int64_t d = 0; d < D; ++d) a[d] *= inv;
-          lrow[i] = m[i] + std::log(l[i]);
-        } else {
-          std::fill(a, a + D, 0.f);
-          lrow[i] = kNegInf;
-        }
-      }
+      finish_rows(acc.data(), mq, D, m.data(), l.data(), lrow);
       store_rows(acc.data(), D, mq, D, od + b * os.b + q0 * os.s + h * os.h, os.s);
     }
   });

@@ -81,6 +81,49 @@ inline float exp_nonpos(float x) {
   return tiny ? 0.f : p * scale;
 }
 
+// One query row of the online softmax over a key tile: scores row[0:vis] become exp(s - m_new) in place
+// (row[vis:nk] = 0), the running max m and sum l are updated, and the output accumulator row acc[0:D] is
+// rescaled by exp(m_old - m_new). A row with no visible key in this tile is left unchanged.
+inline void online_softmax_row(float* row, int64_t vis, int64_t nk, float& m, float& l, float* acc, int64_t D) {
+  float mx = kNegInf;
+#pragma omp simd reduction(max : mx)
+  for (int64_t j = 0; j < vis; ++j) mx = std::max(mx, row[j]);
+  const float m_new = std::max(m, mx);
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < vis; ++j) {
+    const float e = exp_nonpos(row[j] - m_new);
+    row[j] = e;
+    sum += e;
+  }
+  std::fill(row + vis, row + nk, 0.f);
+  if (vis == 0) return;
+  const float corr = exp_nonpos(m - m_new);
+  l = l * corr + sum;
+  m = m_new;
+  if (corr != 1.f) {
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) acc[d] *= corr;
+  }
+}
+
+// The end of a query tile: acc rows divided by their sums, lse = m + log(l); rows that saw no key get 0
+// and -inf. acc is [mq, D], m/l/lse_out have mq entries.
+inline void finish_rows(float* acc, int64_t mq, int64_t D, const float* m, const float* l, float* lse_out) {
+  for (int64_t i = 0; i < mq; ++i) {
+    float* a = acc + i * D;
+    if (l[i] > 0.f) {
+      const float inv = 1.f / l[i];
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) a[d] *= inv;
+      lse_out[i] = m[i] + std::log(l[i]);
+    } else {
+      std::fill(a, a + D, 0.f);
+      lse_out[i] = kNegInf;
+    }
+  }
+}
+
 // A [rows, cols] fp32 view of rows [r0, r0+rows) of one head of a (B, S, H, D) tensor: the tensor's
 // memory when it already is fp32 with a unit inner stride, otherwise a converted copy in `buf`.
 template <typename scalar_t>
