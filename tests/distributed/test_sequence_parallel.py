@@ -9,6 +9,7 @@ rank and direction must equal the cost model's.
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -28,7 +29,7 @@ from longmoe.parallel import (
     unshard_sequence,
 )
 from longmoe.parallel.token_ring import second_group
-from longmoe.runtime import ExchangeTimeout, spawn
+from longmoe.runtime import ExchangeError, ExchangeTimeout, SpawnError, spawn
 from tests.oracle import ATOL, max_err
 
 ALGS = {"token_ring": token_ring_attention, "ring": ring_attention, "ulysses": ulysses_attention}
@@ -160,6 +161,31 @@ def test_stalled_rank_raises_with_rank_and_step(alg):
     assert all(
         "within 2.0 s" in m or "Timed out" in m or "timed out" in m.lower() for m in (msgs[0], msgs[2])
     )
+
+
+def _dead(rank, world, alg):
+    second_group(None)  # setup while everyone is alive (see _stalled)
+    dist.barrier()
+    if rank == 1:
+        os._exit(3)  # dies without a word
+    q = torch.randn(1, 8, 2, 16)
+    try:
+        ALGS[alg](q, q, q, causal=True, timeout_s=2.0, check_ranks=False)
+    except (ExchangeTimeout, ExchangeError) as exc:
+        msg = str(exc)
+        assert f"rank {rank}" in msg and "step" in msg, msg
+        return msg
+    raise AssertionError(f"rank {rank}: {alg} with a dead peer did not raise")
+
+
+@pytest.mark.parametrize("alg", ["token_ring", "ring"])
+def test_dead_rank_makes_the_others_raise(alg):
+    """Rank 1 exits; ranks 0 and 2 must raise (timeout or closed connection) on their own, naming rank and
+    step, before the launcher's grace period would kill them."""
+    with pytest.raises(SpawnError) as info:
+        spawn(_dead, 3, alg, timeout_s=60)
+    assert list(info.value.failures) == [1], info.value.failures  # only the dead rank failed
+    assert info.value.terminated == [], "surviving ranks hung until the launcher killed them"
 
 
 def _bad_inputs(rank, world):
