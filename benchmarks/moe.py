@@ -14,7 +14,8 @@ Providers (same weights, same routing):
 
 FLOPs: forward 6 * N * H * F (SwiGLU: 2*N*H*2F + 2*N*F*H); fwd+bwd 3x forward. Ratios are to dense-gemm and
 naive-loop measured in the same run. The forward time split (router / permute / all-to-all / experts /
-unpermute) runs the layer's stages one by one with timers.
+unpermute) runs the layer's stages one by one with timers. The single-process providers are timed round-robin
+(median of --repeats rounds), so load from other processes hits them alike; the 2-rank run is timed separately.
 
 Writes benchmarks/results/moe.csv (one row per provider x tokens x mode, with machine, versions and timestamp),
 prints a table, saves benchmarks/results/moe.png.
@@ -58,6 +59,20 @@ def timeit(fn, repeats: int, sync=None) -> float:
             sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def interleaved(thunks: dict, repeats: int) -> dict:
+    """Median seconds per thunk, timed round-robin (one warm-up each), so that load from other processes on a
+    shared machine hits every provider alike instead of whichever ran at the wrong moment."""
+    for fn in thunks.values():
+        fn()
+    times = {k: [] for k in thunks}
+    for _ in range(repeats):
+        for k, fn in thunks.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def flops(tokens: int, cfg: MoEConfig, mode: str) -> float:
@@ -216,7 +231,7 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--ffn", type=int, default=2816)
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--no-ep", action="store_true", help="skip the 2-rank expert-parallel provider")
     ap.add_argument("--out", type=Path, default=RESULTS / "moe.csv")
     args = ap.parse_args()
@@ -245,12 +260,11 @@ def main() -> None:
         with torch.no_grad():
             counts = layer(x)[1].tokens_per_expert.tolist()
         console.print(f"T={tokens}: tokens per expert {counts}")
-        times = {}
-        for name, modes in providers(layer, x).items():
-            for mode, fn in modes.items():
-                console.print(f"  {name} {mode} ...", end="")
-                times[(name, mode)] = timeit(fn, args.repeats)
-                console.print(f" {times[(name, mode)] * 1e3:.0f} ms")
+        times = interleaved(
+            {(n, m): fn for n, modes in providers(layer, x).items() for m, fn in modes.items()}, args.repeats
+        )
+        for (name, mode), t in times.items():
+            console.print(f"  {name} {mode}: {t * 1e3:.0f} ms")
         splits[("longmoe", tokens)] = stage_split(layer, x, args.repeats)
         if not args.no_ep:
             console.print("  longmoe-ep2 (spawn 2 gloo ranks) ...", end="")

@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "attention/flash_attn.h"
+#include "moe/moe_dispatch.h"
 
 TORCH_LIBRARY(longmoe, m) {
   m.def(
@@ -13,11 +14,21 @@ TORCH_LIBRARY(longmoe, m) {
       "flash_attn_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor? out, Tensor lse, Tensor? block_mask, "
       "int block_size, bool causal, float softmax_scale, Tensor? delta=None, ScalarType? grad_dtype=None) "
       "-> (Tensor dq, Tensor dk, Tensor dv)");
+  m.def(
+      "moe_dispatch_map(Tensor expert_ids, int num_experts) -> (Tensor row_map, Tensor src_slot, "
+      "Tensor tokens_per_expert)");
+  m.def("moe_permute(Tensor x, Tensor src_slot, int topk, Tensor? probs) -> Tensor");
+  m.def("moe_unpermute(Tensor y, Tensor row_map, Tensor? probs) -> Tensor");
+  m.def("moe_unpermute_probs_grad(Tensor dout, Tensor y, Tensor row_map) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(longmoe, CPU, m) {
   m.impl("flash_attn_fwd", &longmoe::flash_attn_fwd_cpu);
   m.impl("flash_attn_bwd", &longmoe::flash_attn_bwd_cpu);
+  m.impl("moe_dispatch_map", &longmoe::moe_dispatch_map_cpu);
+  m.impl("moe_permute", &longmoe::moe_permute_cpu);
+  m.impl("moe_unpermute", &longmoe::moe_unpermute_cpu);
+  m.impl("moe_unpermute_probs_grad", &longmoe::moe_unpermute_probs_grad_cpu);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

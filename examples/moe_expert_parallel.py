@@ -22,10 +22,14 @@ from longmoe.runtime import init_from_env, spawn
 
 def train(rank: int, world: int, args: argparse.Namespace) -> dict:
     init_from_env(timeout_s=120.0)
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    device = (
+        torch.device("cuda", torch.cuda.current_device())
+        if dist.get_backend() == "nccl"
+        else torch.device("cpu")
+    )
     cfg = MoEConfig(
         hidden_size=args.hidden, ffn_hidden_size=2 * args.hidden, num_experts=args.experts, top_k=2,
-        score_function="sigmoid", expert_bias_update_rate=1e-3, z_loss_coeff=1e-3,
+        score_function="sigmoid", expert_bias_update_rate=1e-2, z_loss_coeff=1e-3,
         expert_parallel_group=dist.group.WORLD,
     )  # fmt: skip
     torch.manual_seed(0)  # same router on every rank (replicated); experts are sharded
@@ -36,7 +40,9 @@ def train(rank: int, world: int, args: argparse.Namespace) -> dict:
     stats = RoutingStats()
     stats.attach(layer)
     g = torch.Generator(device=device).manual_seed(1 + rank)  # each rank its own data
-    target_map = torch.randn(args.hidden, args.hidden, device=device, generator=torch.Generator(device=device).manual_seed(7))
+    target_map = torch.randn(
+        args.hidden, args.hidden, device=device, generator=torch.Generator(device=device).manual_seed(7)
+    )
     losses = []
     for _ in range(args.steps):
         x = torch.randn(args.tokens, args.hidden, device=device, generator=g) + 0.3
@@ -50,7 +56,11 @@ def train(rank: int, world: int, args: argparse.Namespace) -> dict:
         layer.update_expert_bias()  # all-reduced load -> identical bias on every rank
         stats.step()
         losses.append(loss.item())
-    result = {"first_loss": losses[0], "last_loss": losses[-1], "imbalance": [r.imbalance for r in stats.rows()]}
+    result = {
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
+        "imbalance": [r.imbalance for r in stats.rows()],
+    }
     if rank == 0:
         out_dir = Path(args.out)
         stats.to_csv(out_dir / "moe_routing.csv")
@@ -60,7 +70,9 @@ def train(rank: int, world: int, args: argparse.Namespace) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--spawn", type=int, default=0, help="start this many local CPU ranks instead of using torchrun")
+    ap.add_argument(
+        "--spawn", type=int, default=0, help="start this many local CPU ranks instead of using torchrun"
+    )
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--tokens", type=int, default=256)
@@ -72,7 +84,9 @@ def main() -> None:
     else:
         results = [train(*init_from_env(), args)]
     r = results[0]
-    print(f"loss {r['first_loss']:.4f} -> {r['last_loss']:.4f}; load imbalance (max/mean) per step on rank 0:")
+    print(
+        f"loss {r['first_loss']:.4f} -> {r['last_loss']:.4f}; load imbalance (max/mean) per step on rank 0:"
+    )
     print(" ".join(f"{v:.2f}" for v in r["imbalance"]))
     print(f"routing statistics: {args.out}/moe_routing.csv, {args.out}/moe_routing.png")
 

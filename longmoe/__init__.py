@@ -2,14 +2,14 @@
 
 Subpackages: ``longmoe.runtime`` (native loader, backends, process groups, launcher, exchanger),
 ``longmoe.attention`` (attention core with LSE, merge), ``longmoe.kernels`` (Triton GPU kernels),
-``longmoe.parallel`` (sequence parallelism), ``longmoe.moe`` (Mixture of Experts).
+``longmoe.parallel`` (sequence parallelism: TokenRing, KV ring, Ulysses), ``longmoe.moe`` (Mixture of Experts).
 """
 
-from longmoe import attention, runtime
+from longmoe import attention, moe, parallel, runtime
 from longmoe.attention import flash_attention, flash_attention_backward, merge_attention_partials
 
 # Load the C++ kernels now so torch.ops.longmoe.* exist after `import longmoe` (warns once if not built).
 runtime.load_native()
 
 __version__ = "0.1.0"
-__all__ = ["attention", "runtime", "flash_attention", "flash_attention_backward", "merge_attention_partials"]
+__all__ = ["attention", "moe", "parallel", "runtime", "flash_attention", "flash_attention_backward", "merge_attention_partials"]

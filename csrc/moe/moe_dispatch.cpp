@@ -1,0 +1,257 @@
+// MoE token dispatch on CPU: the dispatch map, permute (token order -> expert-contiguous order) and
+// unpermute (back, combining each token's top-k expert outputs with its routing weights).
+//
+// Slots: token t's j-th routing choice is slot s = t * k + j. expert_ids (T, k) holds the expert of every
+// slot, or -1 when capacity dropped it. The dispatch map is a *stable* counting sort of the slots by
+// expert: rows of expert 0 first (in slot order), then expert 1, ...; dropped slots get no row. So
+//   row_map (T, k)  row of slot (t, j) in the sorted order, -1 if dropped;
+//   src_slot (N)    the slot each sorted row came from (its inverse; N = number of kept slots);
+//   tokens_per_expert (E)  rows per expert (the histogram of routed tokens).
+// torch.argsort(stable=True) gives the same order, so the maps are bit-identical to the reference.
+//
+// permute:   out[i] = x[src_slot[i] / k] (* probs.flat[src_slot[i]], rounded once to x's dtype)
+// unpermute: out[t] = sum over kept j (in order j = 0..k-1) of probs[t, j] * y[row_map[t, j]], accumulated
+//            from -0.0 in fp32 (fp64 for fp64 inputs), rounded once to y's dtype; a token whose slots were
+//            all dropped gets +0.
+// permute's backward is unpermute without probs; unpermute's backward is permute with probs plus
+// moe_unpermute_probs_grad. All loops run over independent rows with at::parallel_for (no atomics), so
+// results do not depend on the thread count.
+#include "moe/moe_dispatch.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+// Bit-exactness with the PyTorch reference: `acc += w * y` must round the product before the add, as
+// torch's separate mul and add kernels do. GCC contracts a*b+c into an FMA across statements by default
+// (-ffp-contract=fast); switch that off for this translation unit only.
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#elif defined(__GNUC__)
+#pragma GCC optimize("fp-contract=off")
+#endif
+
+namespace longmoe {
+namespace {
+
+// Rows per parallel task: enough that each task moves ~64 KiB, so scheduling cost stays negligible
+// even at H = 128, and small enough that 8K-token batches split over every core.
+int64_t row_grain(int64_t row_bytes) { return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(row_bytes, 1)); }
+
+void check_rows(const at::Tensor& t, const char* name, const char* shape) {
+  TORCH_CHECK(t.dim() == 2, name, " must be 2-D ", shape, "; got shape ", t.sizes());
+  TORCH_CHECK(t.device().is_cpu(), "longmoe::moe CPU kernel got ", name, " on ", t.device());
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), name, " must be a floating dtype; got ", t.scalar_type());
+}
+
+void check_index(const at::Tensor& t, const char* name, int64_t dim, const char* shape) {
+  TORCH_CHECK(t.dim() == dim, name, " must be ", dim, "-D ", shape, "; got shape ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == at::kLong, name, " must be int64; got ", t.scalar_type());
+  TORCH_CHECK(t.device().is_cpu(), "longmoe::moe CPU kernel got ", name, " on ", t.device());
+}
+
+// probs as a contiguous tensor of the accumulation dtype, or an undefined tensor.
+at::Tensor probs_as(const std::optional<at::Tensor>& probs, int64_t tokens, int64_t topk, at::ScalarType acc) {
+  if (!probs.has_value()) return {};
+  const auto& p = *probs;
+  TORCH_CHECK(p.dim() == 2 && p.size(0) == tokens && p.size(1) == topk, "probs must be (num_tokens, topk) = (",
+              tokens, ", ", topk, "); got shape ", p.sizes());
+  TORCH_CHECK(at::isFloatingType(p.scalar_type()), "probs must be a floating dtype; got ", p.scalar_type());
+  TORCH_CHECK(p.device().is_cpu(), "longmoe::moe CPU kernel got probs on ", p.device());
+  return p.to(acc).contiguous();
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_dispatch_map_cpu(const at::Tensor& expert_ids,
+                                                                    int64_t num_experts) {
+  TORCH_CHECK(expert_ids.dim() == 2, "expert_ids must be 2-D (num_tokens, topk); got shape ", expert_ids.sizes());
+  TORCH_CHECK(expert_ids.scalar_type() == at::kLong || expert_ids.scalar_type() == at::kInt,
+              "expert_ids must be int64 or int32; got ", expert_ids.scalar_type());
+  TORCH_CHECK(expert_ids.device().is_cpu(), "longmoe::moe_dispatch_map CPU kernel got expert_ids on ",
+              expert_ids.device());
+  TORCH_CHECK(num_experts >= 1, "num_experts must be >= 1; got ", num_experts);
+  const at::Tensor ids = expert_ids.to(at::kLong).contiguous();
+  const int64_t n = ids.numel(), topk = ids.size(1), bins = num_experts + 1;  // bin E: dropped
+  const int64_t* id = ids.data_ptr<int64_t>();
+
+  // Fixed chunking (same in both passes) makes the counting sort stable: chunk c's rows of expert e
+  // come after chunk c-1's.
+  const int64_t nchunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n / 4096));
+  auto lo = [&](int64_t c) { return c * n / nchunks; };
+  std::vector<int64_t> counts(nchunks * bins, 0);
+  at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      int64_t* cnt = counts.data() + c * bins;
+      for (int64_t s = lo(c); s < lo(c + 1); ++s) {
+        const int64_t e = id[s];
+        TORCH_CHECK(e >= -1 && e < num_experts, "expert_ids[", s / topk, ", ", s % topk, "]=", e,
+                    " is outside [-1, num_experts=", num_experts, ") (-1 marks a dropped slot)");
+        ++cnt[e < 0 ? num_experts : e];
+      }
+    }
+  });
+  at::Tensor tokens_per_expert = at::empty({num_experts}, ids.options());
+  int64_t* tpe = tokens_per_expert.data_ptr<int64_t>();
+  std::vector<int64_t> offset(nchunks * bins);
+  int64_t base = 0;
+  for (int64_t e = 0; e < num_experts; ++e) {
+    int64_t total = 0;
+    for (int64_t c = 0; c < nchunks; ++c) {
+      offset[c * bins + e] = base + total;
+      total += counts[c * bins + e];
+    }
+    tpe[e] = total;
+    base += total;
+  }
+  const int64_t kept = base;
+  at::Tensor row_map = at::empty({ids.size(0), topk}, ids.options());
+  at::Tensor src_slot = at::empty({kept}, ids.options());
+  int64_t* rm = row_map.data_ptr<int64_t>();
+  int64_t* src = src_slot.data_ptr<int64_t>();
+  at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      int64_t* off = offset.data() + c * bins;
+      for (int64_t s = lo(c); s < lo(c + 1); ++s) {
+        const int64_t e = id[s];
+        if (e < 0) {
+          rm[s] = -1;
+        } else {
+          const int64_t row = off[e]++;
+          rm[s] = row;
+          src[row] = s;
+        }
+      }
+    }
+  });
+  return {row_map, src_slot, tokens_per_expert};
+}
+
+at::Tensor moe_permute_cpu(const at::Tensor& x, const at::Tensor& src_slot, int64_t topk,
+                           const std::optional<at::Tensor>& probs) {
+  check_rows(x, "x", "(num_tokens, hidden)");
+  check_index(src_slot, "src_slot", 1, "(num_rows,)");
+  TORCH_CHECK(topk >= 1, "topk must be >= 1; got ", topk);
+  const at::Tensor xc = x.contiguous(), src = src_slot.contiguous();
+  const int64_t tokens = xc.size(0), hidden = xc.size(1), rows = src.size(0), slots = tokens * topk;
+  at::Tensor out = at::empty({rows, hidden}, xc.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xc.scalar_type(), "moe_permute", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const at::Tensor pc = probs_as(probs, tokens, topk, c10::CppTypeToScalarType<acc_t>::value);
+    const acc_t* p = pc.defined() ? pc.data_ptr<acc_t>() : nullptr;
+    const scalar_t* xp = xc.data_ptr<scalar_t>();
+    const int64_t* sp = src.data_ptr<int64_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, row_grain(hidden * xc.element_size()), [&](int64_t r0, int64_t r1) {
+      for (int64_t i = r0; i < r1; ++i) {
+        const int64_t s = sp[i];
+        TORCH_CHECK(s >= 0 && s < slots, "src_slot[", i, "]=", s, " is outside [0, num_tokens * topk = ", slots, ")");
+        const scalar_t* xr = xp + (s / topk) * hidden;
+        scalar_t* o = op + i * hidden;
+        if (p == nullptr) {
+          std::memcpy(o, xr, hidden * sizeof(scalar_t));
+        } else {
+          const acc_t w = p[s];
+          for (int64_t h = 0; h < hidden; ++h) o[h] = static_cast<scalar_t>(static_cast<acc_t>(xr[h]) * w);
+        }
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor moe_unpermute_cpu(const at::Tensor& y, const at::Tensor& row_map,
+                             const std::optional<at::Tensor>& probs) {
+  check_rows(y, "y", "(num_rows, hidden)");
+  check_index(row_map, "row_map", 2, "(num_tokens, topk)");
+  const at::Tensor yc = y.contiguous(), rmc = row_map.contiguous();
+  const int64_t rows = yc.size(0), hidden = yc.size(1), tokens = rmc.size(0), topk = rmc.size(1);
+  at::Tensor out = at::empty({tokens, hidden}, yc.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, yc.scalar_type(), "moe_unpermute", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const at::Tensor pc = probs_as(probs, tokens, topk, c10::CppTypeToScalarType<acc_t>::value);
+    const acc_t* p = pc.defined() ? pc.data_ptr<acc_t>() : nullptr;
+    const scalar_t* yp = yc.data_ptr<scalar_t>();
+    const int64_t* rm = rmc.data_ptr<int64_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, tokens, row_grain(hidden * yc.element_size() * topk), [&](int64_t t0, int64_t t1) {
+      std::vector<acc_t> acc(hidden);
+      for (int64_t t = t0; t < t1; ++t) {
+        // -0.0 is the additive identity (-0 + x == x for every x, -0 included), so one kept slot with unit
+        // weight reproduces its row bit for bit; a token with no kept slot is +0.
+        bool any = false;
+        std::fill(acc.begin(), acc.end(), acc_t(-0.0));
+        for (int64_t j = 0; j < topk; ++j) {
+          const int64_t r = rm[t * topk + j];
+          if (r < 0) continue;
+          any = true;
+          TORCH_CHECK(r < rows, "row_map[", t, ", ", j, "]=", r, " is outside [-1, num_rows=", rows, ")");
+          const scalar_t* yr = yp + r * hidden;
+          if (p == nullptr) {
+            for (int64_t h = 0; h < hidden; ++h) acc[h] += static_cast<acc_t>(yr[h]);
+          } else {
+            const acc_t w = p[t * topk + j];
+            for (int64_t h = 0; h < hidden; ++h) acc[h] += w * static_cast<acc_t>(yr[h]);
+          }
+        }
+        scalar_t* o = op + t * hidden;
+        if (!any) std::fill(acc.begin(), acc.end(), acc_t(0));
+        for (int64_t h = 0; h < hidden; ++h) o[h] = static_cast<scalar_t>(acc[h]);
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor moe_unpermute_probs_grad_cpu(const at::Tensor& dout, const at::Tensor& y, const at::Tensor& row_map) {
+  check_rows(dout, "dout", "(num_tokens, hidden)");
+  check_rows(y, "y", "(num_rows, hidden)");
+  check_index(row_map, "row_map", 2, "(num_tokens, topk)");
+  TORCH_CHECK(dout.scalar_type() == y.scalar_type(), "dout and y must share a dtype; got ", dout.scalar_type(),
+              " and ", y.scalar_type());
+  TORCH_CHECK(dout.size(1) == y.size(1), "dout hidden=", dout.size(1), " must equal y hidden=", y.size(1));
+  TORCH_CHECK(dout.size(0) == row_map.size(0), "dout num_tokens=", dout.size(0), " must equal row_map num_tokens=",
+              row_map.size(0));
+  const at::Tensor dc = dout.contiguous(), yc = y.contiguous(), rmc = row_map.contiguous();
+  const int64_t rows = yc.size(0), hidden = yc.size(1), tokens = rmc.size(0), topk = rmc.size(1);
+  at::Tensor dprobs;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, yc.scalar_type(), "moe_unpermute_probs_grad", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    dprobs = at::empty({tokens, topk}, yc.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    const scalar_t* dp = dc.data_ptr<scalar_t>();
+    const scalar_t* yp = yc.data_ptr<scalar_t>();
+    const int64_t* rm = rmc.data_ptr<int64_t>();
+    acc_t* gp = dprobs.data_ptr<acc_t>();
+    constexpr int64_t kLanes = 8;  // independent partial sums so the dot product vectorises
+    at::parallel_for(0, tokens, row_grain(hidden * yc.element_size() * topk), [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const scalar_t* d = dp + t * hidden;
+        for (int64_t j = 0; j < topk; ++j) {
+          const int64_t r = rm[t * topk + j];
+          if (r < 0) {
+            gp[t * topk + j] = acc_t(0);
+            continue;
+          }
+          TORCH_CHECK(r < rows, "row_map[", t, ", ", j, "]=", r, " is outside [-1, num_rows=", rows, ")");
+          const scalar_t* yr = yp + r * hidden;
+          acc_t part[kLanes] = {};
+          int64_t h = 0;
+          for (; h + kLanes <= hidden; h += kLanes)
+            for (int64_t l = 0; l < kLanes; ++l)
+              part[l] += static_cast<acc_t>(d[h + l]) * static_cast<acc_t>(yr[h + l]);
+          acc_t sum = 0;
+          for (; h < hidden; ++h) sum += static_cast<acc_t>(d[h]) * static_cast<acc_t>(yr[h]);
+          for (int64_t l = 0; l < kLanes; ++l) sum += part[l];
+          gp[t * topk + j] = sum;
+        }
+      }
+    });
+  });
+  return dprobs;
+}
+
+}  // namespace longmoe

@@ -1,0 +1,30 @@
+// MoE token dispatch on CPU: dispatch map (stable counting sort by expert), permute, unpermute; see
+// moe_dispatch.cpp for the contract shared with the Triton kernels and the PyTorch reference.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+namespace longmoe {
+
+// expert_ids (T, k) int32/int64, values in [0, E) or -1 (dropped) ->
+// row_map (T, k) int64 (row of slot (t, j) in expert-sorted order, -1 if dropped),
+// src_slot (N) int64 (flat slot t*k+j of each sorted row), tokens_per_expert (E) int64.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_dispatch_map_cpu(const at::Tensor& expert_ids,
+                                                                    int64_t num_experts);
+
+// x (T, H), src_slot (N) -> out (N, H): out[i] = x[src_slot[i] / topk] (* probs.flat[src_slot[i]]).
+at::Tensor moe_permute_cpu(const at::Tensor& x, const at::Tensor& src_slot, int64_t topk,
+                           const std::optional<at::Tensor>& probs);
+
+// y (N, H), row_map (T, k) -> out (T, H): out[t] = sum_j probs[t, j] * y[row_map[t, j]] over kept slots,
+// accumulated in order j = 0..k-1 in fp32 (fp64 for fp64 inputs).
+at::Tensor moe_unpermute_cpu(const at::Tensor& y, const at::Tensor& row_map,
+                             const std::optional<at::Tensor>& probs);
+
+// dout (T, H), y (N, H), row_map (T, k) -> dprobs (T, k): dot(dout[t], y[row_map[t, j]]), 0 if dropped.
+at::Tensor moe_unpermute_probs_grad_cpu(const at::Tensor& dout, const at::Tensor& y, const at::Tensor& row_map);
+
+}  // namespace longmoe

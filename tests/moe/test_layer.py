@@ -1,0 +1,158 @@
+"""MoELayer against a per-token loop reference in fp64: output and every gradient, dropless.
+
+Tolerance (tests/oracle.py): ``err(layer, loop64) <= 2 * err(loop_same_dtype, loop64) + atol``. The loop in
+the test dtype is what plain PyTorch gets for the same math, so the bound allows at most twice PyTorch's own
+rounding error; atol is a few ulp of an O(1) value for tiny problems where that error is 0 by luck.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from longmoe.moe import MoEConfig, MoELayer
+from longmoe.runtime import native_available
+from tests.moe.reference import clone_params, dense_mlp, moe_loop_reference
+from tests.oracle import assert_within_oracle
+
+BACKENDS = ["reference"] + (["native"] if native_available() else [])
+
+BASE = dict(hidden_size=32, ffn_hidden_size=24, num_experts=6, top_k=2)
+CONFIGS = {
+    "softmax-swiglu": MoEConfig(**BASE),
+    "softmax-unnormalized-gelu": MoEConfig(**BASE, normalize_topk=False, activation="gelu"),
+    "sigmoid-top3": MoEConfig(**{**BASE, "top_k": 3}, score_function="sigmoid"),
+    "shared-gated": MoEConfig(**BASE, shared_expert_ffn_hidden_size=40, shared_expert_gate=True),
+    "slimmed-widths": MoEConfig(**BASE, expert_ffn_hidden_sizes=(24, 8, 16, 24, 5, 12)),
+    "top1-many-experts": MoEConfig(**{**BASE, "num_experts": 16, "top_k": 1}),
+}
+
+
+def _layer(cfg: MoEConfig, dtype: torch.dtype, backend=None, router_scale=20.0) -> MoELayer:
+    """A layer with a sharp router (std 0.4), so that fp32 and fp64 routing agree (no near-ties)."""
+    layer = MoELayer(cfg, backend=backend)
+    with torch.no_grad():
+        layer.router.weight.mul_(router_scale)
+        for p in layer.experts.parameters():
+            p.mul_(10.0)  # O(1) activations, so errors are measured at a meaningful scale
+    return layer.to(dtype)
+
+
+def _run(layer: MoELayer, x: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
+    x = x.detach().clone().requires_grad_(True)
+    layer.zero_grad(set_to_none=True)
+    out, aux = layer(x)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert aux.dropped_tokens.item() == 0
+    (out * g).sum().backward()
+    grads = {"out": out.detach(), "dx": x.grad}
+    grads.update({f"d{k}": p.grad for k, p in layer.named_parameters()})
+    return grads
+
+
+def _run_loop(cfg, layer, x, g, dtype) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    params = clone_params(layer, dtype)
+    xs = x.detach().to(dtype).clone().requires_grad_(True)
+    out, ids = moe_loop_reference(cfg, params, xs)
+    (out * g.to(dtype)).sum().backward()
+    res = {"out": out.detach(), "dx": xs.grad}
+    res.update({f"d{k}": p.grad for k, p in params.items()})
+    return res, ids
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropless_matches_per_token_loop(name, dtype, backend):
+    cfg = CONFIGS[name]
+    layer = _layer(cfg, dtype, backend)
+    tokens = 37  # odd; with 6-16 experts some get few or zero tokens
+    x = torch.randn(tokens, cfg.hidden_size).to(dtype)
+    g = torch.randn(tokens, cfg.hidden_size).to(dtype)
+    ours = _run(layer, x.view(1, tokens, -1), g.view(1, tokens, -1))  # (batch, seq, hidden) input
+    oracle, ids64 = _run_loop(cfg, layer, x, g, torch.float64)
+    same, _ = _run_loop(cfg, layer, x, g, dtype)
+    assert torch.equal(layer.router(x).expert_ids.sort(-1).values, ids64.sort(-1).values), "routing differs"
+    for key, want in oracle.items():
+        got = ours[key].reshape(want.shape)
+        assert_within_oracle(f"{name} {key}", got.float(), same[key].float(), want, dtype)
+    if cfg.expert_ffn_hidden_sizes is not None:  # padding of slimmed experts never gets gradient
+        for e, w in enumerate(cfg.expert_widths):
+            assert bool((ours["dexperts.linear_fc2"][e, :, w:] == 0).all())
+
+
+def test_one_expert_top1_equals_dense_mlp():
+    """Degeneracy (megablocks): one expert, top-1: the router weight is 1 and the layer is that expert's MLP."""
+    cfg = MoEConfig(hidden_size=48, ffn_hidden_size=40, num_experts=1, top_k=1)
+    for dtype in (torch.float32, torch.float64):
+        layer = _layer(cfg, dtype)
+        x = torch.randn(2, 19, 48, dtype=dtype)
+        out, aux = layer(x)
+        fc1, fc2 = layer.experts.linear_fc1[0], layer.experts.linear_fc2[0]
+        dense = dense_mlp(x.reshape(-1, 48), fc1, fc2, "swiglu").view_as(x)
+        oracle = dense_mlp(x.reshape(-1, 48).double(), fc1.double(), fc2.double(), "swiglu").view_as(x)
+        assert_within_oracle(f"{dtype} out", out.detach(), dense.detach(), oracle.detach(), dtype)
+        assert aux.tokens_per_expert.tolist() == [38]
+        # The gradient reaches the expert, not the router: a single softmax weight is constant 1.
+        out.sum().backward()
+        assert torch.count_nonzero(layer.router.weight.grad) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_backends_bit_identical(dtype):
+    """Permute/unpermute are bit-exact across backends, so the output and the expert gradients are too. The
+    router and input gradients pass through the probs gradient, a dot product whose summation order is the
+    backend's own: those agree to a few ulp (fp32: 1e-6 relative; fp64: 1e-13)."""
+    cfg = CONFIGS["shared-gated"]
+    x = torch.randn(3, 11, cfg.hidden_size, dtype=dtype)
+    g = torch.randn_like(x)
+    results = {}
+    for backend in BACKENDS + ["triton"]:
+        torch.manual_seed(5)
+        results[backend] = _run(_layer(cfg, dtype, backend), x, g)
+    base = results["reference"]
+    for backend, res in results.items():
+        for key in base:
+            if key in ("dx", "drouter.weight"):
+                tol = 1e-6 if dtype == torch.float32 else 1e-13
+                torch.testing.assert_close(res[key], base[key], rtol=tol, atol=tol, msg=f"{backend} {key}")
+            else:
+                assert torch.equal(res[key], base[key]), f"{backend} {key} differs from the reference backend"
+
+
+def test_empty_batch_and_aux_fields():
+    cfg = dataclasses.replace(CONFIGS["softmax-swiglu"], aux_loss_coeff=0.1, z_loss_coeff=0.01)
+    layer = _layer(cfg, torch.float32)
+    x = torch.randn(0, 5, cfg.hidden_size, requires_grad=True)
+    out, aux = layer(x)
+    assert out.shape == x.shape
+    (out.sum() + aux.loss).backward()
+    assert aux.num_tokens == 0 and aux.tokens_per_expert.tolist() == [0] * 6 and aux.loss.item() == 0.0
+    assert torch.count_nonzero(layer.experts.linear_fc1.grad) == 0
+
+    x = torch.randn(4, 9, cfg.hidden_size)
+    out, aux = layer(x)
+    assert aux.num_tokens == 36 and int(aux.tokens_per_expert.sum()) == 72
+    assert torch.equal(aux.tokens_per_expert, aux.routed_tokens_per_expert)
+    assert 0 < aux.router_entropy.item() <= torch.log(torch.tensor(6.0)).item() + 1e-6
+    torch.testing.assert_close(aux.loss, 0.1 * aux.load_balancing_loss + 0.01 * aux.z_loss)
+
+
+def test_state_dict_round_trip_and_keys():
+    cfg = CONFIGS["shared-gated"]
+    a, b = MoELayer(cfg), MoELayer(cfg)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(7, cfg.hidden_size)
+    assert torch.equal(a(x)[0], b(x)[0])
+    assert sorted(a.state_dict()) == [
+        "experts.linear_fc1",
+        "experts.linear_fc2",
+        "router.weight",
+        "shared_expert.linear_fc1.weight",
+        "shared_expert.linear_fc2.weight",
+        "shared_expert_gate.weight",
+    ]
+    assert a.state_dict()["experts.linear_fc1"].shape == (6, 48, 32)
+    assert a.full_state_dict().keys() == a.state_dict().keys()

@@ -1,0 +1,207 @@
+"""Router: capacity and dropping, auxiliary losses and their gradients, aux-loss-free expert bias."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from longmoe.moe import (
+    MoEConfig,
+    MoELayer,
+    apply_capacity,
+    expert_capacity,
+    load_balancing_loss,
+    router_z_loss,
+    topk_routing,
+)
+from tests.moe.reference import clone_params
+
+
+def _identity_router_layer(cfg: MoEConfig) -> MoELayer:
+    """hidden_size == num_experts and router weight = I: the input rows *are* the router logits."""
+    layer = MoELayer(cfg, dtype=torch.float64)
+    with torch.no_grad():
+        layer.router.weight.copy_(torch.eye(cfg.num_experts, dtype=torch.float64))
+    return layer
+
+
+def _expected_keep(probs, ids, num_experts, capacity, policy):
+    """Slots kept, decided one expert at a time in plain Python."""
+    keep = torch.zeros(ids.shape, dtype=torch.bool)
+    for e in range(num_experts):
+        slots = [(t, j) for t in range(ids.shape[0]) for j in range(ids.shape[1]) if ids[t, j] == e]
+        if policy == "probs":
+            slots.sort(key=lambda s: (-float(probs[s]), s[0]))  # highest weight first, earlier token on ties
+        for t, j in slots[:capacity]:
+            keep[t, j] = True
+    return keep
+
+
+@pytest.mark.parametrize("policy", ["probs", "position"])
+@pytest.mark.parametrize("capacity_factor", [0.5, 1.0, 1.25])
+def test_capacity_drops_exactly_what_the_policy_says(policy, capacity_factor):
+    cfg = MoEConfig(
+        hidden_size=6,
+        ffn_hidden_size=8,
+        num_experts=6,
+        top_k=2,
+        capacity_factor=capacity_factor,
+        drop_policy=policy,
+    )
+    layer = _identity_router_layer(cfg)
+    tokens = 30
+    logits = torch.randn(tokens, 6, dtype=torch.float64)
+    logits[:, 0] += 2.0  # skewed: expert 0 is over-subscribed
+    logits[3, :] = logits[2, :]  # two tokens with identical weights: ties break by position
+    x = logits.clone().requires_grad_(True)
+
+    route = layer.router(x)
+    probs, ids, _ = topk_routing(logits, top_k=2)
+    cap = expert_capacity(tokens, 2, 6, capacity_factor)
+    assert cap == math.ceil(capacity_factor * tokens * 2 / 6)
+    keep = _expected_keep(probs, ids, 6, cap, policy)
+    assert torch.equal(route.expert_ids, torch.where(keep, ids, -1))
+    assert torch.equal(route.probs, torch.where(keep, probs, 0.0))
+    assert bool((torch.bincount(route.expert_ids[keep], minlength=6) <= cap).all())
+
+    out, aux = layer(x)
+    assert aux.dropped_tokens.item() == int((~keep).sum()) > 0
+    assert aux.tokens_per_expert.sum().item() == int(keep.sum())
+    assert torch.equal(aux.routed_tokens_per_expert, torch.bincount(ids.reshape(-1), minlength=6))
+
+    # Kept slots are combined exactly like the dropless layer; dropped slots add nothing; tokens with no kept
+    # slot come out as exactly 0 (the residual connection around the layer passes them through).
+    params = clone_params(layer, torch.float64)
+    rows = []
+    for t in range(tokens):
+        acc = torch.zeros(6, dtype=torch.float64)
+        for j in range(2):
+            if keep[t, j]:
+                e = int(ids[t, j])
+                h = params["experts.linear_fc1"][e] @ logits[t]
+                y = params["experts.linear_fc2"][e] @ (torch.nn.functional.silu(h[:8]) * h[8:])
+                acc = acc + probs[t, j] * y
+        rows.append(acc)
+    torch.testing.assert_close(out, torch.stack(rows), rtol=0, atol=1e-12)  # fp64, summation order only
+    dead = ~keep.any(1)
+    assert bool((out[dead] == 0).all())
+    out.sum().backward()  # dropped slots get no gradient through their weights
+    assert torch.isfinite(x.grad).all()
+
+
+def test_capacity_function_matches_layer_on_arbitrary_ids():
+    probs = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.5, 0.5]])
+    ids = torch.tensor([[0, 1], [0, 1], [0, 1], [1, 0]])
+    p, i = apply_capacity(probs, ids, 2, 2, "probs")
+    assert i.tolist() == [[0, -1], [0, -1], [-1, 1], [1, -1]]
+    assert p.tolist() == [
+        [pytest.approx(0.9), 0.0],
+        [pytest.approx(0.8), 0.0],
+        [0.0, pytest.approx(0.7)],
+        [0.5, 0.0],
+    ]
+    _, i = apply_capacity(probs, ids, 2, 2, "position")
+    assert i.tolist() == [[0, 1], [0, 1], [-1, -1], [-1, -1]]
+
+
+def test_aux_losses_and_gradients_match_hand_computation():
+    cfg = MoEConfig(
+        hidden_size=3, ffn_hidden_size=4, num_experts=3, top_k=1, aux_loss_coeff=0.5, z_loss_coeff=0.25
+    )
+    layer = _identity_router_layer(cfg)
+    logits = torch.tensor(
+        [[2.0, 0.0, -1.0], [1.5, 0.5, 0.0], [0.0, 3.0, 0.0], [0.2, 0.1, 0.0]], dtype=torch.float64
+    )
+    x = logits.clone().requires_grad_(True)
+    _, aux = layer(x)
+
+    T, E = 4, 3
+    p = [[math.exp(v) / sum(math.exp(u) for u in row) for v in row] for row in logits.tolist()]
+    counts = [3, 1, 0]  # argmax of the rows: 0, 0, 1, 0
+    f = [c / (T * 1) for c in counts]
+    P = [sum(p[t][e] for t in range(T)) / T for e in range(E)]
+    lb = E * sum(f[e] * P[e] for e in range(E))
+    lse = [math.log(sum(math.exp(u) for u in row)) for row in logits.tolist()]
+    z = sum(v * v for v in lse) / T
+    assert aux.tokens_per_expert.tolist() == counts
+    assert aux.load_balancing_loss.item() == pytest.approx(lb, rel=1e-12)
+    assert aux.z_loss.item() == pytest.approx(z, rel=1e-12)
+    assert aux.loss.item() == pytest.approx(0.5 * lb + 0.25 * z, rel=1e-12)
+
+    # d lb / d logit[t, i] = E/T * p[t][i] * (f[i] - sum_e f[e] p[t][e]); d z / d logit[t, i] = 2 lse[t] p[t][i] / T
+    aux.loss.backward()
+    want = [
+        [
+            0.5 * E / T * p[t][i] * (f[i] - sum(f[e] * p[t][e] for e in range(E)))
+            + 0.25 * 2 * lse[t] * p[t][i] / T
+            for i in range(E)
+        ]
+        for t in range(T)
+    ]
+    torch.testing.assert_close(x.grad, torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=1e-14)
+    # Standalone functions, balanced case: loss 1.
+    uniform = torch.full((8, 4), 0.25, dtype=torch.float64)
+    assert load_balancing_loss(uniform, torch.tensor([4, 4, 4, 4]), 2).item() == pytest.approx(1.0)
+    assert router_z_loss(torch.zeros(5, 4)).item() == pytest.approx(math.log(4) ** 2)
+
+
+def test_zero_coefficients_build_no_graph():
+    cfg = MoEConfig(hidden_size=8, ffn_hidden_size=8, num_experts=4, top_k=2)
+    _, aux = MoELayer(cfg)(torch.randn(5, 8, requires_grad=True))
+    assert aux.load_balancing_loss.grad_fn is None and aux.z_loss is None and aux.loss.item() == 0.0
+
+
+def test_sigmoid_with_expert_bias_selects_by_biased_scores_but_weights_unbiased():
+    logits = torch.tensor([[0.0, 0.1, 0.2, 0.3]])
+    bias = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    probs, ids, scores = topk_routing(logits, top_k=2, score_function="sigmoid", expert_bias=bias)
+    assert sorted(ids[0].tolist()) == [0, 3]
+    s = torch.sigmoid(logits[0])
+    want = torch.stack((s[ids[0, 0]], s[ids[0, 1]]))
+    torch.testing.assert_close(probs[0], want / want.sum())
+    torch.testing.assert_close(scores.sum(-1), torch.ones(1))
+
+
+@pytest.mark.parametrize("score_function", ["sigmoid", "softmax"])
+def test_expert_bias_moves_load_toward_balance(score_function):
+    """DeepSeek-V3's setting (sigmoid scores) balances fully. With softmax scores the minor experts' scores are
+    tiny and close, so fixed-size sign steps end in a limit cycle: there we require a 20% reduction."""
+    rate, steps = (0.003, 100) if score_function == "sigmoid" else (0.005, 120)
+    cfg = MoEConfig(
+        hidden_size=16,
+        ffn_hidden_size=8,
+        num_experts=8,
+        top_k=2,
+        score_function=score_function,
+        expert_bias_update_rate=rate,
+    )
+    layer = MoELayer(cfg).train()
+    with torch.no_grad():
+        layer.router.weight.normal_(0, 0.3)
+        layer.router.weight[0] += 0.8  # skewed: with inputs of positive mean, expert 0 takes most tokens
+    x = torch.randn(512, 16) + 0.5
+
+    layer(x)  # a layer forward in training mode counts its routed slots...
+    assert layer.router.local_tokens_per_expert.sum() == 512 * 2
+    layer.router.local_tokens_per_expert.zero_()
+    history = []
+    for _ in range(steps):
+        with torch.no_grad():
+            layer.router(x)  # ...and so does the router alone, which is all the bias dynamics need
+        load = layer.update_expert_bias()  # counts of this step's forward; resets them
+        assert load.sum().item() == 512 * 2
+        history.append(float(load.max() / load.mean()))
+    before, after = history[0], sum(history[-20:]) / 20
+    assert before > 3.0, f"the input is not skewed enough to test balancing (imbalance {before:.2f})"
+    limit = 1.3 if score_function == "sigmoid" else 0.8 * before
+    assert after < limit, f"imbalance {before:.2f} -> {after:.2f} (limit {limit:.2f})"
+    assert layer.router.expert_bias[0] < 0, "the over-loaded expert's bias must go down"
+    assert (
+        "router.expert_bias" in layer.state_dict()
+        and "router.local_tokens_per_expert" not in layer.state_dict()
+    )
+    layer.eval()
+    layer(x)  # eval forwards do not count
+    assert layer.router.local_tokens_per_expert.sum() == 0
