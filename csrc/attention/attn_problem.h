@@ -42,17 +42,18 @@ struct Problem {
   }
 };
 
-// Dense tiles, from sweeps of LONGMOE_ATTN_TILES at S=4096, D=128, H=4 on the 2-core dev box (AVX-512
-// EPYC, MKL; run-to-run noise there is about +-10%): fp32 tiles 64x512 (32 rows lost ~40%, 256 keys
-// ~35%; 128/256 rows were within noise); bf16-dot tiles 64x256 (backward ~15% faster than 64x512, forward
-// equal). Masked tiles follow the mask's block size so a tile never straddles two mask blocks.
+// Dense tiles, from sweeps of LONGMOE_ATTN_TILES (D=128, H=4) on the 2-core dev box (AVX-512 EPYC, MKL;
+// run-to-run noise there is about +-10%): fp32 tiles 256x512 -- at S=16K the forward ran 155 GFLOP/s vs
+// 139 with 64-row tiles, which re-read K/V 4x as often (equal at S=4K); bf16-dot tiles 64x256 (backward
+// ~15% faster than 64x512 at S=4K, forward equal). Masked tiles follow the mask's block size so a tile
+// never straddles two mask blocks.
 inline void choose_tiles(Problem& p) {
   if (p.mask != nullptr) {
     p.bk = p.block_size;
     p.bq = std::gcd(p.block_size, static_cast<int64_t>(64));
     return;
   }
-  p.bq = 64;
+  p.bq = p.bf16_dot ? 64 : 256;
   p.bk = p.bf16_dot ? 256 : 512;
   // LONGMOE_ATTN_TILES="bq,bk" overrides the dense tiles (for tuning sweeps with the benchmark).
   if (const char* env = std::getenv("LONGMOE_ATTN_TILES")) {
