@@ -3,6 +3,7 @@ picks among them, and the sharding helpers."""
 
 from longmoe.parallel.api import (
     SequenceParallelAttention,
+    autotune_algorithm,
     select_algorithm,
     sequence_parallel_attention,
     sequence_parallel_sdpa,
@@ -26,6 +27,7 @@ __all__ = [
     "AttentionShape",
     "SequenceParallelAttention",
     "Topology",
+    "autotune_algorithm",
     "choose_algorithm",
     "communication_bytes",
     "estimate_time",

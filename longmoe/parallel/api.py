@@ -15,13 +15,85 @@ from longmoe.parallel.token_ring import token_ring_attention
 from longmoe.parallel.ulysses import ulysses_attention
 
 __all__ = [
+    "autotune_algorithm",
     "sequence_parallel_attention",
     "select_algorithm",
     "SequenceParallelAttention",
     "sequence_parallel_sdpa",
 ]
 
-ALGORITHM_CHOICES = ("auto", "token_ring", "ring", "ulysses")
+ALGORITHM_CHOICES = ("auto", "autotune", "token_ring", "ring", "ulysses")
+_TUNED: dict[tuple, tuple[str, dict[str, float]]] = {}
+
+
+def autotune_algorithm(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    group: dist.ProcessGroup | None = None,
+    causal: bool = False,
+    layout: str = "zigzag",
+    backward: bool | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    softmax_scale: float | None = None,
+) -> tuple[str, dict[str, float]]:
+    """Time every candidate algorithm once on these shards (collective) and return the fastest and the
+    times; cached per (shapes, dtype, causal, layout, documents, backward, group), like cuDNN's benchmark
+    mode. Every rank gets the same answer (times are all-reduced with MAX).
+
+    Use it where the cost model's guess is not good enough (on CPU ranks the per-step overheads of the ring
+    algorithms are not in the model); ``algorithm="autotune"`` calls it.
+    """
+    import time
+
+    world, _ = world_and_rank(group)
+    if backward is None:
+        backward = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+    docs = None if cu_seqlens is None else tuple(int(x) for x in cu_seqlens.tolist())
+    key = (
+        tuple(q.shape),
+        tuple(k.shape),
+        q.dtype,
+        bool(causal),
+        layout,
+        docs,
+        bool(backward),
+        id(group),
+        world,
+    )
+    if key in _TUNED:
+        return _TUNED[key]
+    if world == 1:
+        _TUNED[key] = ("token_ring", {"token_ring": 0.0})
+        return _TUNED[key]
+    candidates = ["token_ring", "ring"]
+    hq, hkv = q.shape[2], k.shape[2]
+    if cu_seqlens is None and hq % world == 0 and (hkv % world == 0 or world % hkv == 0):
+        candidates.append("ulysses")
+    times: dict[str, float] = {}
+    qd, kd, vd = (t.detach() for t in (q, k, v))
+    for alg in candidates:
+
+        def run(alg=alg):
+            kw = dict(group=group, causal=causal, layout=layout, algorithm=alg, cu_seqlens=cu_seqlens,
+                      softmax_scale=softmax_scale)  # fmt: skip
+            if backward:
+                leaves = [t.clone().requires_grad_() for t in (qd, kd, vd)]
+                sequence_parallel_attention(*leaves, **kw).sum().backward()
+            else:
+                with torch.no_grad():
+                    sequence_parallel_attention(qd, kd, vd, **kw)
+
+        run()  # warm-up: second process group, kernel caches
+        dist.barrier(group=group)
+        t0 = time.perf_counter()
+        run()
+        elapsed = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX, group=group)
+        times[alg] = elapsed.item()
+    _TUNED[key] = (min(times, key=times.get), times)
+    return _TUNED[key]
 
 
 def select_algorithm(
@@ -66,14 +138,15 @@ def sequence_parallel_attention(
     causal: bool = False,
     softmax_scale: float | None = None,
     layout: str = "zigzag",
-    algorithm: Literal["auto", "token_ring", "ring", "ulysses"] = "auto",
+    algorithm: Literal["auto", "autotune", "token_ring", "ring", "ulysses"] = "auto",
     return_lse: bool = False,
     topology: Topology | None = None,
     timeout_s: float = 120.0,
     cu_seqlens: torch.Tensor | None = None,
 ):
     """Attention over sequence shards with TokenRing, the KV ring or Ulysses (``"auto"``: the cost model's
-    cheapest for these shapes and ``topology``). Every rank of ``group`` calls it.
+    cheapest for these shapes and ``topology``; ``"autotune"``: the fastest when timed once on these shapes,
+    cached). Every rank of ``group`` calls it.
 
     q: (batch, seqlen_local, heads_q, head_dim); k, v: (batch, seqlen_local, heads_kv, head_dim) shards made
     with :func:`longmoe.parallel.shard_sequence` in ``layout``; packed documents: batch 1 and the global
@@ -86,6 +159,17 @@ def sequence_parallel_attention(
     if algorithm == "auto":
         algorithm, _ = select_algorithm(
             q, k, group=group, causal=causal, layout=layout, topology=topology, cu_seqlens=cu_seqlens
+        )
+    elif algorithm == "autotune":
+        algorithm, _ = autotune_algorithm(
+            q,
+            k,
+            v,
+            group=group,
+            causal=causal,
+            layout=layout,
+            cu_seqlens=cu_seqlens,
+            softmax_scale=softmax_scale,
         )
     kw = dict(group=group, causal=causal, softmax_scale=softmax_scale, layout=layout, return_lse=return_lse)
     if algorithm == "token_ring":
@@ -136,6 +220,11 @@ class SequenceParallelAttention(nn.Module):
             alg, _ = select_algorithm(
                 q, k, group=self.group, causal=self.causal, layout=self.layout, topology=self.topology,
                 cu_seqlens=cu_seqlens,
+            )  # fmt: skip
+        elif alg == "autotune":
+            alg, _ = autotune_algorithm(
+                q, k, v, group=self.group, causal=self.causal, layout=self.layout, cu_seqlens=cu_seqlens,
+                softmax_scale=self.softmax_scale,
             )  # fmt: skip
         self.last_algorithm = alg
         return sequence_parallel_attention(

@@ -20,6 +20,7 @@ from longmoe.attention import flash_attention, flash_attention_backward_ref, fla
 from longmoe.parallel import (
     AttentionShape,
     SequenceParallelAttention,
+    autotune_algorithm,
     communication_bytes,
     ring_attention,
     sequence_parallel_sdpa,
@@ -262,6 +263,11 @@ def _sharding_and_dropins(rank, world):
     out = module(ql, kl, vl)
     assert module.last_algorithm in ("token_ring", "ring", "ulysses")
     torch.testing.assert_close(out, shard_sequence(ref), rtol=1e-5, atol=1e-5)
+    tuned = SequenceParallelAttention(causal=True, algorithm="autotune")
+    torch.testing.assert_close(tuned(ql, kl, vl), shard_sequence(ref), rtol=1e-5, atol=1e-5)
+    alg, times = autotune_algorithm(ql, kl, vl, causal=True, backward=False)
+    assert tuned.last_algorithm == alg == min(times, key=times.get)
+    assert {"token_ring", "ring"} <= set(times)  # Ulysses too where the heads split over the ranks
     sdpa_out = sequence_parallel_sdpa(
         ql.transpose(1, 2),
         kl.transpose(1, 2),
@@ -271,7 +277,7 @@ def _sharding_and_dropins(rank, world):
         algorithm="ring",
     )
     torch.testing.assert_close(sdpa_out.transpose(1, 2), shard_sequence(ref), rtol=1e-5, atol=1e-5)
-    return module.last_algorithm
+    return module.last_algorithm, tuned.last_algorithm
 
 
 def test_sharding_module_and_sdpa_dropin():
