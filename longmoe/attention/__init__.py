@@ -1,4 +1,5 @@
-"""Attention core: flash attention with log-sum-exp (dense or block-sparse) and the partial merge."""
+"""Attention core: flash attention with log-sum-exp (dense or block-sparse), the partial merge, and the
+XAttention estimator with block-sparse attention."""
 
 from longmoe.attention.flash_attention import (
     FlashAttentionFunction,
@@ -15,6 +16,12 @@ from longmoe.attention.merge import (
     merge_attention_partials_,
     merge_attention_partials_ref,
 )
+from longmoe.attention.xattention import (
+    block_sparse_attention,
+    xattention,
+    xattention_estimate,
+    xattention_estimate_ref,
+)
 
 __all__ = [
     "FlashAttentionFunction",
@@ -28,4 +35,8 @@ __all__ = [
     "merge_attention_partials",
     "merge_attention_partials_",
     "merge_attention_partials_ref",
+    "block_sparse_attention",
+    "xattention",
+    "xattention_estimate",
+    "xattention_estimate_ref",
 ]
