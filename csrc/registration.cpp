@@ -5,6 +5,7 @@
 
 #include "attention/flash_attn.h"
 #include "moe/moe_dispatch.h"
+#include "xattention/antidiag.h"
 
 TORCH_LIBRARY(longmoe, m) {
   m.def(
@@ -20,6 +21,7 @@ TORCH_LIBRARY(longmoe, m) {
   m.def("moe_permute(Tensor x, Tensor src_slot, int topk, Tensor? probs) -> Tensor");
   m.def("moe_unpermute(Tensor y, Tensor row_map, Tensor? probs) -> Tensor");
   m.def("moe_unpermute_probs_grad(Tensor dout, Tensor y, Tensor row_map) -> Tensor");
+  m.def("xattn_block_scores(Tensor q, Tensor k, int stride, int block_size, bool causal, int q_offset) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(longmoe, CPU, m) {
@@ -29,6 +31,7 @@ TORCH_LIBRARY_IMPL(longmoe, CPU, m) {
   m.impl("moe_permute", &longmoe::moe_permute_cpu);
   m.impl("moe_unpermute", &longmoe::moe_unpermute_cpu);
   m.impl("moe_unpermute_probs_grad", &longmoe::moe_unpermute_probs_grad_cpu);
+  m.impl("xattn_block_scores", &longmoe::xattn_block_scores_cpu);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

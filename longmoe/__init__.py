@@ -12,4 +12,12 @@ from longmoe.attention import flash_attention, flash_attention_backward, merge_a
 runtime.load_native()
 
 __version__ = "0.1.0"
-__all__ = ["attention", "moe", "parallel", "runtime", "flash_attention", "flash_attention_backward", "merge_attention_partials"]
+__all__ = [
+    "attention",
+    "moe",
+    "parallel",
+    "runtime",
+    "flash_attention",
+    "flash_attention_backward",
+    "merge_attention_partials",
+]

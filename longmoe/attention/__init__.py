@@ -11,6 +11,7 @@ from longmoe.attention.flash_attention import (
     flash_attention_forward,
     flash_attention_ref,
 )
+from longmoe.attention.hf import register_hf_attention, set_xattention_thresholds, xattention_sdpa
 from longmoe.attention.merge import (
     merge_attention_partials,
     merge_attention_partials_,
@@ -21,6 +22,12 @@ from longmoe.attention.xattention import (
     xattention,
     xattention_estimate,
     xattention_estimate_ref,
+)
+from longmoe.attention.xattention_calibrate import (
+    calibrate_thresholds,
+    load_thresholds,
+    save_thresholds,
+    true_block_mass,
 )
 
 __all__ = [
@@ -39,4 +46,11 @@ __all__ = [
     "xattention",
     "xattention_estimate",
     "xattention_estimate_ref",
+    "calibrate_thresholds",
+    "load_thresholds",
+    "save_thresholds",
+    "true_block_mass",
+    "register_hf_attention",
+    "set_xattention_thresholds",
+    "xattention_sdpa",
 ]

@@ -9,9 +9,10 @@ give block scores; per (head, query block) the highest-scoring key blocks are ke
 the row reaches the threshold (the block that crosses it is kept). Causal rows always keep the first key
 block (attention sink) and their diagonal block.
 
-This module holds the estimator's pure-PyTorch implementation (the reference every backend is tested
-against; the C++ and Triton estimators are the XAttention issue's next step), the block-sparse attention
-entry on top of the attention core's block mask, and ``xattention`` combining both.
+This module holds the estimator (per-head block scores from the C++ op ``longmoe::xattn_block_scores``
+on CPU, the Triton kernel ``longmoe.kernels.xattention`` on CUDA, or the pure-PyTorch math; then the GQA
+group mean and the selection, shared by every backend), its reference ``xattention_estimate_ref``, the
+block-sparse attention entry on top of the attention core's block mask, and ``xattention`` combining both.
 
 Conventions: q ``(batch, seqlen_q, heads_q, head_dim)``, k/v ``(batch, seqlen_k, heads_kv, head_dim)``.
 Queries are at absolute positions ``q_offset .. q_offset + seqlen_q - 1`` (default ``seqlen_k - seqlen_q``:
@@ -27,6 +28,7 @@ import math
 import torch
 
 from longmoe.attention.flash_attention import flash_attention
+from longmoe.runtime.backend import select_backend
 
 __all__ = ["xattention_estimate", "xattention_estimate_ref", "block_sparse_attention", "xattention"]
 
@@ -59,37 +61,16 @@ def _check_estimate_args(q, k, stride, block_size, threshold, causal, q_offset):
         raise ValueError(f"q_offset must be a non-negative int; got {q_offset!r}")
 
 
-@torch.no_grad()
-def xattention_estimate_ref(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    *,
-    stride: int = 8,
-    block_size: int = 128,
-    threshold: float | torch.Tensor = 0.9,
-    causal: bool = True,
-    q_offset: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Antidiagonal block scores and the selected block mask, in plain PyTorch (fp32, fp64 for fp64 inputs).
+def _block_scores_ref(
+    q: torch.Tensor, k: torch.Tensor, stride: int, block_size: int, causal: bool, off: int
+) -> torch.Tensor:
+    """Per-query-head block scores (batch, heads_q, nqb, nkb) before GQA averaging, in fp32 (fp64 for fp64).
 
-    Args:
-        q: (batch, seqlen_q, heads_q, head_dim); k: (batch, seqlen_k, heads_kv, head_dim).
-        stride: antidiagonal length S; block_size: a multiple of S.
-        threshold: keep-mass fraction in (0, 1], a float or a (heads_q,) tensor of per-head thresholds
-            (with GQA each query head applies its own threshold to its group's averaged scores).
-        causal: mask future key groups, aligned at ``q_offset``.
-        q_offset: absolute position of the first query (default ``seqlen_k - seqlen_q``).
-
-    Returns:
-        block_scores: (batch, heads_q, ceil(seqlen_q/block_size), ceil(seqlen_k/block_size)) fp32 (fp64),
-            each row a distribution over key blocks (rows with no visible key are 0); with GQA the scores
-            are averaged over the query heads of a KV group and repeated for each of them.
-        block_mask: bool, same shape, the tiles to compute.
+    The math every backend implements (``torch.ops.longmoe.xattn_block_scores``,
+    ``longmoe.kernels.xattention``); ``off`` is the resolved absolute position of the first query.
     """
-    _check_estimate_args(q, k, stride, block_size, threshold, causal, q_offset)
     b, lq, hq, d = q.shape
     lk, hkv = k.shape[1], k.shape[2]
-    off = lk - lq if q_offset is None else q_offset
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     s = stride
     # Pad the sequences to multiples of the block size; padded keys are masked, padded queries dropped.
@@ -118,28 +99,50 @@ def xattention_estimate_ref(
     r = block_size // s
     blocks = probs.view(b, hq, nqb, r, nkb, r).sum(dim=(3, 5))  # (B, H, nqb, nkb)
     # Average over the block's real query groups, so a block row is a distribution over key blocks.
-    blocks = blocks / real_q.view(nqb, r).sum(-1).clamp(min=1).to(acc)[:, None]
-    if group > 1:
-        blocks = blocks.view(b, hkv, group, nqb, nkb).mean(2).repeat_interleave(group, dim=1)
+    return blocks / real_q.view(nqb, r).sum(-1).clamp(min=1).to(acc)[:, None]
+
+
+def _group_mean(blocks: torch.Tensor, heads_kv: int) -> torch.Tensor:
+    """(batch, heads_q, nqb, nkb) per-head scores -> the mean over each KV group, repeated per query head."""
+    b, hq = blocks.shape[:2]
+    group = hq // heads_kv
+    if group == 1:
+        return blocks
+    return blocks.view(b, heads_kv, group, *blocks.shape[2:]).mean(2).repeat_interleave(group, dim=1)
+
+
+def _select_blocks(
+    blocks: torch.Tensor,
+    threshold: float | torch.Tensor,
+    causal: bool,
+    off: int,
+    seqlen_q: int,
+    block_size: int,
+) -> torch.Tensor:
+    """Bool mask like ``blocks``: per row, the top blocks until their share reaches ``threshold`` (the block
+    that crosses it is kept); causal rows also keep the sink (first) and their diagonal key block."""
+    b, hq, nqb, nkb = blocks.shape
+    dev, acc = blocks.device, blocks.dtype
     # Selection: descending order, keep while the mass before a block is below the threshold.
     tau = threshold if isinstance(threshold, torch.Tensor) else torch.tensor(float(threshold))
-    tau = tau.to(device=q.device, dtype=acc).reshape(-1, 1, 1) if tau.dim() == 1 else tau.to(q.device, acc)
+    tau = tau.to(device=dev, dtype=acc).reshape(-1, 1, 1) if tau.dim() == 1 else tau.to(dev, acc)
     sorted_scores, order = torch.sort(blocks, dim=-1, descending=True)
     before = torch.cumsum(sorted_scores, dim=-1) - sorted_scores
     total = sorted_scores.sum(-1, keepdim=True)
     keep_sorted = (before < tau * total) & (sorted_scores > 0)
     mask = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
     if causal:
-        qb = torch.arange(nqb, device=q.device)
-        last_q = torch.clamp(off + (qb + 1) * block_size - 1, max=off + lq - 1)
+        qb = torch.arange(nqb, device=dev)
+        last_q = torch.clamp(off + (qb + 1) * block_size - 1, max=off + seqlen_q - 1)
         diag = torch.div(last_q, block_size, rounding_mode="floor").clamp(max=nkb - 1)
         has_keys = off + qb * block_size >= 0  # every query block with a visible key keeps sink and diagonal
         mask[..., 0] |= has_keys
         mask.scatter_(-1, diag.view(1, 1, -1, 1).expand(b, hq, -1, 1), True)
-    return blocks, mask
+    return mask
 
 
-def xattention_estimate(
+@torch.no_grad()
+def xattention_estimate_ref(
     q: torch.Tensor,
     k: torch.Tensor,
     *,
@@ -149,14 +152,69 @@ def xattention_estimate(
     causal: bool = True,
     q_offset: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Antidiagonal block scores and the selected block mask, in plain PyTorch (fp32, fp64 for fp64 inputs).
+
+    Args:
+        q: (batch, seqlen_q, heads_q, head_dim); k: (batch, seqlen_k, heads_kv, head_dim).
+        stride: antidiagonal length S; block_size: a multiple of S.
+        threshold: keep-mass fraction in (0, 1], a float or a (heads_q,) tensor of per-head thresholds
+            (with GQA each query head applies its own threshold to its group's averaged scores).
+        causal: mask future key groups, aligned at ``q_offset``.
+        q_offset: absolute position of the first query (default ``seqlen_k - seqlen_q``).
+
+    Returns:
+        block_scores: (batch, heads_q, ceil(seqlen_q/block_size), ceil(seqlen_k/block_size)) fp32 (fp64),
+            each row a distribution over key blocks (rows with no visible key are 0); with GQA the scores
+            are averaged over the query heads of a KV group and repeated for each of them.
+        block_mask: bool, same shape, the tiles to compute.
+    """
+    _check_estimate_args(q, k, stride, block_size, threshold, causal, q_offset)
+    lq, lk = q.shape[1], k.shape[1]
+    off = lk - lq if q_offset is None else q_offset
+    blocks = _group_mean(_block_scores_ref(q, k, stride, block_size, causal, off), k.shape[2])
+    return blocks, _select_blocks(blocks, threshold, causal, off, lq, block_size)
+
+
+@torch.no_grad()
+def xattention_estimate(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    stride: int = 8,
+    block_size: int = 128,
+    threshold: float | torch.Tensor = 0.9,
+    causal: bool = True,
+    q_offset: int | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Block scores and block mask (see :func:`xattention_estimate_ref` for shapes and semantics).
 
-    Runs the PyTorch estimator on every device for now; the C++ (CPU) and Triton (GPU) estimators slot in
-    here behind the backend registry.
+    The per-head block scores come from ``torch.ops.longmoe.xattn_block_scores`` (C++, CPU tensors), the
+    Triton kernel ``longmoe.kernels.xattention`` (CUDA, or CPU under ``TRITON_INTERPRET=1`` when
+    ``backend='triton'``) or the reference math, chosen by :func:`longmoe.runtime.select_backend`; fp64
+    inputs always take the reference math (the kernels compute in fp32). The GQA group mean and the
+    selection are shared PyTorch code. Scores are fp32 (fp64 for fp64 inputs).
     """
-    return xattention_estimate_ref(
-        q, k, stride=stride, block_size=block_size, threshold=threshold, causal=causal, q_offset=q_offset
-    )
+    _check_estimate_args(q, k, stride, block_size, threshold, causal, q_offset)
+    if q.dtype != k.dtype or q.device != k.device:
+        raise ValueError(
+            f"q and k must share dtype and device; got {q.dtype}/{q.device} and {k.dtype}/{k.device}"
+        )
+    lq, lk = q.shape[1], k.shape[1]
+    off = lk - lq if q_offset is None else q_offset
+    name = select_backend(q, backend=backend)
+    if name in ("native", "triton") and q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        name = "reference"  # the kernels compute in fp32; fp64 is the test oracle's dtype
+    if name == "native":
+        blocks = torch.ops.longmoe.xattn_block_scores(q, k, stride, block_size, bool(causal), off)
+    elif name == "triton":
+        from longmoe.kernels.xattention import xattn_block_scores_triton  # noqa: PLC0415
+
+        blocks = xattn_block_scores_triton(q, k, stride, block_size, bool(causal), off)
+    else:
+        blocks = _block_scores_ref(q, k, stride, block_size, causal, off)
+    blocks = _group_mean(blocks, k.shape[2])
+    return blocks, _select_blocks(blocks, threshold, causal, off, lq, block_size)
 
 
 def block_sparse_attention(
@@ -194,16 +252,18 @@ def xattention(
     causal: bool = True,
     softmax_scale: float | None = None,
     return_density: bool = False,
+    backend: str | None = None,
 ):
     """XAttention: estimate the block mask (no gradient), then block-sparse attention (with autograd).
 
     q: (batch, seqlen_q, heads_q, head_dim); k, v: (batch, seqlen_k, heads_kv, head_dim). Returns out like q,
-    and with ``return_density`` the kept fraction of the causally visible tiles (a float).
+    and with ``return_density`` the kept fraction of the causally visible tiles (a float). ``backend``
+    (``native`` / ``triton`` / ``reference``) forces one for both the estimate and the attention.
     """
     _, mask = xattention_estimate(q.detach(), k.detach(), stride=stride, block_size=block_size,
-                                  threshold=threshold, causal=causal)  # fmt: skip
+                                  threshold=threshold, causal=causal, backend=backend)  # fmt: skip
     out = block_sparse_attention(
-        q, k, v, mask, block_size=block_size, causal=causal, softmax_scale=softmax_scale
+        q, k, v, mask, block_size=block_size, causal=causal, softmax_scale=softmax_scale, backend=backend
     )
     if not return_density:
         return out
