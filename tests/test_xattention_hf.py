@@ -5,8 +5,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-transformers = pytest.importorskip("transformers")
-
 from longmoe.attention.hf import register_hf_attention, set_xattention_thresholds, xattention_sdpa  # noqa: E402
 
 # fp32 logits of O(1) through 2 layers: our kernels and SDPA differ only in summation order (measured 2.4e-7);
