@@ -9,7 +9,7 @@ import torch.distributed as dist
 from torch import nn
 
 from longmoe.parallel.cost_model import AttentionShape, Topology, choose_algorithm, measure_topology
-from longmoe.parallel.plan import check_layout, world_and_rank
+from longmoe.parallel.plan import check_layout, group_key, world_and_rank
 from longmoe.parallel.ring import ring_attention
 from longmoe.parallel.token_ring import token_ring_attention
 from longmoe.parallel.ulysses import ulysses_attention
@@ -59,7 +59,7 @@ def autotune_algorithm(
         layout,
         docs,
         bool(backward),
-        id(group),
+        group_key(group),
         world,
     )
     if key in _TUNED:

@@ -275,10 +275,10 @@ def measure_topology(group=None, *, nbytes: int = 8 << 20, repeats: int = 3, kin
     import torch.distributed as dist
 
     from longmoe.attention import flash_attention_forward
-    from longmoe.parallel.plan import world_and_rank
+    from longmoe.parallel.plan import group_key, world_and_rank
     from longmoe.runtime.exchanger import P2PExchanger
 
-    key = (id(group), kind)
+    key = (group_key(group), kind)
     if key in _MEASURED:
         return _MEASURED[key]
     world, rank = world_and_rank(group)

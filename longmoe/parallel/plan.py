@@ -25,6 +25,7 @@ __all__ = [
     "rows_of",
     "check_sequence_parallel_inputs",
     "world_and_rank",
+    "group_key",
 ]
 
 
@@ -34,6 +35,18 @@ LAYOUTS: tuple[str, ...] = ("zigzag", "contiguous")
 def check_layout(layout: str) -> None:
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r} is not a sequence layout; expected one of {LAYOUTS}")
+
+
+_PINNED_GROUPS: dict[int, object] = {}
+
+
+def group_key(group: dist.ProcessGroup | None) -> int:
+    """A cache key for ``group`` (0 for the default group). The group is kept alive by the cache, so its
+    ``id`` can never be reused by a different group while a cached entry refers to it."""
+    if group is None:
+        return 0
+    _PINNED_GROUPS.setdefault(id(group), group)
+    return id(group)
 
 
 def world_and_rank(group: dist.ProcessGroup | None) -> tuple[int, int]:

@@ -26,6 +26,7 @@ from longmoe.parallel.plan import (
     ShardLayout,
     check_layout,
     check_sequence_parallel_inputs,
+    group_key,
     rows_of,
     world_and_rank,
 )
@@ -42,7 +43,7 @@ def second_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
 
     Two groups let the Q batch and the partial-output batch run as two independent P2P streams.
     """
-    key = id(group) if group is not None else 0
+    key = group_key(group)
     if key not in _SECOND_GROUPS:
         _SECOND_GROUPS[key] = new_group_like(group)
     return _SECOND_GROUPS[key]
