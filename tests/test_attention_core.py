@@ -230,3 +230,9 @@ def test_fp32_partials_and_external_delta(backend, dtype):
     grads_out = flash_attention_backward(dout, q, k, v, out32, lse, grad_dtype=torch.float32, **kw)
     for a, b in zip(grads, grads_out, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_bf16_long_keys_use_tall_tiles(causal):
+    """Sk >= 8192 switches the bf16 tiles to 256 query rows (see choose_tiles): cover that path too."""
+    check_against_oracle("native", (1, 300, 8200, 2, 1, 64), torch.bfloat16, causal)

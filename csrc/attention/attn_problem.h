@@ -44,16 +44,18 @@ struct Problem {
 
 // Dense tiles, from sweeps of LONGMOE_ATTN_TILES (D=128, H=4) on the 2-core dev box (AVX-512 EPYC, MKL;
 // run-to-run noise there is about +-10%): fp32 tiles 256x512 -- at S=16K the forward ran 155 GFLOP/s vs
-// 139 with 64-row tiles, which re-read K/V 4x as often (equal at S=4K); bf16-dot tiles 64x256 (backward
-// ~15% faster than 64x512 at S=4K, forward equal). Masked tiles follow the mask's block size so a tile
-// never straddles two mask blocks.
+// 139 with 64-row tiles, which re-read K/V 4x as often (equal at S=4K); bf16-dot tiles 64x256 up to
+// Sk=8K (backward ~15% faster than 64x512 at 4K) and 256x256 from Sk=8K on, where each query tile's pass
+// over the per-head fp32 dK/dV slab (Sk*D*8 bytes) dominates: backward 406 vs 292 GFLOP/s at 16K, 394 vs
+// 352 at 8K, but 399 vs 514 at 4K. Masked tiles follow the mask's block size so a tile never straddles
+// two mask blocks.
 inline void choose_tiles(Problem& p) {
   if (p.mask != nullptr) {
     p.bk = p.block_size;
     p.bq = std::gcd(p.block_size, static_cast<int64_t>(64));
     return;
   }
-  p.bq = p.bf16_dot ? 64 : 256;
+  p.bq = p.bf16_dot ? (p.Sk >= 8192 ? 256 : 64) : 256;
   p.bk = p.bf16_dot ? 256 : 512;
   // LONGMOE_ATTN_TILES="bq,bk" overrides the dense tiles (for tuning sweeps with the benchmark).
   if (const char* env = std::getenv("LONGMOE_ATTN_TILES")) {
