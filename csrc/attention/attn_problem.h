@@ -11,6 +11,8 @@
 #include <numeric>
 #include <optional>
 
+#include "attention/tile_math.h"
+
 namespace longmoe {
 
 struct Problem {
@@ -74,6 +76,21 @@ struct Strides {
 };
 
 inline at::Tensor inner_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
+// Backward: turn the [mq, nk] score tile S (already scaled) into probabilities P = exp(S - lse) in place,
+// with the forward's (possibly global) lse per row; invisible entries and rows with lse = -inf (no key
+// seen in the forward, hence no gradient) become 0.
+inline void recompute_probs(const Problem& p, float* P, int64_t mq, int64_t nk, const float* lrow, int64_t q0,
+                            int64_t k0) {
+  for (int64_t i = 0; i < mq; ++i) {
+    float* row = P + i * nk;
+    const float li = lrow[i];
+    const int64_t vis = std::isinf(li) ? 0 : p.visible(q0 + i, k0, nk);
+#pragma omp simd
+    for (int64_t j = 0; j < vis; ++j) row[j] = exp_nonpos(row[j] - li);
+    std::fill(row + vis, row + nk, 0.f);
+  }
+}
 
 Problem make_problem(const at::Tensor& q, const at::Tensor& k, bool causal, double scale,
                      const std::optional<at::Tensor>& block_mask, int64_t block_size);

@@ -212,15 +212,7 @@ void backward_kernel(const Problem& p, const at::Tensor& dout, const at::Tensor&
           float* P = pbuf.data();
           float* dP = dpbuf.data();
           gemm_rm(false, true, mq, nk, D, p.scale, Q, ldq, K, ldk, 0.f, P, nk);
-          for (int64_t i = 0; i < mq; ++i) {
-            float* row = P + i * nk;
-            const float li = lrow[i];
-            // lse = -inf: the row saw no key in the forward pass, so it has no gradient.
-            const int64_t vis = std::isinf(li) ? 0 : p.visible(q0 + i, k0, nk);
-#pragma omp simd
-            for (int64_t j = 0; j < vis; ++j) row[j] = exp_nonpos(row[j] - li);
-            std::fill(row + vis, row + nk, 0.f);
-          }
+          recompute_probs(p, P, mq, nk, lrow.data(), q0, k0);
           gemm_rm(true, false, nk, D, mq, 1.f, P, nk, dO, lddo, 1.f, dV + k0 * D, D);  // dV += P^T dO
           gemm_rm(false, true, mq, nk, D, 1.f, dO, lddo, V, ldv, 0.f, dP, nk);         // dP = dO V^T
           for (int64_t i = 0; i < mq; ++i) {

@@ -287,14 +287,7 @@ void backward_bf16_dot(const Problem& p, const at::Tensor& dout, const at::Tenso
           float* P = pbuf.data();
           float* dP = dpbuf.data();
           gemm_bf16(mq, nk, D / 2, Q, qs.s, KT + k0, kt.np, P, nk, p.scale, false);
-          for (int64_t i = 0; i < mq; ++i) {
-            float* row = P + i * nk;
-            const float li = lrow[i];
-            const int64_t vis = std::isinf(li) ? 0 : p.visible(q0 + i, k0, nk);
-#pragma omp simd
-            for (int64_t j = 0; j < vis; ++j) row[j] = exp_nonpos(row[j] - li);
-            std::fill(row + vis, row + nk, 0.f);
-          }
+          recompute_probs(p, P, mq, nk, lrow.data(), q0, k0);
           transpose_to_bf16(P, nk, mq, nk, pt.data(), mqe);
           gemm_bf16(nk, D, mqe / 2, pt.data(), mqe, dor.data(), dp, dV + k0 * D, D, 1.f, true);  // dV += P^T dO
           gemm_bf16(mq, nk, D / 2, dO, dos.s, VT + k0, vt.np, dP, nk, 1.f, false);             // dP = dO V^T

@@ -145,7 +145,7 @@ def _default_device(local_rank: int | None) -> torch.device:
     # CUDA is queried here, at call time, never at import.
     if torch.cuda.is_available():
         if local_rank is None:
-            local_rank = int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))
+            local_rank = int(os.environ.get("LOCAL_RANK", "0"))  # torchrun sets it; one process: GPU 0
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
 
