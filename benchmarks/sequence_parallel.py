@@ -88,6 +88,7 @@ def _bench_rank(rank, world, args):
         AttentionShape,
         choose_algorithm,
         measure_topology,
+        profile_compute,
         ring_attention,
         shard_sequence,
         token_ring_attention,
@@ -119,7 +120,11 @@ def _bench_rank(rank, world, args):
         )  # fmt: skip
         measured = {}
         for mode in ("fwd", "fwd+bwd"):
-            chosen, estimates = choose_algorithm(shape, topo, backward=mode == "fwd+bwd")
+            backward = mode == "fwd+bwd"
+            # what algorithm="auto" does: links measured once per group, kernel calls timed once per shape
+            profile = profile_compute(shape, None, backward=backward)
+            chosen, estimates = choose_algorithm(shape, topo, backward=backward, profile=profile)
+            chosen_flops, _ = choose_algorithm(shape, topo, backward=backward)
             for alg in ALGS:
                 if alg not in estimates:
                     continue
@@ -160,7 +165,7 @@ def _bench_rank(rank, world, args):
                     step_ms=t / world * 1e3, pass_ms=t * 1e3, compute_ms=t_compute * 1e3,
                     exposed_comm_ms=max(t - t_compute, 0.0) * 1e3, bytes_next=sent.get("next", 0),
                     bytes_prev=sent.get("prev", 0), bytes_other=sent.get("other", 0), chosen=chosen,
-                    estimate_ms=estimates[alg] * 1e3,
+                    chosen_flop_rate_model=chosen_flops, estimate_ms=estimates[alg] * 1e3,
                 ))  # fmt: skip
                 if progress is not None:
                     progress.advance(task)
@@ -195,7 +200,10 @@ def _bench_rank(rank, world, args):
         rows,
         accuracy,
         dict(
-            link_GBps=topo.link_bandwidth / 1e9, compute_GFLOPs=topo.compute_rate / 1e9, overlap=topo.overlap
+            link_GBps=topo.link_bandwidth / 1e9,
+            compute_GFLOPs=topo.compute_rate / 1e9,
+            overlap=topo.overlap,
+            latency_ms=topo.latency * 1e3,
         ),
     )
 
@@ -253,9 +261,9 @@ def report(rows, accuracy, topo, world, args) -> None:
         w.writerows(rows)
     table = Table(title=f"Sequence-parallel attention, {world} CPU ranks (gloo), {args.dtype}, causal zigzag, "
                   f"D={args.head_dim}; measured link {topo['link_GBps']:.2f} GB/s, compute {topo['compute_GFLOPs']:.0f} GFLOP/s per rank, "
-                  f"overlap {topo['overlap']:.2f}")  # fmt: skip
-    for col in ("heads", "S_local", "mode", "algorithm", "ms/step", "pass ms", "compute-only ms", "exposed comm ms",
-                "MB sent next/prev/other", "vs ring", "model's pick", "fastest"):  # fmt: skip
+                  f"overlap {topo['overlap']:.2f}, latency {topo['latency_ms']:.2f} ms")  # fmt: skip
+    for col in ("heads", "S_local", "mode", "algorithm", "ms/step", "pass ms", "model ms", "compute-only ms",
+                "exposed comm ms", "MB sent next/prev/other", "vs ring", "model's pick", "fastest"):  # fmt: skip
         table.add_column(col, justify="right")
     for r in rows:
         mb = "/".join(f"{r[k] / 1e6:.1f}" for k in ("bytes_next", "bytes_prev", "bytes_other"))
@@ -263,11 +271,23 @@ def report(rows, accuracy, topo, world, args) -> None:
         ok = "" if r["chosen"] == r["fastest"] else "[red]"
         table.add_row(
             r["heads"], str(r["seqlen_local"]), r["mode"], r["algorithm"], f"{r['step_ms']:.1f}",
-            f"{r['pass_ms']:.1f}", f"{r['compute_ms']:.1f}", f"{r['exposed_comm_ms']:.1f}", mb,
+            f"{r['pass_ms']:.1f}", f"{r['estimate_ms']:.1f}", f"{r['compute_ms']:.1f}", f"{r['exposed_comm_ms']:.1f}", mb,
             f"[{style}]{r['ratio_vs_ring']:.2f}x[/]" if style else f"{r['ratio_vs_ring']:.2f}x",
             f"{ok}{r['chosen']}", r["fastest"],
         )  # fmt: skip
     console.print(table)
+    # How the selector did: per (heads, S_local, mode), the pick's measured time vs the fastest's.
+    cases = {}
+    for r in rows:
+        cases.setdefault((r["heads"], r["seqlen_local"], r["mode"]), {})[r["algorithm"]] = r
+    picks = {"profiled model": "chosen", "FLOP-rate model": "chosen_flop_rate_model"}
+    for label, col in picks.items():
+        slow = [c[next(iter(c))][col] and c[c[next(iter(c))][col]]["pass_ms"] / min(x["pass_ms"] for x in c.values())
+                for c in cases.values()]  # fmt: skip
+        console.print(
+            f"{label}: picked the measured fastest in {sum(x == 1.0 for x in slow)}/{len(slow)} cases, within 5% in "
+            f"{sum(x <= 1.05 for x in slow)}/{len(slow)}; worst pick {max(slow):.2f}x the fastest"
+        )
     console.print("max |out - fp64| (bf16 inputs, causal):", {k: f"{v:.2e}" for k, v in accuracy.items()})
     console.print(f"CSV: {args.out}")
     plot(rows, args.out.with_suffix(".png"), world)

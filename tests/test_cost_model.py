@@ -86,3 +86,50 @@ def test_bad_shapes():
         shape(8, 8, world_size=0)
     with pytest.raises(ValueError, match="algorithm='nccl_magic'"):
         communication_bytes("nccl_magic", shape(8, 8), 0)
+
+
+def test_compute_calls_cover_the_same_work():
+    """TokenRing and the KV ring make the same kernel calls per pass (each rank's queries meet every key
+    rank's keys once), and Ulysses' one call has P times a ring step's heads-free work."""
+    from longmoe.parallel.cost_model import _call_flops, compute_calls
+
+    s = shape(16, 4, world_size=4, seqlen_local=96)
+    ring = [_call_flops(s, c) for r in range(4) for c in compute_calls("ring", s, r, False)]
+    token = [_call_flops(s, c) for r in range(4) for c in compute_calls("token_ring", s, r, False)]
+    assert sorted(ring) == sorted(token)
+    (uly,) = compute_calls("ulysses", s, 0, False)
+    assert uly == (384, 384, 4, 1, True, False)
+    assert 4 * _call_flops(s, uly) == pytest.approx(sum(ring))
+
+
+def test_profile_drives_the_choice():
+    """Measured kernel times decide where bytes do not: a slow Ulysses call loses, a fast one wins."""
+    from longmoe.parallel import ComputeProfile
+    from longmoe.parallel.cost_model import compute_calls
+
+    s = shape(16, 16, world_size=4, seqlen_local=1024)
+    topo = Topology(kind="mesh", link_bandwidth=400e9, compute_rate=50e12)
+    ring_calls = {
+        c: 1e-3 for r in range(4) for a in ("ring", "token_ring") for c in compute_calls(a, s, r, False)
+    }
+    (uly,) = compute_calls("ulysses", s, 0, False)
+    for uly_time, want in ((1.0, {"ring", "token_ring"}), (1e-4, {"ulysses"})):
+        prof = ComputeProfile(calls={**ring_calls, uly: uly_time})
+        best, est = choose_algorithm(s, topo, backward=False, profile=prof)
+        assert best in want, est
+
+
+def test_profile_compute_times_every_distinct_call():
+    from longmoe.parallel import profile_compute
+    from longmoe.parallel.cost_model import compute_calls
+
+    s = shape(4, 2, world_size=2, seqlen_local=64, dtype=torch.float32)
+    prof = profile_compute(s, backward=True)
+    want = {c for a in ("ring", "token_ring", "ulysses") for r in range(2) for b in (False, True)
+            for c in compute_calls(a, s, r, b)}  # fmt: skip
+    assert set(prof.calls) == want
+    assert all(t > 0 for t in prof.calls.values()) and prof.merge_per_row > 0
+    assert profile_compute(s, backward=True) is prof  # cached
+    # estimates with the profile are finite and positive for every algorithm
+    _, est = choose_algorithm(s, Topology(), profile=prof)
+    assert set(est) == {"ring", "token_ring", "ulysses"} and all(0 < t < 10 for t in est.values())

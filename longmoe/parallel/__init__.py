@@ -11,11 +11,13 @@ from longmoe.parallel.api import (
 from longmoe.parallel.cost_model import (
     ALGORITHMS,
     AttentionShape,
+    ComputeProfile,
     Topology,
     choose_algorithm,
     communication_bytes,
     estimate_time,
     measure_topology,
+    profile_compute,
 )
 from longmoe.parallel.ring import ring_attention
 from longmoe.parallel.sharding import shard_bounds, shard_positions, shard_sequence, unshard_sequence
@@ -25,6 +27,7 @@ from longmoe.parallel.ulysses import heads_to_seq, seq_to_heads, ulysses_attenti
 __all__ = [
     "ALGORITHMS",
     "AttentionShape",
+    "ComputeProfile",
     "SequenceParallelAttention",
     "Topology",
     "autotune_algorithm",
@@ -33,6 +36,7 @@ __all__ = [
     "estimate_time",
     "heads_to_seq",
     "measure_topology",
+    "profile_compute",
     "ring_attention",
     "select_algorithm",
     "seq_to_heads",

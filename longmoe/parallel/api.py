@@ -8,7 +8,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from longmoe.parallel.cost_model import AttentionShape, Topology, choose_algorithm, measure_topology
+from longmoe.parallel.cost_model import (
+    AttentionShape,
+    Topology,
+    choose_algorithm,
+    measure_topology,
+    profile_compute,
+    ulysses_applies,
+)
 from longmoe.parallel.plan import check_layout, group_key, world_and_rank
 from longmoe.parallel.ring import ring_attention
 from longmoe.parallel.token_ring import token_ring_attention
@@ -106,13 +113,16 @@ def select_algorithm(
     topology: Topology | None = None,
     backward: bool | None = None,
     cu_seqlens: torch.Tensor | None = None,
+    measure_compute: bool = True,
 ) -> tuple[str, dict[str, float]]:
     """The algorithm ``algorithm="auto"`` runs for these shards, and the estimated seconds of each.
 
     q: (batch, seqlen_local, heads_q, head_dim); k: (batch, seqlen_local, heads_kv, head_dim).
-    ``topology`` defaults to one measured on ``group`` (collective, cached). ``backward`` defaults to
-    whether autograd will need gradients. With packed documents (``cu_seqlens``) only the ring algorithms
-    are candidates.
+    ``topology`` defaults to one measured on ``group`` (collective, cached). With ``measure_compute`` the
+    kernel calls each algorithm would make are timed once per shape (collective, cached; about one ring
+    pass of compute, see :func:`longmoe.parallel.profile_compute`), otherwise compute is costed at the
+    topology's FLOP rate. ``backward`` defaults to whether autograd will need gradients. With packed
+    documents (``cu_seqlens``) only the ring algorithms are candidates.
     """
     world, _ = world_and_rank(group)
     if world == 1:
@@ -126,7 +136,12 @@ def select_algorithm(
     if backward is None:
         backward = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
     candidates = ("token_ring", "ring") if cu_seqlens is not None else ("token_ring", "ring", "ulysses")
-    return choose_algorithm(shape, topo, backward=backward, candidates=candidates)
+    if cu_seqlens is None and not ulysses_applies(shape):
+        candidates = ("token_ring", "ring")
+    profile = None
+    if measure_compute:
+        profile = profile_compute(shape, group, backward=backward, algorithms=candidates, device=q.device)
+    return choose_algorithm(shape, topo, backward=backward, candidates=candidates, profile=profile)
 
 
 def sequence_parallel_attention(

@@ -4,7 +4,11 @@
 :class:`ShardLayout` segments), so its byte counts equal what the exchangers count, per rank and direction; tests assert that.
 ``estimate_time`` turns bytes and FLOPs into seconds for a :class:`Topology` (link bandwidth, whether ranks
 form a full mesh or a ring, compute rate), assuming each step's communication overlaps its compute.
-``choose_algorithm`` picks the cheapest.
+``choose_algorithm`` picks the cheapest. Compute comes either from a FLOP rate or, better, from a
+:class:`ComputeProfile` (``profile_compute``): the measured time of every distinct kernel call the
+algorithms make for this shape (ring chunks are smaller than Ulysses' one call, and kernels are not
+equally efficient at every size), plus the partial merges. ``measure_topology`` measures the links
+(bandwidth, per-message latency, how much communication hides behind compute).
 
 Rule of thumb the model reproduces (bytes per query row, elements of size e): forward, TokenRing moves Q
 one way and the partial output (+ fp32 LSE) the other, ``Hq*D*e`` each, where the KV ring moves
@@ -16,6 +20,7 @@ TokenRing when communication dominates, GQA 8:1 the KV ring.
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Literal
@@ -28,11 +33,14 @@ from longmoe.parallel.token_ring import partial_direction
 __all__ = [
     "ALGORITHMS",
     "AttentionShape",
+    "ComputeProfile",
     "Topology",
     "communication_bytes",
     "estimate_time",
     "choose_algorithm",
     "measure_topology",
+    "profile_compute",
+    "ulysses_applies",
 ]
 
 ALGORITHMS: tuple[str, ...] = ("token_ring", "ring", "ulysses")
@@ -103,6 +111,80 @@ class Topology:
     notes: dict = field(default_factory=dict)
 
 
+CallKey = tuple[int, int, int, int, bool, bool]
+"""(query rows, key rows, heads_q, heads_kv, causal, backward) of one attention kernel call."""
+
+
+@dataclass(kw_only=True, slots=True)
+class ComputeProfile:
+    """Measured seconds of attention kernel calls on one rank (averaged over the group's ranks).
+
+    ``calls`` maps a :data:`CallKey` to seconds; ``merge_per_row`` is the seconds to fold one query row's
+    fp32 partial into the running output (forward) or one row of partial dQ (backward) per head. A call
+    not in the table is costed at ``flops / rate`` with ``rate`` the measured rate of the nearest
+    measured call (or the topology's ``compute_rate`` when nothing was measured).
+    """
+
+    calls: dict[CallKey, float] = field(default_factory=dict)
+    merge_per_row: float = 0.0
+
+    def rate(self, shape: AttentionShape) -> float | None:
+        """FLOP/s of the largest measured call (None if none)."""
+        if not self.calls:
+            return None
+        key = max(self.calls, key=lambda c: _call_flops(shape, c))
+        return _call_flops(shape, key) / self.calls[key]
+
+
+def _call_flops(shape: AttentionShape, key: CallKey) -> float:
+    nq, nk, hq, _, causal, backward = key
+    f = 4.0 * shape.batch * hq * nq * nk * shape.head_dim * (0.5 if causal else 1.0)
+    return 2.5 * f if backward else f
+
+
+def _call_time(
+    shape: AttentionShape, topology: Topology, profile: ComputeProfile | None, key: CallKey
+) -> float:
+    if profile is not None:
+        if key in profile.calls:
+            return profile.calls[key]
+        rate = profile.rate(shape)
+        if rate is not None:
+            return _call_flops(shape, key) / rate
+    return _call_flops(shape, key) / topology.compute_rate
+
+
+def ulysses_applies(shape: AttentionShape) -> bool:
+    """Whether Ulysses can split these heads over the ranks: query heads evenly, and K/V heads evenly or
+    (repeated) when fewer than the ranks and dividing them."""
+    p = shape.world_size
+    return shape.heads_q % p == 0 and (shape.heads_kv % p == 0 or p % shape.heads_kv == 0)
+
+
+def ulysses_heads(shape: AttentionShape) -> tuple[int, int]:
+    """(query heads, key/value heads) of each rank's one attention call under Ulysses (K/V heads are
+    repeated up to P when fewer than P)."""
+    p = shape.world_size
+    hkv_eff = max(shape.heads_kv, p) if shape.heads_kv % p else shape.heads_kv
+    return shape.heads_q // p, hkv_eff // p
+
+
+def compute_calls(algorithm: str, shape: AttentionShape, rank: int, backward: bool) -> list[CallKey]:
+    """The attention kernel calls ``rank`` makes in one pass of ``algorithm``, in order."""
+    p, shard, causal = shape.world_size, shape.shard, shape.causal
+    hq, hkv = shape.heads_q, shape.heads_kv
+    if algorithm == "ulysses" and p > 1:
+        s = shard.local_len(0) * p
+        return [(s, s, *ulysses_heads(shape), causal, backward)]
+    calls = []
+    for step in range(p):
+        owner, kv_rank = ((rank + step) % p, rank) if algorithm == "token_ring" else (rank, (rank - step) % p)
+        calls += [
+            (g.num_q, g.num_kv, hq, hkv, g.causal, backward) for g in shard.segments(owner, kv_rank, causal)
+        ]
+    return calls
+
+
 def _add(d: dict, key: str, n: int) -> None:
     if n:
         d[key] = d.get(key, 0) + n
@@ -161,25 +243,20 @@ def communication_bytes(
     raise ValueError(f"algorithm={algorithm!r} is not one of {ALGORITHMS}")
 
 
-def _step_flops(shape: AttentionShape, nq: int, nk: int, causal: bool, backward: bool) -> float:
-    f = 4.0 * shape.batch * shape.heads_q * nq * nk * shape.head_dim * (0.5 if causal else 1.0)
-    return 2.5 * f if backward else f
-
-
 def estimate_time(
-    algorithm: str, shape: AttentionShape, topology: Topology, *, backward: bool = False
+    algorithm: str,
+    shape: AttentionShape,
+    topology: Topology,
+    *,
+    backward: bool = False,
+    profile: ComputeProfile | None = None,
 ) -> float:
-    """Estimated seconds of one forward (or backward) pass on every rank (ranks are symmetric)."""
-    p, sl = shape.world_size, shape.shard.local_len(0)
-    bw, rate, lat = topology.link_bandwidth, topology.compute_rate, topology.latency
+    """Estimated seconds of one forward (or backward) pass (the slowest rank's), with kernel times from
+    ``profile`` where it has them, else from ``topology.compute_rate``."""
+    p = shape.world_size
+    bw, lat = topology.link_bandwidth, topology.latency
     if p == 1:
-        return (
-            sum(
-                _step_flops(shape, g.num_q, g.num_kv, g.causal, backward)
-                for g in shape.shard.segments(0, 0, shape.causal)
-            )
-            / rate
-        )
+        return sum(_call_time(shape, topology, profile, c) for c in compute_calls("ring", shape, 0, backward))
     if algorithm == "ulysses":
         total = sum(communication_bytes("ulysses", shape, 0, backward=backward).values())
         if topology.kind == "mesh":
@@ -188,16 +265,19 @@ def estimate_time(
             per_dst = total / (p - 1)
             load = sum(min(dd, p - dd) * per_dst for dd in range(1, p)) / 2
             comm = load / bw
-        s = p * sl
-        return comm + 2 * lat * (p - 1) + _step_flops(shape, s, s, shape.causal, backward) / p / rate
-    return max(_ring_time(algorithm, shape, topology, r, backward) for r in range(p))
+        (call,) = compute_calls("ulysses", shape, 0, backward)
+        return comm + 2 * lat * (p - 1) + _call_time(shape, topology, profile, call)
+    return max(_ring_time(algorithm, shape, topology, r, backward, profile) for r in range(p))
 
 
-def _ring_time(algorithm: str, shape: AttentionShape, topology: Topology, rank: int, backward: bool) -> float:
+def _ring_time(
+    algorithm: str, shape: AttentionShape, topology: Topology, rank: int, backward: bool, profile
+) -> float:
     """Seconds of one pass on ``rank`` for the ring algorithms: per step
-    ``max(compute, comm) + (1 - overlap) * min(compute, comm) + latency``."""
+    ``max(compute, comm) + (1 - overlap) * min(compute, comm) + messages * latency``, where compute
+    includes merging the step's partial results."""
     p = shape.world_size
-    bw, rate, lat = topology.link_bandwidth, topology.compute_rate, topology.latency
+    bw, lat = topology.link_bandwidth, topology.latency
     elt, pelt = shape.elt, shape.partial_elt
     b, hq, hkv, d = shape.batch, shape.heads_q, shape.heads_kv, shape.head_dim
     shard, causal = shape.shard, shape.causal
@@ -210,6 +290,7 @@ def _ring_time(algorithm: str, shape: AttentionShape, topology: Topology, rank: 
             kv = 2 * b * held * hkv * d * elt if s < p - 1 else 0
             grads = 2 * b * held * hkv * d * 4 if backward else 0
             comm = (kv + grads) / bw  # both go to the next rank
+            msgs = (2 if s < p - 1 else 0) + (2 if backward else 0)  # k, v; dk, dv accumulators
         elif algorithm == "token_ring":
             owner = (rank + s) % p
             segs = shard.segments(owner, rank, causal)
@@ -222,17 +303,35 @@ def _ring_time(algorithm: str, shape: AttentionShape, topology: Topology, rank: 
                 comm = (q_bytes + r_bytes) / bw if same_link else max(q_bytes, r_bytes) / bw
             else:  # partials travel s hops forward: link r->r+1 carries s of them at step s
                 comm = max(q_bytes, s * r_bytes) / bw
+            # q (fwd) or q, dout, lse, delta (bwd) travel; out, lse (fwd) or dq (bwd) return
+            msgs = ((4 if backward else 1) if s < p - 1 else 0) + ((1 if backward else 2) if s > 0 else 0)
         else:
             raise ValueError(f"algorithm={algorithm!r} is not one of {ALGORITHMS}")
-        compute = sum(_step_flops(shape, seg.num_q, seg.num_kv, seg.causal, backward) for seg in segs) / rate
-        total += max(compute, comm) + (1.0 - topology.overlap) * min(compute, comm) + lat
+        compute = sum(
+            _call_time(shape, topology, profile, (g.num_q, g.num_kv, hq, hkv, g.causal, backward))
+            for g in segs
+        )
+        if profile is not None and s > 0:
+            # forward: every partial after the first is merged into the running output; backward: partial
+            # dQ is added (and, for the ring, the travelling fp32 dK/dV accumulators)
+            heads_rows = hq * rows(segs)
+            if algorithm == "ring" and backward:
+                heads_rows += 2 * hkv * sum(g.num_kv for g in segs)
+            compute += profile.merge_per_row * b * heads_rows
+        total += max(compute, comm) + (1.0 - topology.overlap) * min(compute, comm) + msgs * lat
     return total
 
 
 def choose_algorithm(
-    shape: AttentionShape, topology: Topology, *, backward: bool = True, candidates=ALGORITHMS
+    shape: AttentionShape,
+    topology: Topology,
+    *,
+    backward: bool = True,
+    candidates=ALGORITHMS,
+    profile: ComputeProfile | None = None,
 ) -> tuple[str, dict[str, float]]:
-    """The algorithm with the lowest estimated forward (+ backward) time, and every estimate.
+    """The algorithm with the lowest estimated forward (+ backward) time, and every estimate
+    (``profile``: measured kernel times, see :func:`profile_compute`).
 
     Ulysses is a candidate only when the heads split evenly over the ranks. Estimates within 2% of each
     other count as a tie, broken by the fewest bytes on the busiest link direction (less to lose when
@@ -240,14 +339,11 @@ def choose_algorithm(
     """
     est = {}
     for alg in candidates:
-        if alg == "ulysses" and (
-            shape.heads_q % shape.world_size
-            or (shape.heads_kv % shape.world_size and shape.world_size % shape.heads_kv)
-        ):
+        if alg == "ulysses" and not ulysses_applies(shape):
             continue
-        t = estimate_time(alg, shape, topology)
+        t = estimate_time(alg, shape, topology, profile=profile)
         if backward:
-            t += estimate_time(alg, shape, topology, backward=True)
+            t += estimate_time(alg, shape, topology, backward=True, profile=profile)
         est[alg] = t
     fastest = min(est.values())
     tied = [a for a in est if est[a] <= fastest * 1.02]
@@ -307,12 +403,105 @@ def measure_topology(group=None, *, nbytes: int = 8 << 20, repeats: int = 3, kin
         bw = nbytes / t_comm
         # Fraction of the shorter of the two that ran in the shadow of the other.
         overlap = (t_compute + t_comm - t_both) / min(t_compute, t_comm)
-        stats = torch.tensor([bw, rate, overlap], dtype=torch.float64)
+        # Per-message latency: a tiny exchange (median: on shared cores a rank is sometimes descheduled,
+        # and the ring algorithms pay that on every step).
+        tiny = torch.empty(16)
+        lats = []
+        for i in range(2 * repeats + 1):
+            t0 = time.perf_counter()
+            ex.send_recv(tiny, (rank + 1) % world, (rank - 1) % world, step=200 + i)
+            ex.commit()
+            ex.wait()
+            lats.append(time.perf_counter() - t0)
+        latency = statistics.median(lats)
+        stats = torch.tensor([bw, rate, overlap, latency], dtype=torch.float64)
         dist.all_reduce(stats, group=group)
-        bw, rate, overlap = (stats / world).tolist()
+        bw, rate, overlap, latency = (stats / world).tolist()
         overlap = min(max(overlap, 0.0), 1.0)
+    else:
+        latency = 0.0
     topo = Topology(
-        kind=kind, link_bandwidth=bw, compute_rate=rate, overlap=overlap, notes={"measured": True}
-    )
+        kind=kind, link_bandwidth=bw, compute_rate=rate, overlap=overlap, latency=latency,
+        notes={"measured": True},
+    )  # fmt: skip
     _MEASURED[key] = topo
     return topo
+
+
+_PROFILES: dict[tuple, ComputeProfile] = {}
+
+
+def profile_compute(
+    shape: AttentionShape,
+    group=None,
+    *,
+    backward: bool = True,
+    algorithms=ALGORITHMS,
+    max_calls: int = 8,
+    device: torch.device | str = "cpu",
+) -> ComputeProfile:
+    """Time each distinct attention kernel call ``algorithms`` make for ``shape`` (forward, and backward
+    with ``backward``) and the partial merge, on every rank of ``group`` at once (so they contend for the
+    machine as they will when running); the times are averaged over ranks so every rank makes the same
+    choice. Collective; cached per (shape, backward, algorithms, group, device).
+
+    Costs about one ring pass plus one Ulysses call of compute. With many distinct calls (packed
+    documents) only the ``max_calls`` largest are timed; the rest are costed at the largest one's rate.
+    """
+    import torch.distributed as dist
+
+    from longmoe.attention import attention_delta, flash_attention_backward, flash_attention_forward
+    from longmoe.attention.merge import merge_attention_partials_
+    from longmoe.parallel.plan import group_key, world_and_rank
+
+    world, _ = world_and_rank(group)
+    cache_key = (
+        world, shape.batch, shape.seqlen_local, shape.heads_q, shape.heads_kv, shape.head_dim, shape.dtype,
+        shape.causal, shape.layout, shape.cu_seqlens, backward, tuple(algorithms), group_key(group), str(device),
+    )  # fmt: skip
+    if cache_key in _PROFILES:
+        return _PROFILES[cache_key]
+    keys: set[CallKey] = set()
+    for alg in algorithms:
+        for r in range(shape.world_size):
+            for bwd in (False, True) if backward else (False,):
+                keys.update(compute_calls(alg, shape, r, bwd))
+    ordered = sorted(keys, key=lambda c: (-_call_flops(shape, c), c))[:max_calls]
+    b, d, dtype = shape.batch, shape.head_dim, shape.dtype
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def rand(*size):
+        return torch.randn(*size, generator=g, device=device).to(dtype)
+
+    times = []
+    for i, (nq, nk, hq, hkv, causal, bwd) in enumerate(ordered):
+        q, k, v = rand(b, nq, hq, d), rand(b, nk, hkv, d), rand(b, nk, hkv, d)
+        if i == 0:
+            flash_attention_forward(q, k, v, causal=causal)  # warm-up: thread pool, lazily loaded kernels
+        t0 = time.perf_counter()
+        out, lse = flash_attention_forward(q, k, v, causal=causal, out_dtype=torch.float32)
+        if bwd:
+            dout = rand(b, nq, hq, d)
+            delta = attention_delta(dout, out)
+            t0 = time.perf_counter()
+            flash_attention_backward(
+                dout, q, k, v, None, lse, delta=delta, causal=causal, grad_dtype=torch.float32
+            )
+        times.append(time.perf_counter() - t0)
+    rows = max((c[0] for c in ordered), default=1)
+    hq = shape.heads_q
+    acc_o = torch.zeros(b, rows, hq, d, device=device)
+    acc_l = torch.zeros(b, hq, rows, device=device)
+    part_o = torch.randn(b, rows, hq, d, generator=g, device=device)
+    part_l = torch.randn(b, hq, rows, generator=g, device=device)
+    t0 = time.perf_counter()
+    merge_attention_partials_(acc_o, acc_l, part_o, part_l)
+    times.append((time.perf_counter() - t0) / (b * rows * hq))
+    stats = torch.tensor(times, dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(stats, group=group)
+        stats /= world
+    *call_times, merge = stats.tolist()
+    prof = ComputeProfile(calls=dict(zip(ordered, call_times, strict=True)), merge_per_row=merge)
+    _PROFILES[cache_key] = prof
+    return prof
