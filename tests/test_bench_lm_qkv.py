@@ -1,0 +1,66 @@
+"""benchmarks/lm_qkv.py: the captured q/k/v are exactly what each layer's attention computed from.
+
+The model is built tiny and untrained (no training in tests); the benchmark's checkpoint is not touched.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from longmoe.attention import flash_attention
+
+_spec = importlib.util.spec_from_file_location(
+    "lm_qkv", Path(__file__).resolve().parents[1] / "benchmarks" / "lm_qkv.py"
+)
+lm_qkv = importlib.util.module_from_spec(_spec)
+sys.modules["lm_qkv"] = lm_qkv  # dataclasses look their module up while the class is being built
+_spec.loader.exec_module(lm_qkv)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_capture_reproduces_attention(dtype):
+    cfg = lm_qkv.LMConfig(d_model=128, heads=2, head_dim=64, layers=3, ffn=192, context=64)
+    model = lm_qkv.ByteLM(cfg).eval()
+    tokens = torch.randint(0, 256, (1, 97 + 1))  # odd length: not a multiple of any tile
+    attn_out = []  # the attention output each layer fed to its output projection, (1, S, heads * head_dim)
+    hooks = [b.attn.wo.register_forward_pre_hook(lambda m, a: attn_out.append(a[0])) for b in model.blocks]
+    qkv, bits = lm_qkv.capture_qkv(model, tokens, dtype=dtype)
+    for h in hooks:
+        h.remove()
+    assert len(qkv) == cfg.layers and bits.shape == (97,)
+    for (q, k, v), ref in zip(qkv, attn_out, strict=True):
+        for t in (q, k, v):
+            assert t.shape == (1, 97, cfg.heads, cfg.head_dim) and t.dtype == torch.float32
+        # bf16 q/k/v are captured exactly (bf16 -> fp32 is lossless), so casting back reproduces the layer
+        out = flash_attention(*(t.to(dtype) for t in (q, k, v)), causal=True).reshape(1, 97, -1)
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    assert all(b.attn.capture is None for b in model.blocks)  # capture is switched off afterwards
+    only = lm_qkv.capture_qkv(model, tokens, layer=1, dtype=dtype)[0]
+    assert len(only) == 1 and torch.equal(only[0][0], qkv[1][0])
+
+
+def test_rope_is_relative():
+    """q.k after RoPE depends only on the position difference (so 32K capture is consistent with training)."""
+    cos, sin = lm_qkv.rope_cos_sin(40000, 128, 500000.0)
+    q, k = torch.randn(128, dtype=torch.float64), torch.randn(128, dtype=torch.float64)
+    rot = lambda x, p: lm_qkv.apply_rope(
+        x[None, None, None], cos[p : p + 1].double(), sin[p : p + 1].double()
+    )
+    near = (rot(q, 10) * rot(k, 3)).sum()
+    far = (rot(q, 32007) * rot(k, 32000)).sum()
+    torch.testing.assert_close(near, far, rtol=1e-5, atol=1e-5)  # fp32 cos/sin tables: ~1e-7 relative each
+
+
+def test_split_is_deterministic_and_disjoint():
+    files = lm_qkv.stdlib_files()
+    held = files[:: lm_qkv.HOLDOUT_EVERY]
+    assert held and set(held).isdisjoint(set(files) - set(held))
+    assert files == lm_qkv.stdlib_files()
+    _, held_bytes, info = lm_qkv.stdlib_split()
+    assert info["held_out_files"] == len(held) and held_bytes.numel() >= 32768 + 1
+    assert lm_qkv.held_out_tokens(16)[0, :8].tolist() == list(b"# file: ")  # starts at held[0]'s header
