@@ -204,6 +204,7 @@ def _bench_rank(rank, world, args):
             compute_GFLOPs=topo.compute_rate / 1e9,
             overlap=topo.overlap,
             latency_ms=topo.latency * 1e3,
+            alltoall_GBps=(topo.alltoall_bandwidth or 0) / 1e9,
         ),
     )
 
@@ -261,7 +262,7 @@ def report(rows, accuracy, topo, world, args) -> None:
         w.writerows(rows)
     table = Table(title=f"Sequence-parallel attention, {world} CPU ranks (gloo), {args.dtype}, causal zigzag, "
                   f"D={args.head_dim}; measured link {topo['link_GBps']:.2f} GB/s, compute {topo['compute_GFLOPs']:.0f} GFLOP/s per rank, "
-                  f"overlap {topo['overlap']:.2f}, latency {topo['latency_ms']:.2f} ms")  # fmt: skip
+                  f"overlap {topo['overlap']:.2f}, latency {topo['latency_ms']:.2f} ms, all-to-all {topo['alltoall_GBps']:.2f} GB/s")  # fmt: skip
     for col in ("heads", "S_local", "mode", "algorithm", "ms/step", "pass ms", "model ms", "compute-only ms",
                 "exposed comm ms", "MB sent next/prev/other", "vs ring", "model's pick", "fastest"):  # fmt: skip
         table.add_column(col, justify="right")

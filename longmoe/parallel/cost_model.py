@@ -108,6 +108,9 @@ class Topology:
     """Fraction of a step's communication hidden behind its compute: 1.0 when copy engines move the data
     (GPUs), less when the transport itself burns the cores that compute (gloo on CPU). A step costs
     ``max(compute, comm) + (1 - overlap) * min(compute, comm)``."""
+    alltoall_bandwidth: float | None = None
+    """Measured bytes per second one rank sends through ``all_to_all_single``; None: derived from ``link_bandwidth`` and ``kind``. Collective implementations differ
+    from point-to-point ones (gloo on CPU: far from a mesh's P-1 parallel links)."""
     notes: dict = field(default_factory=dict)
 
 
@@ -259,7 +262,9 @@ def estimate_time(
         return sum(_call_time(shape, topology, profile, c) for c in compute_calls("ring", shape, 0, backward))
     if algorithm == "ulysses":
         total = sum(communication_bytes("ulysses", shape, 0, backward=backward).values())
-        if topology.kind == "mesh":
+        if topology.alltoall_bandwidth is not None:
+            comm = total / topology.alltoall_bandwidth
+        elif topology.kind == "mesh":
             comm = total / (p - 1) / bw  # each peer link carries 1/(P-1) of it, all in parallel
         else:  # each destination d is reached over min(d, P-d) links, split between the two directions
             per_dst = total / (p - 1)
@@ -362,8 +367,9 @@ _MEASURED: dict[tuple, Topology] = {}
 
 
 def measure_topology(group=None, *, nbytes: int = 8 << 20, repeats: int = 3, kind: str = "mesh") -> Topology:
-    """Measure link bandwidth (a ring exchange of ``nbytes``), this rank's attention FLOP/s, and how much of
-    an exchange hides behind a concurrent attention call; collective.
+    """Measure link bandwidth (a ring exchange of ``nbytes``), this rank's attention FLOP/s, how much of an
+    exchange hides behind a concurrent attention call, the per-message latency and the all-to-all
+    bandwidth; collective.
 
     The result is averaged over ranks (all-reduce) so every rank makes the same choice, and cached per
     group.
@@ -380,9 +386,11 @@ def measure_topology(group=None, *, nbytes: int = 8 << 20, repeats: int = 3, kin
     world, rank = world_and_rank(group)
     q = torch.randn(1, 1024, 8, 128)
     flash_attention_forward(q, q, q)
-    t0 = time.perf_counter()
-    flash_attention_forward(q, q, q)
-    t_compute = time.perf_counter() - t0
+    t_compute = float("inf")
+    for _ in range(2):
+        t0 = time.perf_counter()
+        flash_attention_forward(q, q, q)
+        t_compute = min(t_compute, time.perf_counter() - t0)
     rate = 4.0 * 1024 * 1024 * 8 * 128 / t_compute
     bw, overlap = float("inf"), 1.0
     if world > 1:
@@ -390,6 +398,7 @@ def measure_topology(group=None, *, nbytes: int = 8 << 20, repeats: int = 3, kin
         buf = torch.empty(nbytes // 4)
 
         def exchange(step: int, with_compute: bool) -> float:
+            dist.barrier(group=group)  # start together: skew between ranks is not link time
             t0 = time.perf_counter()
             ex.send_recv(buf, (rank + 1) % world, (rank - 1) % world, step=step)
             ex.commit()
@@ -403,25 +412,37 @@ def measure_topology(group=None, *, nbytes: int = 8 << 20, repeats: int = 3, kin
         bw = nbytes / t_comm
         # Fraction of the shorter of the two that ran in the shadow of the other.
         overlap = (t_compute + t_comm - t_both) / min(t_compute, t_comm)
-        # Per-message latency: a tiny exchange (median: on shared cores a rank is sometimes descheduled,
-        # and the ring algorithms pay that on every step).
-        tiny = torch.empty(16)
-        lats = []
-        for i in range(2 * repeats + 1):
+        # Per-message latency: rounds of back-to-back tiny exchanges (median round: on shared cores a rank
+        # is sometimes descheduled, and the ring algorithms pay that on every step).
+        tiny, n_msgs, rounds = torch.empty(16), 16, []
+        for r in range(repeats):
+            dist.barrier(group=group)
             t0 = time.perf_counter()
-            ex.send_recv(tiny, (rank + 1) % world, (rank - 1) % world, step=200 + i)
-            ex.commit()
-            ex.wait()
-            lats.append(time.perf_counter() - t0)
-        latency = statistics.median(lats)
-        stats = torch.tensor([bw, rate, overlap, latency], dtype=torch.float64)
+            for i in range(n_msgs):
+                ex.send_recv(tiny, (rank + 1) % world, (rank - 1) % world, step=200 + r * n_msgs + i)
+                ex.commit()
+                ex.wait()
+            rounds.append((time.perf_counter() - t0) / n_msgs)
+        latency = statistics.median(rounds)
+        # all-to-all, as Ulysses uses it: a (P, n) tensor out, the same back (bytes sent = (P-1)/P of it)
+        a2a_in = torch.empty(world, nbytes // 4 // world)
+        a2a_out = torch.empty_like(a2a_in)
+        a2a = float("inf")
+        for _ in range(repeats):
+            dist.barrier(group=group)
+            t0 = time.perf_counter()
+            dist.all_to_all_single(a2a_out, a2a_in, group=group)
+            a2a = min(a2a, time.perf_counter() - t0)
+        a2a_bw = a2a_in.numel() * 4 * (world - 1) / world / a2a
+        stats = torch.tensor([bw, rate, overlap, latency, a2a_bw], dtype=torch.float64)
         dist.all_reduce(stats, group=group)
-        bw, rate, overlap, latency = (stats / world).tolist()
+        bw, rate, overlap, latency, a2a_bw = (stats / world).tolist()
         overlap = min(max(overlap, 0.0), 1.0)
     else:
-        latency = 0.0
+        latency, a2a_bw = 0.0, None
     topo = Topology(
         kind=kind, link_bandwidth=bw, compute_rate=rate, overlap=overlap, latency=latency,
+        alltoall_bandwidth=a2a_bw,
         notes={"measured": True},
     )  # fmt: skip
     _MEASURED[key] = topo
@@ -478,11 +499,15 @@ def profile_compute(
         q, k, v = rand(b, nq, hq, d), rand(b, nk, hkv, d), rand(b, nk, hkv, d)
         if i == 0:
             flash_attention_forward(q, k, v, causal=causal)  # warm-up: thread pool, lazily loaded kernels
+        if world > 1:
+            dist.barrier(group=group)  # every rank computes at once, contending as in a real pass
         t0 = time.perf_counter()
         out, lse = flash_attention_forward(q, k, v, causal=causal, out_dtype=torch.float32)
         if bwd:
             dout = rand(b, nq, hq, d)
             delta = attention_delta(dout, out)
+            if world > 1:
+                dist.barrier(group=group)
             t0 = time.perf_counter()
             flash_attention_backward(
                 dout, q, k, v, None, lse, delta=delta, causal=causal, grad_dtype=torch.float32
