@@ -258,3 +258,54 @@ def check_sequence_parallel_inputs(
                 f"rank {other} (every rank must pass shards of one global batch)"
             )
     return shard
+
+
+def prepare_ring_call(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    group: dist.ProcessGroup | None,
+    layout: str,
+    softmax_scale: float | None,
+    *,
+    check_ranks: bool,
+    cu_seqlens=None,
+) -> tuple[ShardLayout, float]:
+    """The checks every ring algorithm's entry point makes: the layout, the shards (across ranks with
+    ``check_ranks``) and the softmax scale. Returns the shard layout and the scale (default
+    ``1/sqrt(head_dim)``). q: (batch, seqlen_local, heads_q, head_dim); k, v: (batch, seqlen_local,
+    heads_kv, head_dim)."""
+    check_layout(layout)
+    world, rank = world_and_rank(group)
+    shard = check_sequence_parallel_inputs(
+        q, k, v, group, world, rank, layout, across_ranks=check_ranks, cu_seqlens=cu_seqlens
+    )
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    if not scale > 0:
+        raise ValueError(f"softmax_scale must be > 0; got {softmax_scale!r}")
+    return shard, scale
+
+
+class RingFunction(torch.autograd.Function):
+    """Autograd for a ring algorithm given as a forward and a backward function.
+
+    ``forward_fn(q, k, v, **fwd_kw) -> (out fp32, lse)`` and ``backward_fn(dout, q, k, v, out, lse,
+    **bwd_kw) -> (dq, dk, dv)``; q: (batch, seqlen_local, heads_q, head_dim), k/v: (batch, seqlen_local,
+    heads_kv, head_dim), lse: (batch, heads_q, seqlen_local) fp32 (returned, not differentiable). The
+    output is cast to q's dtype and saved for the backward with q, k, v and lse.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, forward_fn, backward_fn, fwd_kw: dict, bwd_kw: dict):
+        out32, lse = forward_fn(q, k, v, **fwd_kw)
+        out = out32.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.backward_fn, ctx.bwd_kw = backward_fn, bwd_kw
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = ctx.backward_fn(dout.contiguous(), q, k, v, out, lse, **ctx.bwd_kw)
+        return dq, dk, dv, None, None, None, None

@@ -14,11 +14,11 @@ import torch.distributed as dist
 
 from longmoe.attention import attention_delta, flash_attention_backward, flash_attention_forward
 from longmoe.attention.merge import merge_attention_partials_
-from longmoe.parallel.plan import ShardLayout, check_layout, check_sequence_parallel_inputs, world_and_rank
+from longmoe.parallel.plan import RingFunction, ShardLayout, prepare_ring_call, world_and_rank
 from longmoe.parallel.token_ring import second_group
 from longmoe.runtime.exchanger import P2PExchanger
 
-__all__ = ["ring_attention", "RingAttentionFunction"]
+__all__ = ["ring_attention"]
 
 
 def ring_forward(
@@ -120,32 +120,6 @@ def ring_backward(
     return dq.to(q.dtype), acc_k.to(k.dtype), acc_v.to(v.dtype)
 
 
-class RingAttentionFunction(torch.autograd.Function):
-    """Autograd wrapper around :func:`ring_forward` / :func:`ring_backward`."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, group, causal, softmax_scale, shard, timeout_s, exchangers):
-        out32, lse = ring_forward(
-            q, k, v, group=group, causal=causal, softmax_scale=softmax_scale, shard=shard, timeout_s=timeout_s,
-            exchangers=exchangers,
-        )  # fmt: skip
-        out = out32.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (group, causal, softmax_scale, shard, timeout_s, exchangers)
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout, _dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        group, causal, softmax_scale, shard, timeout_s, exchangers = ctx.args
-        dq, dk, dv = ring_backward(
-            dout.contiguous(), q, k, v, out, lse, group=group, causal=causal, softmax_scale=softmax_scale,
-            shard=shard, timeout_s=timeout_s, exchangers=exchangers,
-        )  # fmt: skip
-        return dq, dk, dv, None, None, None, None, None, None
-
-
 def ring_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -167,15 +141,10 @@ def ring_attention(
     head_dim), k/v (batch, seqlen_local, heads_kv, head_dim) local shards, or packed documents with the
     global ``cu_seqlens``; out like q, lse (batch, heads_q, seqlen_local) fp32.
     """
-    check_layout(layout)
-    world, rank = world_and_rank(group)
-    shard = check_sequence_parallel_inputs(
-        q, k, v, group, world, rank, layout, across_ranks=check_ranks, cu_seqlens=cu_seqlens
+    shard, scale = prepare_ring_call(
+        q, k, v, group, layout, softmax_scale, check_ranks=check_ranks, cu_seqlens=cu_seqlens
     )
-    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-    if not scale > 0:
-        raise ValueError(f"softmax_scale must be > 0; got {softmax_scale!r}")
-    out, lse = RingAttentionFunction.apply(
-        q, k, v, group, bool(causal), scale, shard, float(timeout_s), exchangers
-    )
+    kw = dict(group=group, causal=bool(causal), softmax_scale=scale, shard=shard, timeout_s=float(timeout_s),
+              exchangers=exchangers)  # fmt: skip
+    out, lse = RingFunction.apply(q, k, v, ring_forward, ring_backward, kw, kw)
     return (out, lse) if return_lse else out

@@ -23,17 +23,17 @@ import torch.distributed as dist
 from longmoe.attention import attention_delta, flash_attention_backward, flash_attention_forward
 from longmoe.attention.merge import merge_attention_partials_
 from longmoe.parallel.plan import (
+    RingFunction,
     ShardLayout,
-    check_layout,
-    check_sequence_parallel_inputs,
     group_key,
+    prepare_ring_call,
     rows_of,
     world_and_rank,
 )
 from longmoe.runtime.distributed import new_group_like
 from longmoe.runtime.exchanger import P2PExchanger
 
-__all__ = ["token_ring_attention", "TokenRingFunction", "partial_direction", "second_group"]
+__all__ = ["token_ring_attention", "partial_direction", "second_group"]
 
 _SECOND_GROUPS: dict[int, dist.ProcessGroup] = {}
 
@@ -294,32 +294,6 @@ def token_ring_backward(
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-class TokenRingFunction(torch.autograd.Function):
-    """Autograd wrapper around :func:`token_ring_forward` / :func:`token_ring_backward`."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, group, causal, softmax_scale, shard, timeout_s, partial_dtype, exchangers):
-        out32, lse = token_ring_forward(
-            q, k, v, group=group, causal=causal, softmax_scale=softmax_scale, shard=shard,
-            timeout_s=timeout_s, partial_dtype=partial_dtype, exchangers=exchangers,
-        )  # fmt: skip
-        out = out32.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (group, causal, softmax_scale, shard, timeout_s, exchangers)
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout, _dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        group, causal, softmax_scale, shard, timeout_s, exchangers = ctx.args
-        dq, dk, dv = token_ring_backward(
-            dout, q, k, v, out, lse, group=group, causal=causal, softmax_scale=softmax_scale, shard=shard,
-            timeout_s=timeout_s, exchangers=exchangers,
-        )  # fmt: skip
-        return dq, dk, dv, None, None, None, None, None, None, None
-
-
 def token_ring_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -363,18 +337,15 @@ def token_ring_attention(
     Returns:
         out (batch, seqlen_local, heads_q, head_dim) in q's dtype, or ``(out, lse)``.
     """
-    check_layout(layout)
-    world, rank = world_and_rank(group)
-    shard = check_sequence_parallel_inputs(
-        q, k, v, group, world, rank, layout, across_ranks=check_ranks, cu_seqlens=cu_seqlens
+    shard, scale = prepare_ring_call(
+        q, k, v, group, layout, softmax_scale, check_ranks=check_ranks, cu_seqlens=cu_seqlens
     )
     partial_dtype = q.dtype if partial_dtype is None else partial_dtype
     if partial_dtype not in (torch.float32, q.dtype):
         raise TypeError(f"partial_dtype must be torch.float32 or q's dtype {q.dtype}; got {partial_dtype}")
-    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-    if not scale > 0:
-        raise ValueError(f"softmax_scale must be > 0; got {softmax_scale!r}")
-    out, lse = TokenRingFunction.apply(
-        q, k, v, group, bool(causal), scale, shard, float(timeout_s), partial_dtype, exchangers
+    kw = dict(group=group, causal=bool(causal), softmax_scale=scale, shard=shard, timeout_s=float(timeout_s),
+              exchangers=exchangers)  # fmt: skip
+    out, lse = RingFunction.apply(
+        q, k, v, token_ring_forward, token_ring_backward, {**kw, "partial_dtype": partial_dtype}, kw
     )
     return (out, lse) if return_lse else out
