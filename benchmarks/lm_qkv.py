@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from longmoe.attention import flash_attention
+from longmoe.data import held_out_tokens, stdlib_split, windows
 
 CACHE = Path(__file__).resolve().parents[1] / ".cache" / "lm_qkv"
-HOLDOUT_EVERY = 20  # files whose sorted index % 20 == 0 are held out
 
 
 @dataclass(kw_only=True, slots=True)
@@ -62,43 +61,6 @@ class LMConfig:
             )
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
-
-
-# ----------------------------------------------------------------------------------------------------
-# data
-# ----------------------------------------------------------------------------------------------------
-def stdlib_files() -> list[Path]:
-    """The standard library's ``.py`` files in sorted relative-path order (``site-packages`` excluded)."""
-    root = Path(os.__file__).parent
-    files = [p for p in root.rglob("*.py") if "site-packages" not in p.relative_to(root).parts]
-    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
-
-
-def stdlib_split() -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """(train, held_out) uint8 byte streams and a description of the split.
-
-    Each file contributes ``b"# file: <relative path>\\n" + its bytes + b"\\n"``; every ``HOLDOUT_EVERY``-th
-    file (sorted index % 20 == 0) goes to the held-out stream.
-    """
-    root = Path(os.__file__).parent
-    train, held = [], []
-    files = stdlib_files()
-    for i, path in enumerate(files):
-        rel = path.relative_to(root).as_posix()
-        chunk = b"# file: " + rel.encode() + b"\n" + path.read_bytes() + b"\n"
-        (held if i % HOLDOUT_EVERY == 0 else train).append(chunk)
-    as_tensor = lambda chunks: torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8)
-    tr, ho = as_tensor(train), as_tensor(held)
-    info = dict(root=str(root), files=len(files), train_files=len(train), held_out_files=len(held),
-                train_bytes=tr.numel(), held_out_bytes=ho.numel(),
-                holdout_rule=f"sorted index % {HOLDOUT_EVERY} == 0")  # fmt: skip
-    return tr, ho, info
-
-
-def windows(data: torch.Tensor, seqlen: int, count: int, generator: torch.Generator) -> torch.Tensor:
-    """``count`` random windows of ``seqlen + 1`` bytes from ``data`` as int64 (count, seqlen + 1)."""
-    starts = torch.randint(0, data.numel() - seqlen - 1, (count,), generator=generator)
-    return torch.stack([data[s : s + seqlen + 1] for s in starts.tolist()]).long()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -321,15 +283,6 @@ def capture_qkv(
     finally:
         for a in attns:
             a.capture = None
-
-
-def held_out_tokens(seqlen: int) -> torch.Tensor:
-    """The first ``seqlen + 1`` bytes of the held-out stream (held-out files concatenated in sorted
-    order) as int64 (1, seqlen + 1)."""
-    _, held, _ = stdlib_split()
-    if held.numel() < seqlen + 1:
-        raise ValueError(f"seqlen={seqlen} exceeds the held-out text ({held.numel() - 1} bytes)")
-    return held[: seqlen + 1].long()[None]
 
 
 def lm_qkv(

@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sysconfig
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -26,20 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from longmoe.attention import flash_attention
+from longmoe.data import stdlib_split, windows
 from longmoe.parallel import SequenceParallelAttention, shard_positions, shard_sequence
-
-
-def stdlib_bytes(limit: int = 4 << 20) -> torch.Tensor:
-    """Up to ``limit`` bytes of the Python standard library's .py sources, as a uint8 tensor."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    chunks, total = [], 0
-    for path in sorted(root.glob("*.py")):
-        data = path.read_bytes()
-        chunks.append(data)
-        total += len(data)
-        if total >= limit:
-            break
-    return torch.frombuffer(bytearray(b"".join(chunks)[:limit]), dtype=torch.uint8)
 
 
 class Rotary:
@@ -102,9 +88,8 @@ class TinyLM(nn.Module):
 def batches(data: torch.Tensor, seqlen: int, steps: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):
-        start = int(torch.randint(0, data.numel() - seqlen - 1, (1,), generator=g))
-        chunk = data[start : start + seqlen + 1].long()
-        yield chunk[:-1][None], chunk[1:][None]  # (1, seqlen) inputs and next-byte targets
+        chunk = windows(data, seqlen, 1, g)
+        yield chunk[:, :-1], chunk[:, 1:]  # (1, seqlen) inputs and next-byte targets
 
 
 def train(args, rank: int, world: int) -> list[float]:
@@ -115,7 +100,7 @@ def train(args, rank: int, world: int) -> list[float]:
         dim=args.dim, layers=args.layers, heads=args.heads, kv_heads=args.kv_heads, attention_factory=factory
     )
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    data = stdlib_bytes()
+    data, _, _ = stdlib_split()  # the training stream; held-out files are not used here
     losses = []
     for tokens, targets in batches(data, args.seqlen, args.steps):
         if sp:

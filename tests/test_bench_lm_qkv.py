@@ -56,11 +56,3 @@ def test_rope_is_relative():
     torch.testing.assert_close(near, far, rtol=1e-5, atol=1e-5)  # fp32 cos/sin tables: ~1e-7 relative each
 
 
-def test_split_is_deterministic_and_disjoint():
-    files = lm_qkv.stdlib_files()
-    held = files[:: lm_qkv.HOLDOUT_EVERY]
-    assert held and set(held).isdisjoint(set(files) - set(held))
-    assert files == lm_qkv.stdlib_files()
-    _, held_bytes, info = lm_qkv.stdlib_split()
-    assert info["held_out_files"] == len(held) and held_bytes.numel() >= 32768 + 1
-    assert lm_qkv.held_out_tokens(16)[0, :8].tolist() == list(b"# file: ")  # starts at held[0]'s header
