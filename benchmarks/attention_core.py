@@ -14,16 +14,11 @@ FLOPs (flash-attention's convention): forward 4*B*H*Sq*Sk*D (two GEMMs), halved 
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime as dt
-import os
-import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import RESULTS, run_metadata, timeit, write_csv
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
@@ -31,23 +26,10 @@ from rich.table import Table
 import longmoe
 from longmoe.attention import flash_attention_backward, flash_attention_forward
 
-RESULTS = Path(__file__).resolve().parent / "results"
-
 
 def flops(b: int, h: int, s: int, d: int, causal: bool, mode: str) -> float:
     f = 4.0 * b * h * s * s * d / (2 if causal else 1)
     return f if mode == "fwd" else 2.5 * f
-
-
-def timeit(fn, repeats: int) -> float:
-    """Median seconds of ``repeats`` calls after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def gemm_gflops(threads: int, n: int = 2048) -> float:
@@ -102,13 +84,7 @@ def main() -> None:
     console.print(
         f"[bold]Roofline[/] fp32 GEMM 2048^3: {roof1:.1f} GFLOP/s on 1 core, {roofn:.1f} GFLOP/s on {threads} threads"
     )
-    meta = dict(
-        machine=f"{platform.processor() or platform.machine()} x{os.cpu_count()}",
-        torch=torch.__version__,
-        longmoe=longmoe.__version__,
-        threads=threads,
-        timestamp=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-    )
+    meta = run_metadata()
 
     points = [(dtn, c == "true", s) for dtn in args.dtypes for c in args.causal for s in args.seqlens]
     rows = []
@@ -147,11 +123,7 @@ def main() -> None:
         )  # fmt: skip
         r["ratio_vs_sdpa"] = r["gflops"] / base["gflops"]
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(rows, args.out)
 
     table = Table(
         title=f"Attention core, CPU ({meta['machine']}, {threads} threads, B={args.batch} H={args.heads} D={args.head_dim})"

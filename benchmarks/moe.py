@@ -24,10 +24,6 @@ prints a table, saves benchmarks/results/moe.png.
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime as dt
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -35,6 +31,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from common import RESULTS, interleaved, run_metadata, timeit, write_csv
 from rich.console import Console
 from rich.table import Table
 
@@ -42,37 +39,7 @@ import longmoe
 from longmoe.moe import MoEConfig, MoELayer, moe_dispatch_map, moe_permute, moe_unpermute
 from longmoe.runtime import spawn
 
-RESULTS = Path(__file__).resolve().parent / "results"
 STAGES = ("router", "permute", "all-to-all", "experts", "unpermute")
-
-
-def timeit(fn, repeats: int, sync=None) -> float:
-    """Median seconds of ``repeats`` calls after one warm-up call (``sync`` runs before each clock read)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if sync:
-            sync()
-        t0 = time.perf_counter()
-        fn()
-        if sync:
-            sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def interleaved(thunks: dict, repeats: int) -> dict:
-    """Median seconds per thunk, timed round-robin (one warm-up each), so that load from other processes on a
-    shared machine hits every provider alike instead of whichever ran at the wrong moment."""
-    for fn in thunks.values():
-        fn()
-    times = {k: [] for k in thunks}
-    for _ in range(repeats):
-        for k, fn in thunks.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def flops(tokens: int, cfg: MoEConfig, mode: str) -> float:
@@ -245,13 +212,7 @@ def main() -> None:
     )
     cfg = MoEConfig(**cfg_kw)
     threads = torch.get_num_threads()
-    meta = dict(
-        machine=f"{platform.processor() or platform.machine()} x{os.cpu_count()}",
-        torch=torch.__version__,
-        longmoe=longmoe.__version__,
-        threads=threads,
-        timestamp=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-    )
+    meta = run_metadata()
     layer = make_layer(cfg, dtype)
     rows, splits = [], {}
     for tokens in args.tokens:
@@ -297,11 +258,7 @@ def main() -> None:
                 )  # fmt: skip
             )
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(rows, args.out)
 
     table = Table(
         title=f"MoE layer, CPU ({meta['machine']}, {threads} threads, {args.dtype}, E={args.experts} top-{args.top_k} "

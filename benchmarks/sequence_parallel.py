@@ -14,19 +14,16 @@ table, and a PNG.
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime as dt
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from common import RESULTS, run_metadata, write_csv
 
-RESULTS = Path(__file__).resolve().parent / "results"
-ALGS = ("token_ring", "ring", "ulysses")
+ALGS = ("token_ring", "kv_ring", "ulysses")
 
 
 def _barrier_time(fn, repeats: int) -> float:
@@ -47,7 +44,7 @@ def _compute_only(alg, q, k, v, dout, causal, layout, world, rank, backward):
     """The same per-step kernel calls as the algorithm, without any communication."""
     from longmoe.attention import attention_delta, flash_attention_backward, flash_attention_forward
     from longmoe.attention.merge import merge_attention_partials_
-    from longmoe.parallel.plan import ShardLayout
+    from longmoe.parallel import ShardLayout, ring_schedule
 
     sl = q.shape[1]
     if alg == "ulysses":
@@ -55,20 +52,20 @@ def _compute_only(alg, q, k, v, dout, causal, layout, world, rank, backward):
         hkv = k.shape[2]
         qh = torch.randn(b, sl * world, hq // world, d, dtype=q.dtype)
         kvh = torch.randn(b, sl * world, max(hkv // world, 1), d, dtype=q.dtype)
-        out, lse = flash_attention_forward(qh, kvh, kvh, causal=causal)
-        if backward:
-            flash_attention_backward(torch.randn_like(qh), qh, kvh, kvh, out, lse, causal=causal)
+        if not backward:
+            flash_attention_forward(qh, kvh, kvh, causal=causal)
+        else:  # the backward kernel alone (the forward is timed by the forward call): stand-in out and lse
+            lse = torch.zeros(b, hq // world, sl * world)
+            flash_attention_backward(torch.randn_like(qh), qh, kvh, kvh, qh, lse, causal=causal)
         return
     out = torch.zeros(q.shape, dtype=torch.float32)
     lse = torch.full((q.shape[0], q.shape[2], sl), float("-inf"))
     delta = attention_delta(dout, q) if backward else None
     shard = ShardLayout.make(world, layout, seqlen_local=sl)
-    for s in range(world):
-        owner, kv_rank = ((rank + s) % world, rank) if alg == "token_ring" else (rank, (rank - s) % world)
-        segs = shard.segments(owner, kv_rank, causal)
-        if not segs:
+    for step in ring_schedule(alg, shard, causal, rank, backward=backward):
+        if not step.compute:
             continue
-        plan = segs[0]
+        plan = step.compute[0]
         (qa, qe), (ka, ke) = plan.q_rows, plan.kv_rows
         if not backward:
             bo, bl = flash_attention_forward(
@@ -86,16 +83,18 @@ def _bench_rank(rank, world, args):
     from longmoe.attention import flash_attention
     from longmoe.parallel import (
         AttentionShape,
+        CommStats,
         choose_algorithm,
+        communication_bytes,
+        kv_ring_attention,
         measure_topology,
         profile_compute,
-        ring_attention,
         shard_sequence,
         token_ring_attention,
         ulysses_attention,
     )
 
-    fns = {"token_ring": token_ring_attention, "ring": ring_attention, "ulysses": ulysses_attention}
+    fns = {"token_ring": token_ring_attention, "kv_ring": kv_ring_attention, "ulysses": ulysses_attention}
     dtype = getattr(torch, args.dtype)
     topo = measure_topology(None)
     rows = []
@@ -129,11 +128,10 @@ def _bench_rank(rank, world, args):
                 if alg not in estimates:
                     continue
                 fn = fns[alg]
-                kw = {} if alg == "ulysses" else {"exchangers": []}
+                kw = {"stats": CommStats()}
 
                 def run(fn=fn, kw=kw, mode=mode):
-                    if "exchangers" in kw:
-                        kw["exchangers"].clear()
+                    kw["stats"].reset()
                     if mode == "fwd":
                         with torch.no_grad():
                             fn(q, k, v, causal=True, check_ranks=False, **kw)
@@ -149,13 +147,9 @@ def _bench_rank(rank, world, args):
                         _compute_only(alg, q, k, v, dout, True, "zigzag", world, rank, True)
 
                 t_compute = _barrier_time(compute, args.repeats)
-                sent: dict[str, int] = {}
-                for ex in kw.get("exchangers", []):
-                    for label, n in ex.bytes_sent.items():
-                        sent[label] = sent.get(label, 0) + n
-                if alg == "ulysses":
-                    from longmoe.parallel import communication_bytes
-
+                sent = dict(kw["stats"].bytes_sent)
+                if alg == "ulysses":  # its stats count the forward all-to-alls only: bytes from the model
+                    sent = {}
                     for bw in (False, True) if mode == "fwd+bwd" else (False,):
                         for label, n in communication_bytes("ulysses", shape, rank, backward=bw).items():
                             sent[label] = sent.get(label, 0) + n
@@ -245,21 +239,13 @@ def report(rows, accuracy, topo, world, args) -> None:
     from rich.table import Table
 
     console = Console(width=170)
-    meta = dict(
-        machine=f"{platform.processor() or platform.machine()} x{os.cpu_count()}", world_size=world,
-        torch=torch.__version__, dtype=args.dtype, head_dim=args.head_dim, batch=args.batch,
-        timestamp=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **topo,
-    )  # fmt: skip
+    meta = run_metadata(world_size=world, dtype=args.dtype, head_dim=args.head_dim, batch=args.batch, **topo)
     for r in rows:
         base = next(x for x in rows if x["heads"] == r["heads"] and x["seqlen_local"] == r["seqlen_local"]
-                    and x["mode"] == r["mode"] and x["algorithm"] == "ring")  # fmt: skip
+                    and x["mode"] == r["mode"] and x["algorithm"] == "kv_ring")  # fmt: skip
         r["ratio_vs_ring"] = r["pass_ms"] / base["pass_ms"]
         r.update(meta)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(rows, args.out)
     table = Table(title=f"Sequence-parallel attention, {world} CPU ranks (gloo), {args.dtype}, causal zigzag, "
                   f"D={args.head_dim}; measured link {topo['link_GBps']:.2f} GB/s, compute {topo['compute_GFLOPs']:.0f} GFLOP/s per rank, "
                   f"overlap {topo['overlap']:.2f}, latency {topo['latency_ms']:.2f} ms, all-to-all {topo['alltoall_GBps']:.2f} GB/s")  # fmt: skip

@@ -25,7 +25,8 @@ from rich.table import Table
 import longmoe
 from longmoe.attention import flash_attention, flash_attention_backward_ref, flash_attention_ref
 from longmoe.parallel import (
-    ring_attention,
+    CommStats,
+    kv_ring_attention,
     select_algorithm,
     shard_sequence,
     token_ring_attention,
@@ -33,7 +34,7 @@ from longmoe.parallel import (
 )
 from longmoe.runtime import native_build_info, spawn
 
-ALGORITHMS = {"token_ring": token_ring_attention, "ring": ring_attention, "ulysses": ulysses_attention}
+ALGORITHMS = {"token_ring": token_ring_attention, "kv_ring": kv_ring_attention, "ulysses": ulysses_attention}
 
 
 def timed(fn, repeats=2):
@@ -89,7 +90,7 @@ def attention_core(console: Console, seqlen: int) -> None:
 
 def sequence_parallel_rank(rank: int, world: int, seqlen: int, configs: list):
     """One rank: shard a causal batch (zigzag), run each algorithm forward + backward, check against the
-    single-process fp64 oracle, and report the bytes its exchangers counted."""
+    single-process fp64 oracle, and report the bytes it sent (forward + backward; Ulysses: forward)."""
     rows = []
     for name, hq, hkv in configs:
         gen = torch.Generator().manual_seed(1234)
@@ -107,22 +108,18 @@ def sequence_parallel_rank(rank: int, world: int, seqlen: int, configs: list):
         ql, kl, vl = (shard_sequence(t).to(dtype) for t in (q, k, v))
         auto, estimates = select_algorithm(ql.requires_grad_(), kl, causal=True)
         ql = ql.detach()
-        for alg in ("token_ring", "ring", "ulysses"):
-            exchangers = []
+        for alg in ("token_ring", "kv_ring", "ulysses"):
+            stats = CommStats()
             qg = ql.clone().requires_grad_()
             t0 = time.perf_counter()
-            kw = {} if alg == "ulysses" else {"exchangers": exchangers}  # the ring exchangers count bytes
-            out = ALGORITHMS[alg](qg, kl, vl, causal=True, **kw)
+            out = ALGORITHMS[alg](qg, kl, vl, causal=True, stats=stats)
             out.backward(shard_sequence(dout).to(dtype))
             ms = (time.perf_counter() - t0) * 1e3
             err = ((out.double() - shard_sequence(o64)).abs().max().item(),
                    (qg.grad.double() - shard_sequence(dq64)).abs().max().item())  # fmt: skip
             ok = err[0] <= 2 * err1[0] + 3e-2 and err[1] <= 2 * err1[1] + 3e-2
             assert ok, f"rank {rank}: {alg} {name}: error {err} exceeds 2x single-process {err1}"
-            sent = {}
-            for ex in exchangers:
-                for label, n in ex.bytes_sent.items():
-                    sent[label] = sent.get(label, 0) + n
+            sent = dict(stats.bytes_sent)
             rows.append(dict(rank=rank, config=name, algorithm=alg, auto=auto, err=err, err1=err1, ms=ms,
                              sent=sent, estimate=estimates.get(alg)))  # fmt: skip
     return rows
@@ -168,7 +165,9 @@ def main() -> None:
             x["err"][1] for x in rows if x["config"] == r["config"] and x["algorithm"] == r["algorithm"]
         )
         sent = r["sent"]
-        mb = f"{sent.get('next', 0) / 1e6:.2f} / {sent.get('prev', 0) / 1e6:.2f}" if sent else "all-to-all"
+        mb = f"{sent.get('next', 0) / 1e6:.2f} / {sent.get('prev', 0) / 1e6:.2f}"
+        if r["algorithm"] == "ulysses":
+            mb = f"all-to-all {sent.get('other', 0) / 1e6:.2f} (fwd)"
         table.add_row(
             r["config"], r["algorithm"], "[bold]<- auto[/]" if r["auto"] == r["algorithm"] else "", mb,
             f"{r['ms']:.0f}", f"{worst_out:.1e} ({r['err1'][0]:.1e})", f"{worst_dq:.1e} ({r['err1'][1]:.1e})",

@@ -25,7 +25,7 @@ from torch import nn
 
 from longmoe.attention import flash_attention
 from longmoe.data import stdlib_split, windows
-from longmoe.parallel import SequenceParallelAttention, shard_positions, shard_sequence
+from longmoe.parallel import ALGORITHM_CHOICES, SequenceParallelAttention, shard_positions, shard_sequence
 
 
 class Rotary:
@@ -135,7 +135,7 @@ def _spawned(rank, world, args):
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--world-size", type=int, default=4)
-    ap.add_argument("--algorithm", default="auto", choices=["auto", "token_ring", "ring", "ulysses"])
+    ap.add_argument("--algorithm", default="auto", choices=list(ALGORITHM_CHOICES))
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--dim", type=int, default=128)

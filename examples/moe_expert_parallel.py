@@ -80,7 +80,7 @@ def main() -> None:
     ap.add_argument("--out", default="moe_example_out")
     args = ap.parse_args()
     if args.spawn:
-        results = spawn(_spawned, args.spawn, args, backend=None, timeout_s=600.0)
+        results = spawn(_spawned, args.spawn, args, dist_backend=None, timeout_s=600.0)
     else:
         results = [train(*init_from_env(), args)]
     r = results[0]

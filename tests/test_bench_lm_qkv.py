@@ -54,5 +54,3 @@ def test_rope_is_relative():
     near = (rot(q, 10) * rot(k, 3)).sum()
     far = (rot(q, 32007) * rot(k, 32000)).sum()
     torch.testing.assert_close(near, far, rtol=1e-5, atol=1e-5)  # fp32 cos/sin tables: ~1e-7 relative each
-
-

@@ -16,7 +16,7 @@
 namespace longmoe {
 
 struct Problem {
-  int64_t B, Sq, Sk, Hq, Hkv, D, group;
+  int64_t B, Sq, Sk, Hq, Hkv, D, q_per_kv;  // q_per_kv = Hq / Hkv query heads per KV head
   int64_t offset;  // Sk - Sq: bottom-right causal alignment
   bool causal;
   float scale;

@@ -84,7 +84,7 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, bool causal, doub
   p.D = q.size(3);
   p.Sk = k.size(1);
   p.Hkv = k.size(2);
-  p.group = p.Hq / p.Hkv;
+  p.q_per_kv = p.Hq / p.Hkv;
   p.offset = p.Sk - p.Sq;
   p.causal = causal;
   p.scale = static_cast<float>(scale);
@@ -119,7 +119,7 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
     std::vector<float> m(bq), l(bq);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t qt = item % n_qt, h = (item / n_qt) % p.Hq, b = item / (n_qt * p.Hq);
-      const int64_t hk = h / p.group, q0 = qt * bq, mq = std::min(bq, p.Sq - q0);
+      const int64_t hk = h / p.q_per_kv, q0 = qt * bq, mq = std::min(bq, p.Sq - q0);
       int64_t ldq, ldk, ldv;
       const float* Q = load_rows(qd + b * qs.b + q0 * qs.s + h * qs.h, qs.s, mq, D, qbuf.data(), &ldq);
       std::fill(m.begin(), m.end(), kNegInf);
@@ -171,12 +171,12 @@ void backward_kernel(const Problem& p, const at::Tensor& dout, const at::Tensor&
   const int64_t D = p.D, bq = p.bq, bk = p.bk;
 
   // One work item per (batch, query head): it owns its dq rows and its dk/dv slab, so no two
-  // threads write the same memory; GQA groups are summed afterwards.
+  // threads write the same memory; the query heads of each KV head are summed afterwards.
   at::parallel_for(0, p.B * p.Hq, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qbuf(bq * D), dobuf(bq * D), obuf(bq * D), kbuf(bk * D), vbuf(bk * D);
     std::vector<float> pbuf(bq * bk), dpbuf(bq * bk), dqacc(bq * D), lrow(bq), drow(bq);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t h = item % p.Hq, b = item / p.Hq, hk = h / p.group;
+      const int64_t h = item % p.Hq, b = item / p.Hq, hk = h / p.q_per_kv;
       float* dK = dkd + item * p.Sk * D;
       float* dV = dvd + item * p.Sk * D;
       for (int64_t q0 = 0; q0 < p.Sq; q0 += bq) {
@@ -334,9 +334,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cpu(
   } else {
     dq.zero_();
   }
-  // (B, Hq, Sk, D) -> sum over each GQA group -> (B, Sk, Hkv, D) in the gradient dtype.
+  // (B, Hq, Sk, D) -> sum over the query heads of each KV head -> (B, Sk, Hkv, D) in the gradient dtype.
   auto fold = [&](const at::Tensor& acc) {
-    at::Tensor g = p.group == 1 ? acc : acc.view({p.B, p.Hkv, p.group, p.Sk, p.D}).sum(2);
+    at::Tensor g = p.q_per_kv == 1 ? acc : acc.view({p.B, p.Hkv, p.q_per_kv, p.Sk, p.D}).sum(2);
     return g.permute({0, 2, 1, 3}).to(gdt).contiguous();
   };
   return {dq, fold(dk_acc), fold(dv_acc)};

@@ -198,7 +198,7 @@ void forward_bf16_dot(const Problem& p, const at::Tensor& q, const at::Tensor& k
     std::vector<bf16> pb(bq * bke);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t qt = item % n_qt, h = (item / n_qt) % p.Hq, b = item / (n_qt * p.Hq);
-      const int64_t hk = h / p.group, q0 = qt * bq, mq = std::min(bq, p.Sq - q0);
+      const int64_t hk = h / p.q_per_kv, q0 = qt * bq, mq = std::min(bq, p.Sq - q0);
       const bf16* Q = qd + b * qs.b + q0 * qs.s + h * qs.h;
       const uint32_t* KT = kt.slab(b, hk, p.Hkv);
       const uint32_t* VR = vr.slab(b, hk, p.Hkv);
@@ -254,7 +254,7 @@ void backward_bf16_dot(const Problem& p, const at::Tensor& dout, const at::Tenso
     std::vector<bf16> pt(bk * bqe), ds(bq * bke), dst(bk * bqe);
     std::vector<uint32_t> qr(bqe / 2 * dp), dor(bqe / 2 * dp);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t h = item % p.Hq, b = item / p.Hq, hk = h / p.group;
+      const int64_t h = item % p.Hq, b = item / p.Hq, hk = h / p.q_per_kv;
       float* dK = dkd + item * p.Sk * D;
       float* dV = dvd + item * p.Sk * D;
       const uint32_t* KT = kt.slab(b, hk, p.Hkv);

@@ -55,11 +55,11 @@ void check_index(const at::Tensor& t, const char* name, int64_t dim, const char*
 }
 
 // probs as a contiguous tensor of the accumulation dtype, or an undefined tensor.
-at::Tensor probs_as(const std::optional<at::Tensor>& probs, int64_t tokens, int64_t topk, at::ScalarType acc) {
+at::Tensor probs_as(const std::optional<at::Tensor>& probs, int64_t tokens, int64_t top_k, at::ScalarType acc) {
   if (!probs.has_value()) return {};
   const auto& p = *probs;
-  TORCH_CHECK(p.dim() == 2 && p.size(0) == tokens && p.size(1) == topk, "probs must be (num_tokens, topk) = (",
-              tokens, ", ", topk, "); got shape ", p.sizes());
+  TORCH_CHECK(p.dim() == 2 && p.size(0) == tokens && p.size(1) == top_k, "probs must be (num_tokens, top_k) = (",
+              tokens, ", ", top_k, "); got shape ", p.sizes());
   TORCH_CHECK(at::isFloatingType(p.scalar_type()), "probs must be a floating dtype; got ", p.scalar_type());
   TORCH_CHECK(p.device().is_cpu(), "longmoe::moe CPU kernel got probs on ", p.device());
   return p.to(acc).contiguous();
@@ -69,14 +69,14 @@ at::Tensor probs_as(const std::optional<at::Tensor>& probs, int64_t tokens, int6
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_dispatch_map_cpu(const at::Tensor& expert_ids,
                                                                     int64_t num_experts) {
-  TORCH_CHECK(expert_ids.dim() == 2, "expert_ids must be 2-D (num_tokens, topk); got shape ", expert_ids.sizes());
+  TORCH_CHECK(expert_ids.dim() == 2, "expert_ids must be 2-D (num_tokens, top_k); got shape ", expert_ids.sizes());
   TORCH_CHECK(expert_ids.scalar_type() == at::kLong || expert_ids.scalar_type() == at::kInt,
               "expert_ids must be int64 or int32; got ", expert_ids.scalar_type());
   TORCH_CHECK(expert_ids.device().is_cpu(), "longmoe::moe_dispatch_map CPU kernel got expert_ids on ",
               expert_ids.device());
   TORCH_CHECK(num_experts >= 1, "num_experts must be >= 1; got ", num_experts);
   const at::Tensor ids = expert_ids.to(at::kLong).contiguous();
-  const int64_t n = ids.numel(), topk = ids.size(1), bins = num_experts + 1;  // bin E: dropped
+  const int64_t n = ids.numel(), top_k = ids.size(1), bins = num_experts + 1;  // bin E: dropped
   const int64_t* id = ids.data_ptr<int64_t>();
 
   // Fixed chunking (same in both passes) makes the counting sort stable: chunk c's rows of expert e
@@ -89,7 +89,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_dispatch_map_cpu(const at::Te
       int64_t* cnt = counts.data() + c * bins;
       for (int64_t s = lo(c); s < lo(c + 1); ++s) {
         const int64_t e = id[s];
-        TORCH_CHECK(e >= -1 && e < num_experts, "expert_ids[", s / topk, ", ", s % topk, "]=", e,
+        TORCH_CHECK(e >= -1 && e < num_experts, "expert_ids[", s / top_k, ", ", s % top_k, "]=", e,
                     " is outside [-1, num_experts=", num_experts, ") (-1 marks a dropped slot)");
         ++cnt[e < 0 ? num_experts : e];
       }
@@ -109,7 +109,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_dispatch_map_cpu(const at::Te
     base += total;
   }
   const int64_t kept = base;
-  at::Tensor row_map = at::empty({ids.size(0), topk}, ids.options());
+  at::Tensor row_map = at::empty({ids.size(0), top_k}, ids.options());
   at::Tensor src_slot = at::empty({kept}, ids.options());
   int64_t* rm = row_map.data_ptr<int64_t>();
   int64_t* src = src_slot.data_ptr<int64_t>();
@@ -131,17 +131,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_dispatch_map_cpu(const at::Te
   return {row_map, src_slot, tokens_per_expert};
 }
 
-at::Tensor moe_permute_cpu(const at::Tensor& x, const at::Tensor& src_slot, int64_t topk,
+at::Tensor moe_permute_cpu(const at::Tensor& x, const at::Tensor& src_slot, int64_t top_k,
                            const std::optional<at::Tensor>& probs) {
   check_rows(x, "x", "(num_tokens, hidden)");
   check_index(src_slot, "src_slot", 1, "(num_rows,)");
-  TORCH_CHECK(topk >= 1, "topk must be >= 1; got ", topk);
+  TORCH_CHECK(top_k >= 1, "top_k must be >= 1; got ", top_k);
   const at::Tensor xc = x.contiguous(), src = src_slot.contiguous();
-  const int64_t tokens = xc.size(0), hidden = xc.size(1), rows = src.size(0), slots = tokens * topk;
+  const int64_t tokens = xc.size(0), hidden = xc.size(1), rows = src.size(0), slots = tokens * top_k;
   at::Tensor out = at::empty({rows, hidden}, xc.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xc.scalar_type(), "moe_permute", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const at::Tensor pc = probs_as(probs, tokens, topk, c10::CppTypeToScalarType<acc_t>::value);
+    const at::Tensor pc = probs_as(probs, tokens, top_k, c10::CppTypeToScalarType<acc_t>::value);
     const acc_t* p = pc.defined() ? pc.data_ptr<acc_t>() : nullptr;
     const scalar_t* xp = xc.data_ptr<scalar_t>();
     const int64_t* sp = src.data_ptr<int64_t>();
@@ -149,8 +149,8 @@ at::Tensor moe_permute_cpu(const at::Tensor& x, const at::Tensor& src_slot, int6
     at::parallel_for(0, rows, row_grain(hidden * xc.element_size()), [&](int64_t r0, int64_t r1) {
       for (int64_t i = r0; i < r1; ++i) {
         const int64_t s = sp[i];
-        TORCH_CHECK(s >= 0 && s < slots, "src_slot[", i, "]=", s, " is outside [0, num_tokens * topk = ", slots, ")");
-        const scalar_t* xr = xp + (s / topk) * hidden;
+        TORCH_CHECK(s >= 0 && s < slots, "src_slot[", i, "]=", s, " is outside [0, num_tokens * top_k = ", slots, ")");
+        const scalar_t* xr = xp + (s / top_k) * hidden;
         scalar_t* o = op + i * hidden;
         if (p == nullptr) {
           std::memcpy(o, xr, hidden * sizeof(scalar_t));
@@ -167,26 +167,26 @@ at::Tensor moe_permute_cpu(const at::Tensor& x, const at::Tensor& src_slot, int6
 at::Tensor moe_unpermute_cpu(const at::Tensor& y, const at::Tensor& row_map,
                              const std::optional<at::Tensor>& probs) {
   check_rows(y, "y", "(num_rows, hidden)");
-  check_index(row_map, "row_map", 2, "(num_tokens, topk)");
+  check_index(row_map, "row_map", 2, "(num_tokens, top_k)");
   const at::Tensor yc = y.contiguous(), rmc = row_map.contiguous();
-  const int64_t rows = yc.size(0), hidden = yc.size(1), tokens = rmc.size(0), topk = rmc.size(1);
+  const int64_t rows = yc.size(0), hidden = yc.size(1), tokens = rmc.size(0), top_k = rmc.size(1);
   at::Tensor out = at::empty({tokens, hidden}, yc.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, yc.scalar_type(), "moe_unpermute", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const at::Tensor pc = probs_as(probs, tokens, topk, c10::CppTypeToScalarType<acc_t>::value);
+    const at::Tensor pc = probs_as(probs, tokens, top_k, c10::CppTypeToScalarType<acc_t>::value);
     const acc_t* p = pc.defined() ? pc.data_ptr<acc_t>() : nullptr;
     const scalar_t* yp = yc.data_ptr<scalar_t>();
     const int64_t* rm = rmc.data_ptr<int64_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, tokens, row_grain(hidden * yc.element_size() * topk), [&](int64_t t0, int64_t t1) {
+    at::parallel_for(0, tokens, row_grain(hidden * yc.element_size() * top_k), [&](int64_t t0, int64_t t1) {
       std::vector<acc_t> acc(hidden);
       for (int64_t t = t0; t < t1; ++t) {
         // -0.0 is the additive identity (-0 + x == x for every x, -0 included), so one kept slot with unit
         // weight reproduces its row bit for bit; a token with no kept slot is +0.
         bool any = false;
         std::fill(acc.begin(), acc.end(), acc_t(-0.0));
-        for (int64_t j = 0; j < topk; ++j) {
-          const int64_t r = rm[t * topk + j];
+        for (int64_t j = 0; j < top_k; ++j) {
+          const int64_t r = rm[t * top_k + j];
           if (r < 0) continue;
           any = true;
           TORCH_CHECK(r < rows, "row_map[", t, ", ", j, "]=", r, " is outside [-1, num_rows=", rows, ")");
@@ -194,7 +194,7 @@ at::Tensor moe_unpermute_cpu(const at::Tensor& y, const at::Tensor& row_map,
           if (p == nullptr) {
             for (int64_t h = 0; h < hidden; ++h) acc[h] += static_cast<acc_t>(yr[h]);
           } else {
-            const acc_t w = p[t * topk + j];
+            const acc_t w = p[t * top_k + j];
             for (int64_t h = 0; h < hidden; ++h) acc[h] += w * static_cast<acc_t>(yr[h]);
           }
         }
@@ -210,30 +210,30 @@ at::Tensor moe_unpermute_cpu(const at::Tensor& y, const at::Tensor& row_map,
 at::Tensor moe_unpermute_probs_grad_cpu(const at::Tensor& dout, const at::Tensor& y, const at::Tensor& row_map) {
   check_rows(dout, "dout", "(num_tokens, hidden)");
   check_rows(y, "y", "(num_rows, hidden)");
-  check_index(row_map, "row_map", 2, "(num_tokens, topk)");
+  check_index(row_map, "row_map", 2, "(num_tokens, top_k)");
   TORCH_CHECK(dout.scalar_type() == y.scalar_type(), "dout and y must share a dtype; got ", dout.scalar_type(),
               " and ", y.scalar_type());
   TORCH_CHECK(dout.size(1) == y.size(1), "dout hidden=", dout.size(1), " must equal y hidden=", y.size(1));
   TORCH_CHECK(dout.size(0) == row_map.size(0), "dout num_tokens=", dout.size(0), " must equal row_map num_tokens=",
               row_map.size(0));
   const at::Tensor dc = dout.contiguous(), yc = y.contiguous(), rmc = row_map.contiguous();
-  const int64_t rows = yc.size(0), hidden = yc.size(1), tokens = rmc.size(0), topk = rmc.size(1);
+  const int64_t rows = yc.size(0), hidden = yc.size(1), tokens = rmc.size(0), top_k = rmc.size(1);
   at::Tensor dprobs;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, yc.scalar_type(), "moe_unpermute_probs_grad", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    dprobs = at::empty({tokens, topk}, yc.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    dprobs = at::empty({tokens, top_k}, yc.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
     const scalar_t* dp = dc.data_ptr<scalar_t>();
     const scalar_t* yp = yc.data_ptr<scalar_t>();
     const int64_t* rm = rmc.data_ptr<int64_t>();
     acc_t* gp = dprobs.data_ptr<acc_t>();
     constexpr int64_t kLanes = 8;  // independent partial sums so the dot product vectorises
-    at::parallel_for(0, tokens, row_grain(hidden * yc.element_size() * topk), [&](int64_t t0, int64_t t1) {
+    at::parallel_for(0, tokens, row_grain(hidden * yc.element_size() * top_k), [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const scalar_t* d = dp + t * hidden;
-        for (int64_t j = 0; j < topk; ++j) {
-          const int64_t r = rm[t * topk + j];
+        for (int64_t j = 0; j < top_k; ++j) {
+          const int64_t r = rm[t * top_k + j];
           if (r < 0) {
-            gp[t * topk + j] = acc_t(0);
+            gp[t * top_k + j] = acc_t(0);
             continue;
           }
           TORCH_CHECK(r < rows, "row_map[", t, ", ", j, "]=", r, " is outside [-1, num_rows=", rows, ")");
@@ -246,7 +246,7 @@ at::Tensor moe_unpermute_probs_grad_cpu(const at::Tensor& dout, const at::Tensor
           acc_t sum = 0;
           for (; h < hidden; ++h) sum += static_cast<acc_t>(d[h]) * static_cast<acc_t>(yr[h]);
           for (int64_t l = 0; l < kLanes; ++l) sum += part[l];
-          gp[t * topk + j] = sum;
+          gp[t * top_k + j] = sum;
         }
       }
     });

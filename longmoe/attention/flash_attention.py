@@ -23,6 +23,8 @@ import math
 import torch
 
 from longmoe.runtime.backend import select_backend
+from longmoe.runtime.dtypes import accumulation_dtype
+from longmoe.runtime.native import register_fake
 
 __all__ = [
     "flash_attention",
@@ -136,7 +138,7 @@ def attention_delta(dout: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     dout, out: (batch, seqlen_q, heads_q, head_dim) -> (batch, heads_q, seqlen_q) fp32 (fp64 if either is).
     Ring backward sends this instead of ``out``.
     """
-    acc = torch.float64 if torch.float64 in (dout.dtype, out.dtype) else torch.float32
+    acc = accumulation_dtype(dout.dtype, out.dtype)
     return (dout.to(acc) * out.to(acc)).sum(-1).transpose(1, 2).contiguous()
 
 
@@ -169,11 +171,11 @@ def _visible(
 def _ref_dtype(dtype: torch.dtype, upcast: bool) -> torch.dtype:
     if not upcast:
         return dtype
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    return accumulation_dtype(dtype)
 
 
-def _repeat_kv(x: torch.Tensor, group: int) -> torch.Tensor:
-    return x if group == 1 else x.repeat_interleave(group, dim=2)
+def _repeat_kv(x: torch.Tensor, q_per_kv: int) -> torch.Tensor:
+    return x if q_per_kv == 1 else x.repeat_interleave(q_per_kv, dim=2)
 
 
 def flash_attention_ref(
@@ -200,8 +202,8 @@ def flash_attention_ref(
     """
     scale = _check_inputs(q, k, v, softmax_scale, block_mask, block_size)
     ct = _ref_dtype(q.dtype, upcast)
-    group = q.shape[2] // k.shape[2]
-    qc, kc, vc = q.to(ct), _repeat_kv(k, group).to(ct), _repeat_kv(v, group).to(ct)
+    q_per_kv = q.shape[2] // k.shape[2]
+    qc, kc, vc = q.to(ct), _repeat_kv(k, q_per_kv).to(ct), _repeat_kv(v, q_per_kv).to(ct)
     s = torch.einsum("bqhd,bkhd->bhqk", qc, kc) * scale
     vis = _visible(q.shape[1], k.shape[1], causal, block_mask, block_size, q.device)
     if vis is not None:
@@ -210,8 +212,7 @@ def flash_attention_ref(
     p = torch.exp(s - lse.to(ct).unsqueeze(-1))
     p = torch.where(torch.isneginf(lse).unsqueeze(-1), torch.zeros_like(p), p)
     out = torch.einsum("bhqk,bkhd->bqhd", p, vc)
-    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return out.to(out_dtype or q.dtype), lse.to(lse_dtype)
+    return out.to(out_dtype or q.dtype), lse.to(accumulation_dtype(q.dtype))
 
 
 def flash_attention_backward_ref(
@@ -234,13 +235,13 @@ def flash_attention_backward_ref(
 
     With ``P = exp(scale * q k^T - lse)`` and ``D = rowsum(dout * out)``:
     ``dv = P^T dout``, ``dS = P * (dout v^T - D)``, ``dq = scale * dS k``, ``dk = scale * dS^T q``;
-    dk/dv are summed over each GQA group. Shapes as :func:`flash_attention_backward`.
+    dk/dv are summed over the query heads sharing each KV head. Shapes as :func:`flash_attention_backward`.
     """
     scale = _check_inputs(q, k, v, softmax_scale, block_mask, block_size)
     ct = _ref_dtype(q.dtype, upcast)
     hq, hkv = q.shape[2], k.shape[2]
-    group = hq // hkv
-    qc, kc, vc = q.to(ct), _repeat_kv(k, group).to(ct), _repeat_kv(v, group).to(ct)
+    q_per_kv = hq // hkv
+    qc, kc, vc = q.to(ct), _repeat_kv(k, q_per_kv).to(ct), _repeat_kv(v, q_per_kv).to(ct)
     doc, lsec = dout.to(ct), lse.to(ct)
     s = torch.einsum("bqhd,bkhd->bhqk", qc, kc) * scale
     p = torch.exp(s - lsec.unsqueeze(-1))
@@ -254,10 +255,10 @@ def flash_attention_backward_ref(
     ds = p * (dp - delta.to(ct).unsqueeze(-1))
     dq = torch.einsum("bhqk,bkhd->bqhd", ds, kc) * scale
     dk = torch.einsum("bhqk,bqhd->bkhd", ds, qc) * scale
-    if group > 1:
+    if q_per_kv > 1:
         b, sk, _, d = dk.shape
-        dk = dk.view(b, sk, hkv, group, d).sum(3)
-        dv = dv.view(b, sk, hkv, group, d).sum(3)
+        dk = dk.view(b, sk, hkv, q_per_kv, d).sum(3)
+        dv = dv.view(b, sk, hkv, q_per_kv, d).sum(3)
     gdt = grad_dtype or q.dtype
     return dq.to(gdt), dk.to(gdt), dv.to(gdt)
 
@@ -265,6 +266,22 @@ def flash_attention_backward_ref(
 # ----------------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------------
+# Fake (meta) kernels of the C++ ops, for torch.compile: output shapes and dtypes only.
+@register_fake("flash_attn_fwd")
+def _flash_attn_fwd_fake(q, k, v, block_mask, block_size, causal, softmax_scale, out_dtype=None):
+    b, sq, hq, _ = q.shape
+    out = torch.empty_like(q, dtype=out_dtype or q.dtype, memory_format=torch.contiguous_format)
+    return out, q.new_empty((b, hq, sq), dtype=accumulation_dtype(q.dtype))
+
+
+@register_fake("flash_attn_bwd")
+def _flash_attn_bwd_fake(
+    dout, q, k, v, out, lse, block_mask, block_size, causal, softmax_scale, delta=None, grad_dtype=None
+):
+    like = lambda t: torch.empty_like(t, dtype=grad_dtype or t.dtype, memory_format=torch.contiguous_format)
+    return like(q), like(k), like(v)
+
+
 def flash_attention_forward(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -29,6 +29,7 @@ import torch
 
 from longmoe.attention.flash_attention import flash_attention
 from longmoe.runtime.backend import select_backend
+from longmoe.runtime.native import register_fake
 
 __all__ = ["xattention_estimate", "xattention_estimate_ref", "block_sparse_attention", "xattention"]
 
@@ -176,6 +177,13 @@ def xattention_estimate_ref(
 
 
 @torch.no_grad()
+@register_fake("xattn_block_scores")
+def _xattn_block_scores_fake(q, k, stride, block_size, causal, q_offset):
+    """Fake (meta) kernel of the C++ op, for torch.compile: (batch, heads_q, q blocks, k blocks) fp32."""
+    nqb, nkb = -(-q.shape[1] // block_size), -(-k.shape[1] // block_size)
+    return q.new_empty((q.shape[0], q.shape[2], nqb, nkb), dtype=torch.float32)
+
+
 def xattention_estimate(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -9,9 +9,10 @@ tokens are sorted by global expert, so the rows bound for rank ``r`` are one con
 2. ``all_to_all_single`` of the rows with those split sizes (a rank may send or receive 0 rows; NCCL on CUDA,
    gloo on CPU: the process group's backend decides, nothing here names a device);
 3. the received rows arrive grouped by (source rank, local expert); a stable sort by local expert
-   (the same dispatch-map kernel, ``topk = 1``) makes every local expert's rows contiguous.
+   (the same dispatch-map kernel, ``top_k = 1``) makes every local expert's rows contiguous.
 
-``combine`` inverts 3 then 2. Both exchanges are autograd functions whose backward is the reverse exchange,
+``combine`` inverts 3 then 2. Both exchanges use the one autograd all-to-all of ``longmoe.runtime``
+(:func:`longmoe.runtime.all_to_all`, shared with Ulysses), whose backward is the reverse exchange,
 so every rank takes part in the backward collectives even when it holds no rows. Collectives block at most
 for the process group's timeout (``init_from_env(timeout_s=...)``, ``spawn(timeout_s=...)``).
 """
@@ -24,62 +25,9 @@ import torch
 import torch.distributed as dist
 
 from longmoe.moe.permute import DispatchMap, moe_dispatch_map, moe_permute, moe_unpermute
+from longmoe.runtime.collectives import all_to_all
 
-__all__ = ["all_to_all", "AllToAllFunction", "AllToAllDispatcher", "DispatchState"]
-
-
-def _all_to_all_single(out, x, output_splits, input_splits, group, what: str) -> None:
-    """``dist.all_to_all_single`` whose failures (timeouts, dead peers) name the rank, the group and the traffic."""
-    try:
-        dist.all_to_all_single(out, x, output_splits, input_splits, group=group)
-    except RuntimeError as err:  # gloo/NCCL timeouts and peer failures (DistBackendError is a RuntimeError)
-        g = dist.group.WORLD if group is None else group
-        raise RuntimeError(
-            f"MoE all_to_all_single ({what}) failed on rank {dist.get_rank(g)} of the expert-parallel group "
-            f"(size {dist.get_world_size(g)}, global ranks {dist.get_process_group_ranks(g)}): sending "
-            f"{input_splits or 'equal splits of'} {tuple(x.shape)}, expecting {output_splits or tuple(out.shape)}; "
-            f"a peer that never joins the exchange fails it after the group's timeout. Cause: {err}"
-        ) from err
-
-
-def _exchange(x: torch.Tensor, output_splits: list[int], input_splits: list[int], group) -> torch.Tensor:
-    x = x.contiguous()
-    out = x.new_empty((sum(output_splits), *x.shape[1:]))
-    _all_to_all_single(out, x, output_splits, input_splits, group, "token rows")
-    return out
-
-
-class AllToAllFunction(torch.autograd.Function):
-    """Rows ``x[sum(input_splits[:r]) : ...]`` go to rank r; backward sends the gradients back."""
-
-    @staticmethod
-    def forward(ctx, x, output_splits, input_splits, group):
-        ctx.splits, ctx.group = (output_splits, input_splits), group
-        return _exchange(x, output_splits, input_splits, group)
-
-    @staticmethod
-    def backward(ctx, dout):
-        output_splits, input_splits = ctx.splits
-        return _exchange(dout, input_splits, output_splits, ctx.group), None, None, None
-
-
-def all_to_all(
-    x: torch.Tensor, output_splits: list[int], input_splits: list[int], group: dist.ProcessGroup | None = None
-) -> torch.Tensor:
-    """Variable-size all-to-all of rows, with autograd.
-
-    x: (sum(input_splits), *rest); ``input_splits[r]`` rows go to rank r of ``group``, ``output_splits[r]``
-    rows come from it. Returns (sum(output_splits), *rest), blocks sorted by source rank.
-    """
-    if len(output_splits) != len(input_splits):
-        raise ValueError(
-            f"output_splits has {len(output_splits)} entries but input_splits has {len(input_splits)}"
-        )
-    if sum(input_splits) != x.shape[0]:
-        raise ValueError(
-            f"input_splits={input_splits} sums to {sum(input_splits)}; expected x rows {x.shape[0]}"
-        )
-    return AllToAllFunction.apply(x, list(output_splits), list(input_splits), group)
+__all__ = ["all_to_all", "AllToAllDispatcher", "DispatchState"]
 
 
 @dataclass(slots=True)
@@ -120,9 +68,7 @@ class AllToAllDispatcher:
         """tokens_per_expert: (num_experts,) int64 rows this rank routes to each global expert.
         Returns (ep_size, num_local_experts) int64: rows each source rank sends to each local expert."""
         send = tokens_per_expert.reshape(self.ep_size, self.num_local_experts).contiguous()
-        recv = torch.empty_like(send)
-        _all_to_all_single(recv, send, None, None, self.group, "per-expert counts")
-        return recv
+        return all_to_all(send, group=self.group, what="MoE per-expert counts")
 
     def dispatch(
         self, x: torch.Tensor, tokens_per_expert: torch.Tensor
@@ -140,7 +86,7 @@ class AllToAllDispatcher:
         input_splits = tokens_per_expert.reshape(self.ep_size, self.num_local_experts).sum(1).tolist()
         recv_host = recv.cpu()
         output_splits = recv_host.sum(1).tolist()
-        rows = all_to_all(x, output_splits, input_splits, self.group)
+        rows = all_to_all(x, output_splits, input_splits, self.group, what="MoE token rows")
         regroup = None
         if self.num_local_experts > 1 and self.ep_size > 1:
             local_ids = torch.arange(self.num_local_experts, device=x.device).repeat(self.ep_size)
@@ -154,5 +100,5 @@ class AllToAllDispatcher:
         """y: (num_received, hidden) expert outputs in :meth:`dispatch`'s row order.
         Returns (num_rows, hidden) in the order of dispatch's input ``x``."""
         if state.regroup is not None:
-            y = moe_unpermute(y, state.regroup, backend=self.backend)  # exact inverse (unit weights, topk=1)
-        return all_to_all(y, state.input_splits, state.output_splits, self.group)
+            y = moe_unpermute(y, state.regroup, backend=self.backend)  # exact inverse (unit weights, top_k=1)
+        return all_to_all(y, state.input_splits, state.output_splits, self.group, what="MoE expert outputs")

@@ -46,6 +46,10 @@ class MoEAux:
     dropped_tokens: () int64 slots dropped by capacity.
     router_entropy: () mean entropy (nats) of the tokens' score distributions (no gradient).
     num_tokens: tokens in this forward.
+
+    The ``*_tokens*`` counters count routed *slots* (one per token and routing choice, ``num_tokens *
+    top_k`` in all), as Megatron-core's ``tokens_per_expert`` does: a token routed to two experts counts once
+    for each, and a dropped slot is one choice of a token, not the whole token.
     """
 
     loss: torch.Tensor

@@ -10,19 +10,19 @@ Layers, in order (as :mod:`longmoe.attention.flash_attention`):
 * the public :func:`moe_permute` and :func:`moe_unpermute`;
 * the pure-PyTorch ``*_ref`` functions beside them, which every backend is tested against.
 
-Slots: token ``t``'s ``j``-th routing choice is slot ``s = t * topk + j``; ``expert_ids[t, j]`` is its expert,
+Slots: token ``t``'s ``j``-th routing choice is slot ``s = t * top_k + j``; ``expert_ids[t, j]`` is its expert,
 or ``-1`` when capacity dropped it. The :class:`DispatchMap` is a *stable* sort of the slots by expert: rows
 of expert 0 first (in slot order), then expert 1, and so on; dropped slots get no row. Hence
 
-* ``row_map (num_tokens, topk)`` int64: the row of slot ``(t, j)``, ``-1`` if dropped;
+* ``row_map (num_tokens, top_k)`` int64: the row of slot ``(t, j)``, ``-1`` if dropped;
 * ``src_slot (num_rows,)`` int64: the slot each row came from (``num_rows`` = number of kept slots);
 * ``tokens_per_expert (num_experts,)`` int64: rows per expert, so expert ``e`` owns the contiguous rows
   ``[cumsum[e-1], cumsum[e])``.
 
-``permute``: ``out[i] = x[src_slot[i] // topk]``. ``unpermute``: ``out[t] = sum_j probs[t, j] *
-y[row_map[t, j]]`` over the kept slots, accumulated from -0.0 in order ``j = 0..topk-1`` in fp32 (fp64 for
+``permute``: ``out[i] = x[src_slot[i] // top_k]``. ``unpermute``: ``out[t] = sum_j probs[t, j] *
+y[row_map[t, j]]`` over the kept slots, accumulated from -0.0 in order ``j = 0..top_k-1`` in fp32 (fp64 for
 fp64 inputs) and rounded once; a token whose slots were all dropped gets exactly +0. Permute then unpermute
-with unit weights and ``topk=1`` returns the input bit for bit (signed zeros included) on every backend, and
+with unit weights and ``top_k=1`` returns the input bit for bit (signed zeros included) on every backend, and
 the weighted combine is bit-identical across backends (no FMA contraction in the C++ kernel).
 """
 
@@ -33,6 +33,8 @@ from typing import NamedTuple
 import torch
 
 from longmoe.runtime.backend import select_backend
+from longmoe.runtime.dtypes import accumulation_dtype
+from longmoe.runtime.native import register_fake
 
 __all__ = [
     "DispatchMap",
@@ -56,8 +58,8 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 class DispatchMap(NamedTuple):
     """Where every routed slot goes (see the module docstring).
 
-    row_map: (num_tokens, topk) int64, row of each slot in expert-sorted order, -1 if dropped.
-    src_slot: (num_rows,) int64, flat slot ``t * topk + j`` of each sorted row.
+    row_map: (num_tokens, top_k) int64, row of each slot in expert-sorted order, -1 if dropped.
+    src_slot: (num_rows,) int64, flat slot ``t * top_k + j`` of each sorted row.
     tokens_per_expert: (num_experts,) int64, rows per expert (sums to num_rows).
     """
 
@@ -70,16 +72,12 @@ class DispatchMap(NamedTuple):
         return self.row_map.shape[0]
 
     @property
-    def topk(self) -> int:
+    def top_k(self) -> int:
         return self.row_map.shape[1]
 
     @property
     def num_rows(self) -> int:
         return self.src_slot.shape[0]
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -102,14 +100,14 @@ def _check_index(name: str, t: torch.Tensor, dim: int, shape: str, device: torch
         raise ValueError(f"{name} must be on {device}; got {t.device}")
 
 
-def _check_probs(probs: torch.Tensor | None, tokens: int, topk: int, device: torch.device) -> None:
+def _check_probs(probs: torch.Tensor | None, tokens: int, top_k: int, device: torch.device) -> None:
     if probs is None:
         return
     if not isinstance(probs, torch.Tensor) or probs.dtype not in _FLOAT_DTYPES:
         got = probs.dtype if isinstance(probs, torch.Tensor) else type(probs).__name__
         raise TypeError(f"probs must be a floating tensor; got {got}")
-    if tuple(probs.shape) != (tokens, topk):
-        raise ValueError(f"probs must be (num_tokens, topk) = {(tokens, topk)}; got {tuple(probs.shape)}")
+    if tuple(probs.shape) != (tokens, top_k):
+        raise ValueError(f"probs must be (num_tokens, top_k) = {(tokens, top_k)}; got {tuple(probs.shape)}")
     if probs.device != device:
         raise ValueError(f"probs must be on {device}; got {probs.device}")
 
@@ -119,7 +117,7 @@ def _check_expert_ids(expert_ids: torch.Tensor, num_experts: int) -> None:
         got = expert_ids.dtype if isinstance(expert_ids, torch.Tensor) else type(expert_ids).__name__
         raise TypeError(f"expert_ids must be an int64 or int32 tensor; got {got}")
     if expert_ids.dim() != 2:
-        raise ValueError(f"expert_ids must be 2-D (num_tokens, topk); got shape {tuple(expert_ids.shape)}")
+        raise ValueError(f"expert_ids must be 2-D (num_tokens, top_k); got shape {tuple(expert_ids.shape)}")
     if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
         raise ValueError(f"num_experts must be an int >= 1; got {num_experts!r}")
 
@@ -130,7 +128,7 @@ def _check_expert_ids(expert_ids: torch.Tensor, num_experts: int) -> None:
 def moe_dispatch_map_ref(expert_ids: torch.Tensor, num_experts: int) -> DispatchMap:
     """Stable sort of the slots by expert in plain PyTorch.
 
-    expert_ids: (num_tokens, topk) int64/int32, values in [0, num_experts) or -1 (dropped).
+    expert_ids: (num_tokens, top_k) int64/int32, values in [0, num_experts) or -1 (dropped).
     """
     _check_expert_ids(expert_ids, num_experts)
     flat = expert_ids.reshape(-1).long()
@@ -155,20 +153,20 @@ def moe_dispatch_map_ref(expert_ids: torch.Tensor, num_experts: int) -> Dispatch
 def moe_permute_ref(
     x: torch.Tensor,
     src_slot: torch.Tensor,
-    topk: int,
+    top_k: int,
     probs: torch.Tensor | None = None,
     *,
     upcast: bool = True,
 ) -> torch.Tensor:
     """Gather rows into expert order: (num_tokens, hidden) -> (num_rows, hidden) in x's dtype.
 
-    With ``probs (num_tokens, topk)`` each row is scaled by its slot's weight, computed in fp32 (fp64 for
+    With ``probs (num_tokens, top_k)`` each row is scaled by its slot's weight, computed in fp32 (fp64 for
     fp64 x) when ``upcast`` and rounded once; ``upcast=False`` multiplies in x's dtype.
     """
-    rows = x.index_select(0, torch.div(src_slot, topk, rounding_mode="floor"))
+    rows = x.index_select(0, torch.div(src_slot, top_k, rounding_mode="floor"))
     if probs is None:
         return rows
-    ct = _acc_dtype(x.dtype) if upcast else x.dtype
+    ct = accumulation_dtype(x.dtype) if upcast else x.dtype
     w = probs.reshape(-1).to(ct).index_select(0, src_slot)
     return (rows.to(ct) * w[:, None]).to(x.dtype)
 
@@ -179,17 +177,17 @@ def moe_unpermute_ref(
     """Scatter rows back and combine: (num_rows, hidden) -> (num_tokens, hidden) in y's dtype.
 
     ``out[t] = sum_j probs[t, j] * y[row_map[t, j]]`` over slots with ``row_map >= 0``, summed in order
-    ``j = 0..topk-1``, in fp32 (fp64 for fp64 y) when ``upcast``, else in y's dtype.
+    ``j = 0..top_k-1``, in fp32 (fp64 for fp64 y) when ``upcast``, else in y's dtype.
     """
-    tokens, topk = row_map.shape
-    ct = _acc_dtype(y.dtype) if upcast else y.dtype
+    tokens, top_k = row_map.shape
+    ct = accumulation_dtype(y.dtype) if upcast else y.dtype
     if y.shape[0] == 0:
         return torch.zeros(tokens, y.shape[1], dtype=y.dtype, device=y.device)
     # -0.0 is the additive identity (-0 + x == x, -0 included): one kept unit-weight slot is reproduced
     # bit for bit. Dropped slots add nothing; a token with no kept slot is +0.
     neg_zero = torch.full((), -0.0, dtype=ct, device=y.device)
     out = neg_zero.expand(tokens, y.shape[1])
-    for j in range(topk):
+    for j in range(top_k):
         r = row_map[:, j]
         rows = y.index_select(0, r.clamp(min=0)).to(ct)
         if probs is not None:
@@ -204,24 +202,53 @@ def moe_unpermute_probs_grad_ref(
 ) -> torch.Tensor:
     """Gradient of :func:`moe_unpermute_ref` w.r.t. probs: ``dprobs[t, j] = <dout[t], y[row_map[t, j]]>``.
 
-    dout: (num_tokens, hidden); y: (num_rows, hidden); returns (num_tokens, topk) in fp32 (fp64 for fp64 y);
+    dout: (num_tokens, hidden); y: (num_rows, hidden); returns (num_tokens, top_k) in fp32 (fp64 for fp64 y);
     dropped slots get 0.
     """
-    ct = _acc_dtype(y.dtype) if upcast else y.dtype
+    ct = accumulation_dtype(y.dtype) if upcast else y.dtype
     if y.shape[0] == 0:
-        return torch.zeros(row_map.shape, dtype=_acc_dtype(y.dtype), device=y.device)
+        return torch.zeros(row_map.shape, dtype=accumulation_dtype(y.dtype), device=y.device)
     rows = y.index_select(0, row_map.clamp(min=0).reshape(-1)).view(*row_map.shape, -1)
     d = (dout.to(ct)[:, None, :] * rows.to(ct)).sum(-1)
-    return torch.where(row_map >= 0, d, torch.zeros((), dtype=ct, device=y.device)).to(_acc_dtype(y.dtype))
+    return torch.where(row_map >= 0, d, torch.zeros((), dtype=ct, device=y.device)).to(
+        accumulation_dtype(y.dtype)
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------------
+# Fake (meta) kernels of the C++ ops, for torch.compile: output shapes and dtypes only.
+@register_fake("moe_dispatch_map")
+def _moe_dispatch_map_fake(expert_ids, num_experts):
+    # The number of kept slots (rows) is data-dependent: an unbacked symbolic size.
+    rows = torch.library.get_ctx().new_dynamic_size()
+    return (
+        expert_ids.new_empty(expert_ids.shape, dtype=torch.int64),
+        expert_ids.new_empty((rows,), dtype=torch.int64),
+        expert_ids.new_empty((num_experts,), dtype=torch.int64),
+    )
+
+
+@register_fake("moe_permute")
+def _moe_permute_fake(x, src_slot, top_k, probs):
+    return x.new_empty((src_slot.shape[0], x.shape[1]))
+
+
+@register_fake("moe_unpermute")
+def _moe_unpermute_fake(y, row_map, probs):
+    return y.new_empty((row_map.shape[0], y.shape[1]))
+
+
+@register_fake("moe_unpermute_probs_grad")
+def _moe_unpermute_probs_grad_fake(dout, y, row_map):
+    return y.new_empty(tuple(row_map.shape), dtype=accumulation_dtype(y.dtype))
+
+
 def moe_dispatch_map(
     expert_ids: torch.Tensor, num_experts: int, *, backend: str | None = None
 ) -> DispatchMap:
-    """Build the :class:`DispatchMap` of ``expert_ids (num_tokens, topk)`` (values in [0, E) or -1).
+    """Build the :class:`DispatchMap` of ``expert_ids (num_tokens, top_k)`` (values in [0, E) or -1).
 
     CPU: the C++ stable counting sort. CUDA: ``torch.argsort(stable=True)`` (a device radix sort; a Triton
     kernel would not beat it at the <= 1M slots of one layer), i.e. the reference.
@@ -236,35 +263,35 @@ def moe_dispatch_map(
 def moe_permute_forward(
     x: torch.Tensor,
     src_slot: torch.Tensor,
-    topk: int,
+    top_k: int,
     probs: torch.Tensor | None = None,
     *,
     backend: str | None = None,
 ) -> torch.Tensor:
     """Permute without autograd. x: (num_tokens, hidden); src_slot: (num_rows,) int64; probs: None or
-    (num_tokens, topk). Returns (num_rows, hidden) in x's dtype."""
+    (num_tokens, top_k). Returns (num_rows, hidden) in x's dtype."""
     _check_rows("x", x, "(num_tokens, hidden)")
     _check_index("src_slot", src_slot, 1, "(num_rows,)", x.device)
-    if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
-        raise ValueError(f"topk must be an int >= 1; got {topk!r}")
-    _check_probs(probs, x.shape[0], topk, x.device)
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"top_k must be an int >= 1; got {top_k!r}")
+    _check_probs(probs, x.shape[0], top_k, x.device)
     name = select_backend(x, backend=backend)
     if name == "native":
-        return torch.ops.longmoe.moe_permute(x, src_slot, topk, probs)
+        return torch.ops.longmoe.moe_permute(x, src_slot, top_k, probs)
     if name == "triton":
         from longmoe.kernels.moe_permute import moe_permute_triton
 
-        return moe_permute_triton(x, src_slot, topk, probs)
-    return moe_permute_ref(x, src_slot, topk, probs)
+        return moe_permute_triton(x, src_slot, top_k, probs)
+    return moe_permute_ref(x, src_slot, top_k, probs)
 
 
 def moe_unpermute_forward(
     y: torch.Tensor, row_map: torch.Tensor, probs: torch.Tensor | None = None, *, backend: str | None = None
 ) -> torch.Tensor:
-    """Unpermute (and combine) without autograd. y: (num_rows, hidden); row_map: (num_tokens, topk) int64;
-    probs: None (unit weights) or (num_tokens, topk). Returns (num_tokens, hidden) in y's dtype."""
+    """Unpermute (and combine) without autograd. y: (num_rows, hidden); row_map: (num_tokens, top_k) int64;
+    probs: None (unit weights) or (num_tokens, top_k). Returns (num_tokens, hidden) in y's dtype."""
     _check_rows("y", y, "(num_rows, hidden)")
-    _check_index("row_map", row_map, 2, "(num_tokens, topk)", y.device)
+    _check_index("row_map", row_map, 2, "(num_tokens, top_k)", y.device)
     _check_probs(probs, row_map.shape[0], row_map.shape[1], y.device)
     name = select_backend(y, backend=backend)
     if name == "native":
@@ -279,13 +306,13 @@ def moe_unpermute_forward(
 def moe_unpermute_probs_grad(
     dout: torch.Tensor, y: torch.Tensor, row_map: torch.Tensor, *, backend: str | None = None
 ) -> torch.Tensor:
-    """dprobs (num_tokens, topk), fp32 (fp64 for fp64 y): ``<dout[t], y[row_map[t, j]]>``, 0 if dropped.
+    """dprobs (num_tokens, top_k), fp32 (fp64 for fp64 y): ``<dout[t], y[row_map[t, j]]>``, 0 if dropped.
 
-    dout: (num_tokens, hidden); y: (num_rows, hidden) in dout's dtype; row_map: (num_tokens, topk) int64.
+    dout: (num_tokens, hidden); y: (num_rows, hidden) in dout's dtype; row_map: (num_tokens, top_k) int64.
     """
     _check_rows("dout", dout, "(num_tokens, hidden)")
     _check_rows("y", y, "(num_rows, hidden)")
-    _check_index("row_map", row_map, 2, "(num_tokens, topk)", y.device)
+    _check_index("row_map", row_map, 2, "(num_tokens, top_k)", y.device)
     if dout.dtype != y.dtype or dout.shape[1] != y.shape[1] or dout.shape[0] != row_map.shape[0]:
         raise ValueError(
             f"dout must be (num_tokens={row_map.shape[0]}, hidden={y.shape[1]}) in y's dtype {y.dtype}; "
@@ -320,7 +347,7 @@ class MoEPermuteFunction(torch.autograd.Function):
 
 
 class MoEUnpermuteFunction(torch.autograd.Function):
-    """(y (num_rows, hidden), probs (num_tokens, topk) | None) -> (num_tokens, hidden).
+    """(y (num_rows, hidden), probs (num_tokens, top_k) | None) -> (num_tokens, hidden).
 
     Backward: ``dy = permute(dout, probs)`` and ``dprobs = <dout, y>`` per slot.
     """
@@ -346,7 +373,7 @@ class MoEUnpermuteFunction(torch.autograd.Function):
 def moe_permute(x: torch.Tensor, dispatch_map: DispatchMap, *, backend: str | None = None) -> torch.Tensor:
     """Tokens into expert-contiguous order, with autograd.
 
-    x: (num_tokens, hidden). Returns (num_rows, hidden): row ``i`` is token ``src_slot[i] // topk``; the rows
+    x: (num_tokens, hidden). Returns (num_rows, hidden): row ``i`` is token ``src_slot[i] // top_k``; the rows
     of expert ``e`` are contiguous, ``tokens_per_expert[e]`` of them, experts in ascending order.
     """
     if x.dim() != 2 or x.shape[0] != dispatch_map.num_tokens:
@@ -366,7 +393,7 @@ def moe_unpermute(
 ) -> torch.Tensor:
     """Back to token order, combining each token's expert outputs with ``probs``, with autograd.
 
-    y: (num_rows, hidden) in expert order; probs: None (unit weights) or (num_tokens, topk), differentiable.
+    y: (num_rows, hidden) in expert order; probs: None (unit weights) or (num_tokens, top_k), differentiable.
     Returns (num_tokens, hidden) in y's dtype; tokens whose slots were all dropped are 0.
     """
     if y.dim() != 2 or y.shape[0] != dispatch_map.num_rows:

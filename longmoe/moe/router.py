@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from longmoe.moe.config import MoEConfig
+from longmoe.runtime.dtypes import accumulation_dtype
 
 __all__ = [
     "RouterOutput",
@@ -33,10 +34,6 @@ __all__ = [
     "router_z_loss",
     "router_entropy",
 ]
-
-
-def _score_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def sparsemixer_routing(logits: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -234,7 +231,7 @@ class TopKRouter(nn.Module):
     def forward(self, x: torch.Tensor) -> RouterOutput:
         """x: (num_tokens, hidden_size) -> :class:`RouterOutput`."""
         cfg = self.config
-        ct = _score_dtype(x.dtype)
+        ct = accumulation_dtype(x.dtype)
         logits = F.linear(x.to(ct), self.weight.to(ct))
         probs, ids, scores = topk_routing(
             logits,

@@ -1,7 +1,19 @@
 """Sequence parallelism: TokenRing, KV ring and Ulysses attention over sequence shards, a cost model that
-picks among them, and the sharding helpers."""
+picks among them, and the sharding helpers.
+
+Modules, each importing only from those above it in this list (and from runtime/ and attention/):
+
+* ``layout``: how a sequence is sharded (``ShardLayout``, ``shard_sequence``...) and which blocks a ring step
+  computes (``StepSegment``);
+* ``schedule``: ring schedules as data (``ring_schedule`` -> ``RingStep``s), walked by the rings and the cost model;
+* ``common``: the entry-point checks and the autograd Function the algorithms share;
+* ``token_ring``, ``kv_ring``, ``ulysses``: the algorithms (none imports another);
+* ``cost_model``: pure bytes and time estimates; ``measure``: timing links and kernel calls on a group;
+* ``api``: ``sequence_parallel_attention``, ``SequenceParallelAttention``, ``sequence_parallel_sdpa``.
+"""
 
 from longmoe.parallel.api import (
+    ALGORITHM_CHOICES,
     SequenceParallelAttention,
     autotune_algorithm,
     select_algorithm,
@@ -15,29 +27,49 @@ from longmoe.parallel.cost_model import (
     Topology,
     choose_algorithm,
     communication_bytes,
+    compute_calls,
     estimate_time,
-    measure_topology,
-    profile_compute,
+    step_traffic,
 )
-from longmoe.parallel.ring import ring_attention
-from longmoe.parallel.sharding import shard_bounds, shard_positions, shard_sequence, unshard_sequence
+from longmoe.parallel.kv_ring import kv_ring_attention
+from longmoe.parallel.layout import (
+    LAYOUTS,
+    ShardLayout,
+    StepSegment,
+    shard_bounds,
+    shard_positions,
+    shard_sequence,
+    unshard_sequence,
+)
+from longmoe.parallel.measure import measure_topology, profile_compute
+from longmoe.parallel.schedule import RingStep, Transfer, ring_schedule
 from longmoe.parallel.token_ring import token_ring_attention
 from longmoe.parallel.ulysses import heads_to_seq, seq_to_heads, ulysses_attention
+from longmoe.runtime.exchanger import CommStats
 
 __all__ = [
     "ALGORITHMS",
+    "ALGORITHM_CHOICES",
+    "LAYOUTS",
     "AttentionShape",
+    "CommStats",
     "ComputeProfile",
+    "RingStep",
     "SequenceParallelAttention",
+    "ShardLayout",
+    "StepSegment",
     "Topology",
+    "Transfer",
     "autotune_algorithm",
     "choose_algorithm",
     "communication_bytes",
+    "compute_calls",
     "estimate_time",
     "heads_to_seq",
+    "kv_ring_attention",
     "measure_topology",
     "profile_compute",
-    "ring_attention",
+    "ring_schedule",
     "select_algorithm",
     "seq_to_heads",
     "sequence_parallel_attention",
@@ -45,6 +77,7 @@ __all__ = [
     "shard_bounds",
     "shard_positions",
     "shard_sequence",
+    "step_traffic",
     "token_ring_attention",
     "ulysses_attention",
     "unshard_sequence",

@@ -9,19 +9,22 @@ import torch.distributed as dist
 from torch import nn
 
 from longmoe.parallel.cost_model import (
+    ALGORITHMS,
     AttentionShape,
     Topology,
     choose_algorithm,
-    measure_topology,
-    profile_compute,
     ulysses_applies,
 )
-from longmoe.parallel.plan import check_layout, group_key, world_and_rank
-from longmoe.parallel.ring import ring_attention
+from longmoe.parallel.kv_ring import kv_ring_attention
+from longmoe.parallel.layout import check_layout
+from longmoe.parallel.measure import measure_topology, profile_compute
 from longmoe.parallel.token_ring import token_ring_attention
 from longmoe.parallel.ulysses import ulysses_attention
+from longmoe.runtime.distributed import group_device, group_key, world_and_rank
+from longmoe.runtime.exchanger import CommStats
 
 __all__ = [
+    "ALGORITHM_CHOICES",
     "autotune_algorithm",
     "sequence_parallel_attention",
     "select_algorithm",
@@ -29,7 +32,15 @@ __all__ = [
     "sequence_parallel_sdpa",
 ]
 
-ALGORITHM_CHOICES = ("auto", "autotune", "token_ring", "ring", "ulysses")
+ALGORITHM_CHOICES: tuple[str, ...] = ("auto", "autotune", *ALGORITHMS)
+"""What ``algorithm=`` takes: a cost-model pick, a timed pick, or one algorithm by name."""
+
+
+def _check_algorithm(algorithm: str) -> None:
+    if algorithm not in ALGORITHM_CHOICES:
+        raise ValueError(f"algorithm={algorithm!r}; expected one of {ALGORITHM_CHOICES}")
+
+
 _TUNED: dict[tuple, tuple[str, dict[str, float]]] = {}
 
 
@@ -74,7 +85,7 @@ def autotune_algorithm(
     if world == 1:
         _TUNED[key] = ("token_ring", {"token_ring": 0.0})
         return _TUNED[key]
-    candidates = ["token_ring", "ring"]
+    candidates = ["token_ring", "kv_ring"]
     hq, hkv = q.shape[2], k.shape[2]
     if cu_seqlens is None and hq % world == 0 and (hkv % world == 0 or world % hkv == 0):
         candidates.append("ulysses")
@@ -96,7 +107,9 @@ def autotune_algorithm(
         dist.barrier(group=group)
         t0 = time.perf_counter()
         run()
-        elapsed = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+        if q.device.type == "cuda":
+            torch.cuda.synchronize(q.device)
+        elapsed = torch.tensor([time.perf_counter() - t0], dtype=torch.float64, device=group_device(group))
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX, group=group)
         times[alg] = elapsed.item()
     _TUNED[key] = (min(times, key=times.get), times)
@@ -135,9 +148,9 @@ def select_algorithm(
     topo = topology if topology is not None else measure_topology(group)
     if backward is None:
         backward = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
-    candidates = ("token_ring", "ring") if cu_seqlens is not None else ("token_ring", "ring", "ulysses")
-    if cu_seqlens is None and not ulysses_applies(shape):
-        candidates = ("token_ring", "ring")
+    candidates = ALGORITHMS
+    if cu_seqlens is not None or not ulysses_applies(shape):
+        candidates = ("token_ring", "kv_ring")
     profile = None
     if measure_compute:
         profile = profile_compute(shape, group, backward=backward, algorithms=candidates, device=q.device)
@@ -153,11 +166,12 @@ def sequence_parallel_attention(
     causal: bool = False,
     softmax_scale: float | None = None,
     layout: str = "zigzag",
-    algorithm: Literal["auto", "autotune", "token_ring", "ring", "ulysses"] = "auto",
+    algorithm: Literal["auto", "autotune", "token_ring", "kv_ring", "ulysses"] = "auto",
     return_lse: bool = False,
     topology: Topology | None = None,
     timeout_s: float = 120.0,
     cu_seqlens: torch.Tensor | None = None,
+    stats: CommStats | None = None,
 ):
     """Attention over sequence shards with TokenRing, the KV ring or Ulysses (``"auto"``: the cost model's
     cheapest for these shapes and ``topology``; ``"autotune"``: the fastest when timed once on these shapes,
@@ -166,11 +180,11 @@ def sequence_parallel_attention(
     q: (batch, seqlen_local, heads_q, head_dim); k, v: (batch, seqlen_local, heads_kv, head_dim) shards made
     with :func:`longmoe.parallel.shard_sequence` in ``layout``; packed documents: batch 1 and the global
     ``cu_seqlens`` (TokenRing and the KV ring). Returns out like q (and lse (batch, heads_q, seqlen_local)
-    fp32 with ``return_lse``); differentiable.
+    fp32 with ``return_lse``); differentiable. ``timeout_s`` bounds every wait of the ring algorithms and
+    the entry check; ``stats`` (a :class:`longmoe.runtime.CommStats`) receives the bytes moved.
     """
     check_layout(layout)
-    if algorithm not in ALGORITHM_CHOICES:
-        raise ValueError(f"algorithm={algorithm!r}; expected one of {ALGORITHM_CHOICES}")
+    _check_algorithm(algorithm)
     if algorithm == "auto":
         algorithm, _ = select_algorithm(
             q, k, group=group, causal=causal, layout=layout, topology=topology, cu_seqlens=cu_seqlens
@@ -186,14 +200,15 @@ def sequence_parallel_attention(
             cu_seqlens=cu_seqlens,
             softmax_scale=softmax_scale,
         )
-    kw = dict(group=group, causal=causal, softmax_scale=softmax_scale, layout=layout, return_lse=return_lse)
+    kw = dict(group=group, causal=causal, softmax_scale=softmax_scale, layout=layout, return_lse=return_lse,
+              timeout_s=timeout_s, stats=stats)  # fmt: skip
     if algorithm == "token_ring":
-        return token_ring_attention(q, k, v, timeout_s=timeout_s, cu_seqlens=cu_seqlens, **kw)
-    if algorithm == "ring":
-        return ring_attention(q, k, v, timeout_s=timeout_s, cu_seqlens=cu_seqlens, **kw)
+        return token_ring_attention(q, k, v, cu_seqlens=cu_seqlens, **kw)
+    if algorithm == "kv_ring":
+        return kv_ring_attention(q, k, v, cu_seqlens=cu_seqlens, **kw)
     if cu_seqlens is not None:
         raise ValueError(
-            "algorithm='ulysses' does not take packed documents (cu_seqlens); use 'token_ring' or 'ring'"
+            "algorithm='ulysses' does not take packed documents (cu_seqlens); use 'token_ring' or 'kv_ring'"
         )
     return ulysses_attention(q, k, v, **kw)
 
@@ -201,8 +216,9 @@ def sequence_parallel_attention(
 class SequenceParallelAttention(nn.Module):
     """Drop-in attention core over sequence shards: ``forward(q, k, v)`` with flash-attention layout.
 
-    Replace ``flash_attn_func(q, k, v, causal=True)`` (or an SDPA call on transposed tensors) by this
-    module in a model whose activations are sharded along the sequence with ``shard_sequence``.
+    Replace ``flash_attn_func(q, k, v, causal=True)`` (or an SDPA call on transposed tensors) by
+    ``SequenceParallelAttention(causal=True)`` in a model whose activations are sharded along the sequence
+    with ``shard_sequence``. ``causal`` defaults to False, as in SDPA and every other longmoe function.
     ``last_algorithm`` records what ``"auto"`` chose.
     """
 
@@ -210,7 +226,7 @@ class SequenceParallelAttention(nn.Module):
         self,
         *,
         group: dist.ProcessGroup | None = None,
-        causal: bool = True,
+        causal: bool = False,
         softmax_scale: float | None = None,
         layout: str = "zigzag",
         algorithm: str = "auto",
@@ -219,8 +235,7 @@ class SequenceParallelAttention(nn.Module):
     ):
         super().__init__()
         check_layout(layout)
-        if algorithm not in ALGORITHM_CHOICES:
-            raise ValueError(f"algorithm={algorithm!r}; expected one of {ALGORITHM_CHOICES}")
+        _check_algorithm(algorithm)
         self.group, self.causal, self.softmax_scale = group, causal, softmax_scale
         self.layout, self.algorithm, self.topology, self.timeout_s = layout, algorithm, topology, timeout_s
         self.last_algorithm: str | None = None

@@ -1,7 +1,10 @@
 """Cost model for sequence-parallel attention: exact bytes per link direction, and step time estimates.
 
-``communication_bytes`` mirrors the implementations step by step (it walks the same
-:class:`ShardLayout` segments), so its byte counts equal what the exchangers count, per rank and direction; tests assert that.
+Pure: no process group, no timing (measuring is :mod:`longmoe.parallel.measure`). The ring algorithms are
+costed by walking the same :func:`~longmoe.parallel.schedule.ring_schedule` steps the implementations
+walk, with one per-step traffic function (:func:`step_traffic`), so ``communication_bytes`` equals what
+the exchangers count, per rank and direction (tests assert that), and ``estimate_time`` sees the same
+transfers and kernel calls.
 ``estimate_time`` turns bytes and FLOPs into seconds for a :class:`Topology` (link bandwidth, whether ranks
 form a full mesh or a ring, compute rate), assuming each step's communication overlaps its compute.
 ``choose_algorithm`` picks the cheapest. Compute comes either from a FLOP rate or, better, from a
@@ -20,15 +23,13 @@ TokenRing when communication dominates, GQA 8:1 the KV ring.
 
 from __future__ import annotations
 
-import statistics
-import time
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 
-from longmoe.parallel.plan import ShardLayout
-from longmoe.parallel.token_ring import partial_direction
+from longmoe.parallel.layout import Layout, ShardLayout
+from longmoe.parallel.schedule import RING_ALGORITHMS, RingStep, Transfer, ring_schedule
 
 __all__ = [
     "ALGORITHMS",
@@ -38,13 +39,14 @@ __all__ = [
     "communication_bytes",
     "estimate_time",
     "choose_algorithm",
-    "measure_topology",
-    "profile_compute",
+    "compute_calls",
+    "step_traffic",
     "ulysses_applies",
 ]
 
-ALGORITHMS: tuple[str, ...] = ("token_ring", "ring", "ulysses")
-Algorithm = Literal["token_ring", "ring", "ulysses"]
+ALGORITHMS: tuple[str, ...] = (*RING_ALGORITHMS, "ulysses")
+"""Every sequence-parallel algorithm, by the name ``sequence_parallel_attention(algorithm=...)`` takes."""
+Algorithm = Literal["token_ring", "kv_ring", "ulysses"]
 
 
 @dataclass(kw_only=True, slots=True)
@@ -62,7 +64,7 @@ class AttentionShape:
     dtype: torch.dtype = torch.bfloat16
     """dtype of q/k/v (and of what travels, except fp32 partials, LSE and gradient accumulators)."""
     causal: bool = True
-    layout: Literal["zigzag", "contiguous"] = "zigzag"
+    layout: Layout = "zigzag"
     partial_dtype: torch.dtype | None = None
     """dtype TokenRing returns partial outputs in (None: the input dtype); partial dQ is always fp32."""
     cu_seqlens: tuple[int, ...] | None = None
@@ -174,23 +176,51 @@ def ulysses_heads(shape: AttentionShape) -> tuple[int, int]:
 
 def compute_calls(algorithm: str, shape: AttentionShape, rank: int, backward: bool) -> list[CallKey]:
     """The attention kernel calls ``rank`` makes in one pass of ``algorithm``, in order."""
-    p, shard, causal = shape.world_size, shape.shard, shape.causal
-    hq, hkv = shape.heads_q, shape.heads_kv
-    if algorithm == "ulysses" and p > 1:
-        s = shard.local_len(0) * p
-        return [(s, s, *ulysses_heads(shape), causal, backward)]
-    calls = []
-    for step in range(p):
-        owner, kv_rank = ((rank + step) % p, rank) if algorithm == "token_ring" else (rank, (rank - step) % p)
-        calls += [
-            (g.num_q, g.num_kv, hq, hkv, g.causal, backward) for g in shard.segments(owner, kv_rank, causal)
-        ]
-    return calls
+    _check_algorithm(algorithm)
+    if algorithm == "ulysses" and shape.world_size > 1:
+        s = shape.shard.local_len(0) * shape.world_size
+        return [(s, s, *ulysses_heads(shape), shape.causal, backward)]
+    alg = "kv_ring" if algorithm == "ulysses" else algorithm  # one rank: one local call either way
+    steps = ring_schedule(alg, shape.shard, shape.causal, rank, backward=backward)
+    return [_call_key(shape, seg, backward) for step in steps for seg in step.compute]
 
 
-def _add(d: dict, key: str, n: int) -> None:
-    if n:
-        d[key] = d.get(key, 0) + n
+def _call_key(shape: AttentionShape, seg, backward: bool) -> CallKey:
+    return (seg.num_q, seg.num_kv, shape.heads_q, shape.heads_kv, seg.causal, backward)
+
+
+def _check_algorithm(algorithm: str) -> None:
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm={algorithm!r} is not one of {ALGORITHMS}")
+
+
+def step_traffic(step: RingStep, shape: AttentionShape, backward: bool) -> list[tuple[Transfer, int, int]]:
+    """(transfer, bytes, messages) of every send of one ring step: the one place where a payload's size is
+    written down. Bytes per row (elements of size e, partials of size e_p):
+
+    * ``query``: forward q, ``Hq*D*e``; backward q and dout, ``2*Hq*D*e``, plus fp32 lse and delta, ``8*Hq``.
+    * ``partial``: forward out and fp32 lse, ``Hq*D*e_p + 4*Hq``; backward fp32 dq, ``4*Hq*D``.
+    * ``kv``: k and v, ``2*Hkv*D*e`` per key row; ``kv_grad``: fp32 dK and dV, ``8*Hkv*D``.
+    """
+    b, hq, hkv, d, e, ep = (
+        shape.batch,
+        shape.heads_q,
+        shape.heads_kv,
+        shape.head_dim,
+        shape.elt,
+        shape.partial_elt,
+    )
+    per_row = {  # payload -> (bytes per row, messages) for (forward, backward)
+        "query": ((hq * d * e, 1), (2 * hq * d * e + 8 * hq, 4)),
+        "partial": ((hq * d * ep + 4 * hq, 2), (4 * hq * d, 1)),
+        "kv": ((2 * hkv * d * e, 2),) * 2,
+        "kv_grad": ((8 * hkv * d, 2),) * 2,
+    }
+    out = []
+    for t in step.sends:
+        nbytes, msgs = per_row[t.payload][int(backward)]
+        out.append((t, b * t.rows * nbytes, msgs))
+    return out
 
 
 def communication_bytes(
@@ -201,49 +231,22 @@ def communication_bytes(
 
     Ulysses uses all-to-all collectives: its bytes are those sent to other ranks, under "other".
     """
-    p, b, sl, hq, hkv, d = (
-        shape.world_size,
-        shape.batch,
-        shape.seqlen_local,
-        shape.heads_q,
-        shape.heads_kv,
-        shape.head_dim,
-    )
-    elt, pelt = shape.elt, shape.partial_elt
+    _check_algorithm(algorithm)
+    p = shape.world_size
     out: dict[str, int] = {}
     if p == 1:
         return out
-    shard, causal = shape.shard, shape.causal
-    rows = lambda segs: sum(seg.num_q for seg in segs)
-    if algorithm == "token_ring":
-        # per travelling query row: q (fwd); q + dout + lse + delta (bwd)
-        row_travel = hq * d * elt if not backward else 2 * hq * d * elt + 2 * hq * 4
-        # per returned row: out + lse (fwd); fp32 dq (bwd)
-        row_return = hq * d * pelt + hq * 4 if not backward else hq * d * 4
-        for s in range(p):
-            owner = (rank + s) % p
-            if s < p - 1:
-                _add(out, "prev", b * rows(shard.segments(owner, (rank - 1) % p, causal)) * row_travel)
-            if s > 0:
-                _add(out, partial_direction(s, p), b * rows(shard.segments(owner, rank, causal)) * row_return)
-        return out
-    if algorithm == "ring":
-        row_kv = 2 * b * hkv * d * elt
-        for s in range(p):
-            held = shard.local_len((rank - s) % p)  # the K/V block this rank holds (and forwards) at step s
-            if s < p - 1:
-                _add(out, "next", held * row_kv)
-            if backward:
-                _add(out, "next", held * 2 * b * hkv * d * 4)  # fp32 dK/dV accumulators travel every step
-        return out
     if algorithm == "ulysses":
-        hkv_eff = max(hkv, p) if hkv % p else hkv
-        per_pass = b * sl * d * elt * (2 * hq + 2 * hkv_eff)  # q, k, v there and out back
-        if backward:
-            per_pass = b * sl * d * elt * (2 * hq + 2 * hkv_eff)  # dout there, dq, dk, dv back
-        _add(out, "other", per_pass * (p - 1) // p)
+        b, sl, hq, d, elt = shape.batch, shape.seqlen_local, shape.heads_q, shape.head_dim, shape.elt
+        hkv_eff = max(shape.heads_kv, p) if shape.heads_kv % p else shape.heads_kv
+        # forward: q, k, v there and out back; backward: dout there, dq, dk, dv back (the same sizes)
+        out["other"] = b * sl * d * elt * (2 * hq + 2 * hkv_eff) * (p - 1) // p
         return out
-    raise ValueError(f"algorithm={algorithm!r} is not one of {ALGORITHMS}")
+    for step in ring_schedule(algorithm, shape.shard, shape.causal, rank, backward=backward):
+        for t, nbytes, _ in step_traffic(step, shape, backward):
+            if nbytes:
+                out[t.direction] = out.get(t.direction, 0) + nbytes
+    return out
 
 
 def estimate_time(
@@ -259,7 +262,9 @@ def estimate_time(
     p = shape.world_size
     bw, lat = topology.link_bandwidth, topology.latency
     if p == 1:
-        return sum(_call_time(shape, topology, profile, c) for c in compute_calls("ring", shape, 0, backward))
+        return sum(
+            _call_time(shape, topology, profile, c) for c in compute_calls("kv_ring", shape, 0, backward)
+        )
     if algorithm == "ulysses":
         total = sum(communication_bytes("ulysses", shape, 0, backward=backward).values())
         if topology.alltoall_bandwidth is not None:
@@ -272,58 +277,50 @@ def estimate_time(
             comm = load / bw
         (call,) = compute_calls("ulysses", shape, 0, backward)
         return comm + 2 * lat * (p - 1) + _call_time(shape, topology, profile, call)
+    _check_algorithm(algorithm)
     return max(_ring_time(algorithm, shape, topology, r, backward, profile) for r in range(p))
+
+
+def _link_time(sends: list[tuple[Transfer, int, int]], rank: int, p: int, topology: Topology) -> float:
+    """Seconds the step's sends occupy the busiest link direction. Mesh: each peer has its own link.
+    Ring: only neighbours are linked, a message takes the shorter way round and loads every link on it;
+    every rank sends alike, so a link direction carries the sum of bytes x hops sent that way."""
+    if topology.kind == "mesh":
+        per_peer: dict[int, int] = {}
+        for t, nbytes, _ in sends:
+            per_peer[t.peer] = per_peer.get(t.peer, 0) + nbytes
+        return max(per_peer.values(), default=0) / topology.link_bandwidth
+    load = {"next": 0, "prev": 0}
+    for t, nbytes, _ in sends:
+        offset = (t.peer - rank) % p
+        way, hops = ("next", offset) if offset <= p - offset else ("prev", p - offset)
+        load[way] += nbytes * hops
+    return max(load.values()) / topology.link_bandwidth
 
 
 def _ring_time(
     algorithm: str, shape: AttentionShape, topology: Topology, rank: int, backward: bool, profile
 ) -> float:
-    """Seconds of one pass on ``rank`` for the ring algorithms: per step
+    """Seconds of one pass on ``rank`` for the ring algorithms, walking their schedule: per step
     ``max(compute, comm) + (1 - overlap) * min(compute, comm) + messages * latency``, where compute
     includes merging the step's partial results."""
-    p = shape.world_size
-    bw, lat = topology.link_bandwidth, topology.latency
-    elt, pelt = shape.elt, shape.partial_elt
-    b, hq, hkv, d = shape.batch, shape.heads_q, shape.heads_kv, shape.head_dim
-    shard, causal = shape.shard, shape.causal
-    rows = lambda segs: sum(seg.num_q for seg in segs)
+    p, b, hq, hkv = shape.world_size, shape.batch, shape.heads_q, shape.heads_kv
     total = 0.0
-    for s in range(p):
-        if algorithm == "ring":
-            segs = shard.segments(rank, (rank - s) % p, causal)
-            held = shard.local_len((rank - s) % p)
-            kv = 2 * b * held * hkv * d * elt if s < p - 1 else 0
-            grads = 2 * b * held * hkv * d * 4 if backward else 0
-            comm = (kv + grads) / bw  # both go to the next rank
-            msgs = (2 if s < p - 1 else 0) + (2 if backward else 0)  # k, v; dk, dv accumulators
-        elif algorithm == "token_ring":
-            owner = (rank + s) % p
-            segs = shard.segments(owner, rank, causal)
-            travel = hq * d * elt if not backward else 2 * hq * d * elt + 8 * hq
-            ret = hq * d * pelt + 4 * hq if not backward else hq * d * 4
-            q_bytes = b * rows(shard.segments(owner, (rank - 1) % p, causal)) * travel if s < p - 1 else 0
-            r_bytes = b * rows(segs) * ret if s > 0 else 0
-            if topology.kind == "mesh":
-                same_link = s == p - 1 or p == 2  # the owner is the previous rank: Q and partial share it
-                comm = (q_bytes + r_bytes) / bw if same_link else max(q_bytes, r_bytes) / bw
-            else:  # partials travel s hops forward: link r->r+1 carries s of them at step s
-                comm = max(q_bytes, s * r_bytes) / bw
-            # q (fwd) or q, dout, lse, delta (bwd) travel; out, lse (fwd) or dq (bwd) return
-            msgs = ((4 if backward else 1) if s < p - 1 else 0) + ((1 if backward else 2) if s > 0 else 0)
-        else:
-            raise ValueError(f"algorithm={algorithm!r} is not one of {ALGORITHMS}")
+    for step in ring_schedule(algorithm, shape.shard, shape.causal, rank, backward=backward):
+        sends = step_traffic(step, shape, backward)
+        comm = _link_time(sends, rank, p, topology)
+        msgs = sum(m for _, nbytes, m in sends if nbytes)
         compute = sum(
-            _call_time(shape, topology, profile, (g.num_q, g.num_kv, hq, hkv, g.causal, backward))
-            for g in segs
+            _call_time(shape, topology, profile, _call_key(shape, g, backward)) for g in step.compute
         )
-        if profile is not None and s > 0:
+        if profile is not None and step.index > 0:
             # forward: every partial after the first is merged into the running output; backward: partial
-            # dQ is added (and, for the ring, the travelling fp32 dK/dV accumulators)
-            heads_rows = hq * rows(segs)
-            if algorithm == "ring" and backward:
-                heads_rows += 2 * hkv * sum(g.num_kv for g in segs)
+            # dQ is added (and, for the KV ring, the travelling fp32 dK/dV accumulators)
+            heads_rows = hq * sum(g.num_q for g in step.compute)
+            if algorithm == "kv_ring" and backward:
+                heads_rows += 2 * hkv * sum(g.num_kv for g in step.compute)
             compute += profile.merge_per_row * b * heads_rows
-        total += max(compute, comm) + (1.0 - topology.overlap) * min(compute, comm) + msgs * lat
+        total += max(compute, comm) + (1.0 - topology.overlap) * min(compute, comm) + msgs * topology.latency
     return total
 
 
@@ -361,172 +358,3 @@ def choose_algorithm(
 
     best = min(tied, key=lambda a: (busiest(a), est[a]))
     return best, est
-
-
-_MEASURED: dict[tuple, Topology] = {}
-
-
-def measure_topology(group=None, *, nbytes: int = 8 << 20, repeats: int = 3, kind: str = "mesh") -> Topology:
-    """Measure link bandwidth (a ring exchange of ``nbytes``), this rank's attention FLOP/s, how much of an
-    exchange hides behind a concurrent attention call, the per-message latency and the all-to-all
-    bandwidth; collective.
-
-    The result is averaged over ranks (all-reduce) so every rank makes the same choice, and cached per
-    group.
-    """
-    import torch.distributed as dist
-
-    from longmoe.attention import flash_attention_forward
-    from longmoe.parallel.plan import group_key, world_and_rank
-    from longmoe.runtime.exchanger import P2PExchanger
-
-    key = (group_key(group), kind)
-    if key in _MEASURED:
-        return _MEASURED[key]
-    world, rank = world_and_rank(group)
-    q = torch.randn(1, 1024, 8, 128)
-    flash_attention_forward(q, q, q)
-    t_compute = float("inf")
-    for _ in range(2):
-        t0 = time.perf_counter()
-        flash_attention_forward(q, q, q)
-        t_compute = min(t_compute, time.perf_counter() - t0)
-    rate = 4.0 * 1024 * 1024 * 8 * 128 / t_compute
-    bw, overlap = float("inf"), 1.0
-    if world > 1:
-        ex = P2PExchanger(group, timeout_s=60, name="measure_topology")
-        buf = torch.empty(nbytes // 4)
-
-        def exchange(step: int, with_compute: bool) -> float:
-            dist.barrier(group=group)  # start together: skew between ranks is not link time
-            t0 = time.perf_counter()
-            ex.send_recv(buf, (rank + 1) % world, (rank - 1) % world, step=step)
-            ex.commit()
-            if with_compute:
-                flash_attention_forward(q, q, q)
-            ex.wait()
-            return time.perf_counter() - t0
-
-        t_comm = min(exchange(i, False) for i in range(repeats + 1))
-        t_both = min(exchange(100 + i, True) for i in range(repeats))
-        bw = nbytes / t_comm
-        # Fraction of the shorter of the two that ran in the shadow of the other.
-        overlap = (t_compute + t_comm - t_both) / min(t_compute, t_comm)
-        # Per-message latency: rounds of back-to-back tiny exchanges (median round: on shared cores a rank
-        # is sometimes descheduled, and the ring algorithms pay that on every step).
-        tiny, n_msgs, rounds = torch.empty(16), 16, []
-        for r in range(repeats):
-            dist.barrier(group=group)
-            t0 = time.perf_counter()
-            for i in range(n_msgs):
-                ex.send_recv(tiny, (rank + 1) % world, (rank - 1) % world, step=200 + r * n_msgs + i)
-                ex.commit()
-                ex.wait()
-            rounds.append((time.perf_counter() - t0) / n_msgs)
-        latency = statistics.median(rounds)
-        # all-to-all, as Ulysses uses it: a (P, n) tensor out, the same back (bytes sent = (P-1)/P of it)
-        a2a_in = torch.empty(world, nbytes // 4 // world)
-        a2a_out = torch.empty_like(a2a_in)
-        a2a = float("inf")
-        for _ in range(repeats):
-            dist.barrier(group=group)
-            t0 = time.perf_counter()
-            dist.all_to_all_single(a2a_out, a2a_in, group=group)
-            a2a = min(a2a, time.perf_counter() - t0)
-        a2a_bw = a2a_in.numel() * 4 * (world - 1) / world / a2a
-        stats = torch.tensor([bw, rate, overlap, latency, a2a_bw], dtype=torch.float64)
-        dist.all_reduce(stats, group=group)
-        bw, rate, overlap, latency, a2a_bw = (stats / world).tolist()
-        overlap = min(max(overlap, 0.0), 1.0)
-    else:
-        latency, a2a_bw = 0.0, None
-    topo = Topology(
-        kind=kind, link_bandwidth=bw, compute_rate=rate, overlap=overlap, latency=latency,
-        alltoall_bandwidth=a2a_bw,
-        notes={"measured": True},
-    )  # fmt: skip
-    _MEASURED[key] = topo
-    return topo
-
-
-_PROFILES: dict[tuple, ComputeProfile] = {}
-
-
-def profile_compute(
-    shape: AttentionShape,
-    group=None,
-    *,
-    backward: bool = True,
-    algorithms=ALGORITHMS,
-    max_calls: int = 8,
-    device: torch.device | str = "cpu",
-) -> ComputeProfile:
-    """Time each distinct attention kernel call ``algorithms`` make for ``shape`` (forward, and backward
-    with ``backward``) and the partial merge, on every rank of ``group`` at once (so they contend for the
-    machine as they will when running); the times are averaged over ranks so every rank makes the same
-    choice. Collective; cached per (shape, backward, algorithms, group, device).
-
-    Costs about one ring pass plus one Ulysses call of compute. With many distinct calls (packed
-    documents) only the ``max_calls`` largest are timed; the rest are costed at the largest one's rate.
-    """
-    import torch.distributed as dist
-
-    from longmoe.attention import attention_delta, flash_attention_backward, flash_attention_forward
-    from longmoe.attention.merge import merge_attention_partials_
-    from longmoe.parallel.plan import group_key, world_and_rank
-
-    world, _ = world_and_rank(group)
-    cache_key = (
-        world, shape.batch, shape.seqlen_local, shape.heads_q, shape.heads_kv, shape.head_dim, shape.dtype,
-        shape.causal, shape.layout, shape.cu_seqlens, backward, tuple(algorithms), group_key(group), str(device),
-    )  # fmt: skip
-    if cache_key in _PROFILES:
-        return _PROFILES[cache_key]
-    keys: set[CallKey] = set()
-    for alg in algorithms:
-        for r in range(shape.world_size):
-            for bwd in (False, True) if backward else (False,):
-                keys.update(compute_calls(alg, shape, r, bwd))
-    ordered = sorted(keys, key=lambda c: (-_call_flops(shape, c), c))[:max_calls]
-    b, d, dtype = shape.batch, shape.head_dim, shape.dtype
-    g = torch.Generator(device=device).manual_seed(0)
-
-    def rand(*size):
-        return torch.randn(*size, generator=g, device=device).to(dtype)
-
-    times = []
-    for i, (nq, nk, hq, hkv, causal, bwd) in enumerate(ordered):
-        q, k, v = rand(b, nq, hq, d), rand(b, nk, hkv, d), rand(b, nk, hkv, d)
-        if i == 0:
-            flash_attention_forward(q, k, v, causal=causal)  # warm-up: thread pool, lazily loaded kernels
-        if world > 1:
-            dist.barrier(group=group)  # every rank computes at once, contending as in a real pass
-        t0 = time.perf_counter()
-        out, lse = flash_attention_forward(q, k, v, causal=causal, out_dtype=torch.float32)
-        if bwd:
-            dout = rand(b, nq, hq, d)
-            delta = attention_delta(dout, out)
-            if world > 1:
-                dist.barrier(group=group)
-            t0 = time.perf_counter()
-            flash_attention_backward(
-                dout, q, k, v, None, lse, delta=delta, causal=causal, grad_dtype=torch.float32
-            )
-        times.append(time.perf_counter() - t0)
-    rows = max((c[0] for c in ordered), default=1)
-    hq = shape.heads_q
-    acc_o = torch.zeros(b, rows, hq, d, device=device)
-    acc_l = torch.zeros(b, hq, rows, device=device)
-    part_o = torch.randn(b, rows, hq, d, generator=g, device=device)
-    part_l = torch.randn(b, hq, rows, generator=g, device=device)
-    t0 = time.perf_counter()
-    merge_attention_partials_(acc_o, acc_l, part_o, part_l)
-    times.append((time.perf_counter() - t0) / (b * rows * hq))
-    stats = torch.tensor(times, dtype=torch.float64)
-    if world > 1:
-        dist.all_reduce(stats, group=group)
-        stats /= world
-    *call_times, merge = stats.tolist()
-    prof = ComputeProfile(calls=dict(zip(ordered, call_times, strict=True)), merge_per_row=merge)
-    _PROFILES[cache_key] = prof
-    return prof

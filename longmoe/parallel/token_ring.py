@@ -12,7 +12,9 @@ with ``delta = rowsum(dout * out)`` travel the way Q did; each rank adds the ste
 accumulators and returns the partial dQ to the owner over the second group.
 
 Communication of step ``s+1`` is launched before the compute of step ``s`` and waited after it, so it
-overlaps compute; every wait has a timeout that names the rank, step and peer.
+overlaps compute; every wait has a timeout that names the rank, step and peer. The steps (who computes
+which block, which rows move where) come from :func:`longmoe.parallel.schedule.ring_schedule`, the same
+data the cost model walks.
 """
 
 from __future__ import annotations
@@ -22,41 +24,14 @@ import torch.distributed as dist
 
 from longmoe.attention import attention_delta, flash_attention_backward, flash_attention_forward
 from longmoe.attention.merge import merge_attention_partials_
-from longmoe.parallel.plan import (
-    RingFunction,
-    ShardLayout,
-    group_key,
-    prepare_ring_call,
-    rows_of,
-    world_and_rank,
-)
-from longmoe.runtime.distributed import new_group_like
-from longmoe.runtime.exchanger import P2PExchanger
+from longmoe.parallel.common import RingFunction, prepare_ring_call
+from longmoe.parallel.layout import ShardLayout, rows_of
+from longmoe.parallel.schedule import RingStep, ring_schedule
+from longmoe.runtime.distributed import second_group, world_and_rank
+from longmoe.runtime.dtypes import accumulation_dtype
+from longmoe.runtime.exchanger import CommStats, P2PExchanger
 
-__all__ = ["token_ring_attention", "partial_direction", "second_group"]
-
-_SECOND_GROUPS: dict[int, dist.ProcessGroup] = {}
-
-
-def second_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
-    """A second process group over ``group``'s ranks (created collectively on first use, then cached).
-
-    Two groups let the Q batch and the partial-output batch run as two independent P2P streams.
-    """
-    key = group_key(group)
-    if key not in _SECOND_GROUPS:
-        _SECOND_GROUPS[key] = new_group_like(group)
-    return _SECOND_GROUPS[key]
-
-
-def partial_direction(offset: int, world: int) -> str:
-    """Byte-accounting label of a send to rank ``r + offset``: "next", "prev" or "other" (a non-neighbour)."""
-    offset %= world
-    if offset == 1:
-        return "next"
-    if offset == world - 1:
-        return "prev"
-    return "other"
+__all__ = ["token_ring_attention", "token_ring_forward", "token_ring_backward"]
 
 
 class _Traveller:
@@ -104,87 +79,80 @@ def _split_rows(t: torch.Tensor, segments, dim: int) -> list[torch.Tensor]:
     return list(t.split([seg.num_q for seg in segments], dim=dim))
 
 
-def _ring_steps(
-    traveller: _Traveller,
-    shard: ShardLayout,
-    group: dist.ProcessGroup | None,
-    group2: dist.ProcessGroup | None,
-    causal: bool,
-    timeout_s: float,
-    name: str,
-    compute,
-    partial_shapes,
-    accumulate,
-    exchangers: list | None,
-):
-    """The TokenRing schedule shared by forward and backward.
+def _cat(xs: list[torch.Tensor], dim: int) -> torch.Tensor:
+    return xs[0] if len(xs) == 1 else torch.cat(xs, dim)
 
-    compute(segments, tensors) -> list of partial tensors for the owner (rows of every segment, compact);
-    partial_shapes(num_rows) -> list of (shape, dtype) an owner receives for a step with ``num_rows`` rows;
-    accumulate(segments, partials) adds partials (own or received) into the owner's result.
-    """
-    world, rank = world_and_rank(group)
-    if world == 1:
-        segs = shard.segments(0, 0, causal)
-        if segs:
-            accumulate(segs, compute(segs, traveller.part(rows_of(segs))))
-        return
-    prev, nxt = (rank - 1) % world, (rank + 1) % world
-    q_ex = P2PExchanger(group, timeout_s=timeout_s, name=f"{name}.q")
-    o_ex = P2PExchanger(group2, timeout_s=timeout_s, name=f"{name}.partials")
-    if exchangers is not None:
-        exchangers.extend([q_ex, o_ex])
-    cur: _Traveller | None = traveller
-    pending = None
-    for s in range(world):
-        owner = (rank + s) % world
+
+class _TokenRingComm:
+    """TokenRing's two P2P streams, driven by the schedule: query rows travel one hop to ``r - 1`` per step
+    on ``group``; partial results return to their owner on the second group, so both directions of a link
+    carry data at once. Each stream keeps one batch in flight (launched before a step's compute, waited
+    after it). With one rank there is nothing to exchange and every method is a no-op."""
+
+    def __init__(self, group, timeout_s: float, name: str, stats: CommStats | None):
+        world, _ = world_and_rank(group)
+        self.stats, self.pending = stats, None
+        self.q_ex = self.o_ex = None
+        if world > 1:
+            self.q_ex = P2PExchanger(group, timeout_s=timeout_s, name=f"{name}.q")
+            self.o_ex = P2PExchanger(second_group(group, timeout_s=timeout_s), timeout_s=timeout_s,
+                                     name=f"{name}.partials")  # fmt: skip
+
+    def pass_queries(self, step: RingStep, held: _Traveller) -> _Traveller | None:
+        """Send the query rows ``r - 1`` needs next step; post the receive of those this rank needs."""
         incoming = None
-        if s < world - 1:
-            need_prev = shard.segments(owner, prev, causal)
-            need_me = shard.segments((owner + 1) % world, rank, causal)
-            if need_prev:
-                for t in cur.part(rows_of(need_prev)):
-                    q_ex.send(t, prev, step=s, direction="prev")
-            if need_me:
-                incoming = traveller.empty_like_rows(rows_of(need_me))
-                for t, _ in incoming.tensors:
-                    q_ex.recv(t, nxt, step=s, direction="prev")
-            if q_ex.num_queued:
-                q_ex.commit()
-        segs = shard.segments(owner, rank, causal)
-        partials = compute(segs, cur.part(rows_of(segs))) if segs else None
-        if s == 0:
-            if partials is not None:
-                accumulate(segs, partials)
-        else:
-            if o_ex.in_flight:
-                o_ex.wait()
-                if pending is not None:
-                    accumulate(*pending)
-                pending = None
-            label = partial_direction(s, world)
-            if partials is not None:
-                for t in partials:
-                    o_ex.send(t, owner, step=s, direction=label)
-            src = (rank - s) % world
-            theirs = shard.segments(rank, src, causal)
-            if theirs:
-                device = traveller.tensors[0][0].device
-                n = sum(seg.num_q for seg in theirs)
-                bufs = [torch.empty(shape, dtype=dt, device=device) for shape, dt in partial_shapes(n)]
-                for t in bufs:
-                    o_ex.recv(t, src, step=s, direction=label)
-                pending = (theirs, bufs)
-            if o_ex.num_queued:
-                o_ex.commit()
-        if s < world - 1:
-            if q_ex.in_flight:
-                q_ex.wait()
-            cur = incoming
-    if o_ex.in_flight:
-        o_ex.wait()
-        if pending is not None:
-            accumulate(*pending)
+        for t in step.sent("query"):
+            for x in held.part(rows_of(t.segments)):
+                self.q_ex.send(x, t.peer, step=step.index, direction=t.direction)
+        for t in step.received("query"):
+            incoming = held.empty_like_rows(rows_of(t.segments))
+            for x, _ in incoming.tensors:
+                self.q_ex.recv(x, t.peer, step=step.index, direction=t.direction)
+        if self.q_ex is not None and self.q_ex.num_queued:
+            self.q_ex.commit()
+        return incoming
+
+    def queries_arrived(self) -> None:
+        if self.q_ex is not None and self.q_ex.in_flight:
+            self.q_ex.wait()
+
+    def return_partials(self, step: RingStep, partials: list[torch.Tensor] | None, templates) -> list:
+        """Wait for the previous step's partials, send this step's to their owner and post the receive of
+        this rank's own; returns the (segments, partials) that have arrived, to be accumulated.
+        ``templates``: (tensor, row dim) of each partial, for the receive buffers."""
+        arrived = self._finish()
+        for t in step.sent("partial"):
+            for x in partials:
+                self.o_ex.send(x, t.peer, step=step.index, direction=t.direction)
+        for t in step.received("partial"):
+            bufs = [_empty_rows(x, dim, t.rows) for x, dim in templates]
+            for x in bufs:
+                self.o_ex.recv(x, t.peer, step=step.index, direction=t.direction)
+            self.pending = (t.segments, bufs)
+        if self.o_ex is not None and self.o_ex.num_queued:
+            self.o_ex.commit()
+        return arrived
+
+    def _finish(self) -> list:
+        if self.o_ex is None or not self.o_ex.in_flight:
+            return []
+        self.o_ex.wait()
+        arrived, self.pending = ([self.pending] if self.pending is not None else []), None
+        return arrived
+
+    def close(self) -> list:
+        """Wait for the last partials; return them; add the byte counts to ``stats``."""
+        arrived = self._finish()
+        if self.stats is not None and self.q_ex is not None:
+            self.stats.add_exchanger(self.q_ex)
+            self.stats.add_exchanger(self.o_ex)
+        return arrived
+
+
+def _empty_rows(template: torch.Tensor, dim: int, rows: int) -> torch.Tensor:
+    shape = list(template.shape)
+    shape[dim] = rows
+    return template.new_empty(shape)
 
 
 def token_ring_forward(
@@ -198,45 +166,47 @@ def token_ring_forward(
     shard: ShardLayout,
     timeout_s: float,
     partial_dtype: torch.dtype,
-    exchangers: list | None = None,
+    stats: CommStats | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """TokenRing forward on local shards; returns (out fp32 (B, S_l, Hq, D), lse fp32 (B, Hq, S_l))."""
+    """TokenRing forward on local shards q (B, S_l, Hq, D), k/v (B, S_l, Hkv, D); returns (out fp32
+    (B, S_l, Hq, D), lse fp32 (B, Hq, S_l))."""
+    _, rank = world_and_rank(group)
     b, sl, hq, d = q.shape
-    out = torch.zeros(b, sl, hq, d, dtype=torch.float32, device=q.device)
-    lse = torch.full((b, hq, sl), float("-inf"), dtype=torch.float32, device=q.device)
+    acc = accumulation_dtype(q.dtype)  # fp32, or fp64 for fp64 inputs
+    out = torch.zeros(b, sl, hq, d, dtype=acc, device=q.device)
+    lse = torch.full((b, hq, sl), float("-inf"), dtype=acc, device=q.device)
+    templates = [(out.new_empty((b, 0, hq, d), dtype=partial_dtype), 1), (lse, 2)]  # receive-buffer shapes
 
-    def compute(segs, tensors):
-        (qp,) = tensors
-        outs, lses = [], []
-        for seg, qs in zip(segs, _split_rows(qp, segs, 1), strict=True):
-            ka, kb = seg.kv_rows
-            bo, bl = flash_attention_forward(
-                qs,
-                k[:, ka:kb],
-                v[:, ka:kb],
-                causal=seg.causal,
-                softmax_scale=softmax_scale,
-                out_dtype=torch.float32,
-            )
-            outs.append(bo)
-            lses.append(bl)
-        cat = lambda xs, dim: xs[0] if len(xs) == 1 else torch.cat(xs, dim)
-        return [cat(outs, 1).to(partial_dtype), cat(lses, 2)]
-
-    def partial_shapes(n: int):
-        return [((b, n, hq, d), partial_dtype), ((b, hq, n), torch.float32)]
-
-    def accumulate(segs, partials):
-        bo, bl = partials
-        for seg, o, l in zip(segs, _split_rows(bo, segs, 1), _split_rows(bl, segs, 2), strict=True):
+    def accumulate(segs, partial_out, partial_lse):
+        for seg, o, l in zip(
+            segs, _split_rows(partial_out, segs, 1), _split_rows(partial_lse, segs, 2), strict=True
+        ):
             a, e = seg.q_rows
             merge_attention_partials_(out[:, a:e], lse[:, :, a:e], o, l)
 
-    group2 = second_group(group) if world_and_rank(group)[0] > 1 else None
-    _ring_steps(
-        _Traveller([(q, 1)], ((0, sl),)), shard, group, group2, causal, timeout_s, "token_ring",
-        compute, partial_shapes, accumulate, exchangers,
-    )  # fmt: skip
+    comm = _TokenRingComm(group, timeout_s, "token_ring", stats)
+    held = _Traveller([(q, 1)], ((0, sl),))
+    for step in ring_schedule("token_ring", shard, causal, rank):
+        incoming = comm.pass_queries(step, held)
+        partials = None
+        if step.compute:  # the owner's query rows against this rank's K/V
+            (qp,) = held.part(rows_of(step.compute))
+            outs, lses = [], []
+            for seg, qs in zip(step.compute, _split_rows(qp, step.compute, 1), strict=True):
+                ka, kb = seg.kv_rows
+                bo, bl = flash_attention_forward(qs, k[:, ka:kb], v[:, ka:kb], causal=seg.causal,
+                                                 softmax_scale=softmax_scale, out_dtype=acc)  # fmt: skip
+                outs.append(bo)
+                lses.append(bl)
+            partials = [_cat(outs, 1).to(partial_dtype), _cat(lses, 2)]
+            if step.owner == rank:
+                accumulate(step.compute, *partials)
+        for segs, (po, pl) in comm.return_partials(step, partials, templates):
+            accumulate(segs, po, pl)
+        comm.queries_arrived()
+        held = incoming
+    for segs, (po, pl) in comm.close():
+        accumulate(segs, po, pl)
     return out, lse
 
 
@@ -253,44 +223,51 @@ def token_ring_backward(
     softmax_scale: float,
     shard: ShardLayout,
     timeout_s: float,
-    exchangers: list | None = None,
+    stats: CommStats | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """TokenRing backward: (dq, dk, dv) for the local shards, in the input dtype."""
+    """TokenRing backward: (dq, dk, dv) for the local shards, in the input dtype. K/V and their fp32
+    gradient accumulators stay; (q, dout, lse, delta) travel like Q; partial dQ (fp32: summed over up to P
+    steps, so it travels unrounded) returns to its owner."""
+    _, rank = world_and_rank(group)
     b, sl, hq, d = q.shape
+    acc = accumulation_dtype(q.dtype)  # fp32, or fp64 for fp64 inputs
     delta = attention_delta(dout, out)
-    dq = torch.zeros(b, sl, hq, d, dtype=torch.float32, device=q.device)
-    dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
-    dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+    dq = torch.zeros(b, sl, hq, d, dtype=acc, device=q.device)
+    dk = torch.zeros(k.shape, dtype=acc, device=k.device)
+    dv = torch.zeros(v.shape, dtype=acc, device=v.device)
 
-    def compute(segs, tensors):
-        parts = [_split_rows(t, segs, dim) for t, dim in zip(tensors, (1, 1, 2, 2), strict=True)]
-        gqs = []
-        for seg, qp, dop, lp, dp in zip(segs, *parts, strict=True):
-            ka, kb = seg.kv_rows
-            gq, gk, gv = flash_attention_backward(
-                dop, qp, k[:, ka:kb], v[:, ka:kb], None, lp, delta=dp, causal=seg.causal,
-                softmax_scale=softmax_scale, grad_dtype=torch.float32,
-            )  # fmt: skip
-            dk[:, ka:kb] += gk
-            dv[:, ka:kb] += gv
-            gqs.append(gq)
-        # fp32: partial dQs are summed over up to P steps, so they travel unrounded
-        return [gqs[0] if len(gqs) == 1 else torch.cat(gqs, 1)]
-
-    def partial_shapes(n: int):
-        return [((b, n, hq, d), torch.float32)]
-
-    def accumulate(segs, partials):
-        for seg, g in zip(segs, _split_rows(partials[0], segs, 1), strict=True):
+    def accumulate(segs, partial_dq):
+        for seg, g in zip(segs, _split_rows(partial_dq, segs, 1), strict=True):
             a, e = seg.q_rows
             dq[:, a:e] += g
 
-    traveller = _Traveller([(q, 1), (dout.contiguous(), 1), (lse, 2), (delta, 2)], ((0, sl),))
-    group2 = second_group(group) if world_and_rank(group)[0] > 1 else None
-    _ring_steps(
-        traveller, shard, group, group2, causal, timeout_s, "token_ring.bwd",
-        compute, partial_shapes, accumulate, exchangers,
-    )  # fmt: skip
+    comm = _TokenRingComm(group, timeout_s, "token_ring.bwd", stats)
+    held = _Traveller([(q, 1), (dout.contiguous(), 1), (lse, 2), (delta, 2)], ((0, sl),))
+    for step in ring_schedule("token_ring", shard, causal, rank, backward=True):
+        incoming = comm.pass_queries(step, held)
+        partials = None
+        if step.compute:
+            parts = [_split_rows(t, step.compute, dim)
+                     for t, dim in zip(held.part(rows_of(step.compute)), (1, 1, 2, 2), strict=True)]  # fmt: skip
+            gqs = []
+            for seg, qp, dop, lp, dp in zip(step.compute, *parts, strict=True):
+                ka, kb = seg.kv_rows
+                gq, gk, gv = flash_attention_backward(
+                    dop, qp, k[:, ka:kb], v[:, ka:kb], None, lp, delta=dp, causal=seg.causal,
+                    softmax_scale=softmax_scale, grad_dtype=acc,
+                )  # fmt: skip
+                dk[:, ka:kb] += gk
+                dv[:, ka:kb] += gv
+                gqs.append(gq)
+            partials = [_cat(gqs, 1)]
+            if step.owner == rank:
+                accumulate(step.compute, partials[0])
+        for segs, (pdq,) in comm.return_partials(step, partials, [(dq, 1)]):
+            accumulate(segs, pdq)
+        comm.queries_arrived()
+        held = incoming
+    for segs, (pdq,) in comm.close():
+        accumulate(segs, pdq)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
@@ -308,7 +285,7 @@ def token_ring_attention(
     timeout_s: float = 120.0,
     partial_dtype: torch.dtype | None = None,
     check_ranks: bool = True,
-    exchangers: list | None = None,
+    stats: CommStats | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """TokenRing attention over the sequence shards of ``group`` (every rank calls it), with autograd.
 
@@ -324,27 +301,28 @@ def token_ring_attention(
             cu_seqlens=cu_seqlens)`` (each document sharded on its own, no padding), and attention stays
             within documents.
         return_lse: also return lse (batch, heads_q, seqlen_local) fp32 (not differentiable).
-        timeout_s: limit for every wait; a stalled or dead peer raises ``ExchangeTimeout`` naming the
-            rank, step and peer.
+        timeout_s: limit for every wait (the entry check, the second group's creation, every exchange); a
+            stalled or dead peer raises ``ExchangeTimeout`` naming the rank, step and peer.
         partial_dtype: dtype the partial outputs travel back in: None (default) = the input dtype, or
             float32. Each partial is a convex-combination term of the result, so one bf16 rounding of it
             keeps the merged error within 2x the single-process error (measured by the tests) at half the
             return traffic. LSEs and partial dQs (summed over up to P steps) always travel in fp32.
         check_ranks: all-gather the shapes/dtype once per call to catch mismatched ranks with a clear error.
-        exchangers: if a list is given, the P2P exchangers used are appended (byte counters for tests and
-            benchmarks).
+        stats: a :class:`longmoe.runtime.CommStats` the forward and the backward add their bytes to (by
+            direction), for tests, benchmarks and logs.
 
     Returns:
         out (batch, seqlen_local, heads_q, head_dim) in q's dtype, or ``(out, lse)``.
     """
     shard, scale = prepare_ring_call(
-        q, k, v, group, layout, softmax_scale, check_ranks=check_ranks, cu_seqlens=cu_seqlens
-    )
+        q, k, v, group, layout, softmax_scale, check_ranks=check_ranks, cu_seqlens=cu_seqlens,
+        timeout_s=float(timeout_s),
+    )  # fmt: skip
     partial_dtype = q.dtype if partial_dtype is None else partial_dtype
     if partial_dtype not in (torch.float32, q.dtype):
         raise TypeError(f"partial_dtype must be torch.float32 or q's dtype {q.dtype}; got {partial_dtype}")
     kw = dict(group=group, causal=bool(causal), softmax_scale=scale, shard=shard, timeout_s=float(timeout_s),
-              exchangers=exchangers)  # fmt: skip
+              stats=stats)  # fmt: skip
     out, lse = RingFunction.apply(
         q, k, v, token_ring_forward, token_ring_backward, {**kw, "partial_dtype": partial_dtype}, kw
     )

@@ -12,68 +12,44 @@ import torch
 import torch.distributed as dist
 
 from longmoe.attention import flash_attention
-from longmoe.parallel.plan import check_sequence_parallel_inputs, world_and_rank
-from longmoe.parallel.sharding import check_layout, shard_positions
+from longmoe.parallel.common import check_sequence_parallel_inputs
+from longmoe.parallel.layout import check_layout, shard_positions
+from longmoe.runtime.collectives import all_to_all
+from longmoe.runtime.distributed import world_and_rank
+from longmoe.runtime.exchanger import CommStats
 
 __all__ = ["ulysses_attention", "seq_to_heads", "heads_to_seq"]
 
 
-def _all_to_all(x: torch.Tensor, group) -> torch.Tensor:
-    """all_to_all_single over dim 0 (one equal slice per rank)."""
-    x = x.contiguous()
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # not empty_like: keep it contiguous
-    dist.all_to_all_single(out, x, group=group)
-    return out
-
-
-def _seq_to_heads(x: torch.Tensor, group, world: int) -> torch.Tensor:
-    b, sl, h, d = x.shape
-    send = x.reshape(b, sl, world, h // world, d).permute(2, 0, 1, 3, 4)  # (P, B, S_l, H/P, D)
-    recv = _all_to_all(send, group)  # (P_src, B, S_l, H/P, D)
-    return recv.permute(1, 0, 2, 3, 4).reshape(b, world * sl, h // world, d)
-
-
-def _heads_to_seq(y: torch.Tensor, group, world: int) -> torch.Tensor:
-    b, s, hp, d = y.shape
-    sl = s // world
-    send = y.reshape(b, world, sl, hp, d).permute(1, 0, 2, 3, 4)  # (P_dst, B, S_l, H/P, D)
-    recv = _all_to_all(send, group)  # (P_src = head group, B, S_l, H/P, D)
-    return recv.permute(1, 2, 0, 3, 4).reshape(b, sl, world * hp, d)
-
-
-class _SeqToHeads(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, world):
-        ctx.args = (group, world)
-        return _seq_to_heads(x, group, world)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _heads_to_seq(g, *ctx.args), None, None
-
-
-class _HeadsToSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, y, group, world):
-        ctx.args = (group, world)
-        return _heads_to_seq(y, group, world)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _seq_to_heads(g, *ctx.args), None, None
-
-
-def seq_to_heads(x: torch.Tensor, group=None) -> torch.Tensor:
+def seq_to_heads(x: torch.Tensor, group=None, *, stats: CommStats | None = None) -> torch.Tensor:
     """(batch, seqlen_local, heads, D) sequence shard -> (batch, P * seqlen_local, heads / P, D), ranks'
     shards concatenated in rank order. Differentiable (the backward is the inverse all-to-all)."""
     world, _ = world_and_rank(group)
-    return x if world == 1 else _SeqToHeads.apply(x, group, world)
+    if world == 1:
+        return x
+    b, sl, h, d = x.shape
+    send = x.reshape(b, sl, world, h // world, d).permute(2, 0, 1, 3, 4)  # (P, B, S_l, H/P, D)
+    recv = _exchange(send, group, stats, "ulysses sequence->heads")  # (P_src, B, S_l, H/P, D)
+    return recv.permute(1, 0, 2, 3, 4).reshape(b, world * sl, h // world, d)
 
 
-def heads_to_seq(y: torch.Tensor, group=None) -> torch.Tensor:
+def heads_to_seq(y: torch.Tensor, group=None, *, stats: CommStats | None = None) -> torch.Tensor:
     """Inverse of :func:`seq_to_heads`: (batch, P * seqlen_local, heads / P, D) -> (batch, seqlen_local, heads, D)."""
     world, _ = world_and_rank(group)
-    return y if world == 1 else _HeadsToSeq.apply(y, group, world)
+    if world == 1:
+        return y
+    b, s, hp, d = y.shape
+    sl = s // world
+    send = y.reshape(b, world, sl, hp, d).permute(1, 0, 2, 3, 4)  # (P_dst, B, S_l, H/P, D)
+    recv = _exchange(send, group, stats, "ulysses heads->sequence")  # (P_src = head group, B, S_l, H/P, D)
+    return recv.permute(1, 2, 0, 3, 4).reshape(b, sl, world * hp, d)
+
+
+def _exchange(send: torch.Tensor, group, stats: CommStats | None, what: str) -> torch.Tensor:
+    if stats is not None:  # what leaves this rank: every slice but its own
+        off_rank = send.numel() // send.shape[0] * (send.shape[0] - 1) * send.element_size()
+        stats.add("other", off_rank, off_rank, messages=send.shape[0] - 1)
+    return all_to_all(send, group=group, what=what)
 
 
 def ulysses_attention(
@@ -87,17 +63,23 @@ def ulysses_attention(
     layout: str = "zigzag",
     return_lse: bool = False,
     check_ranks: bool = True,
+    timeout_s: float | None = None,
+    stats: CommStats | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Ulysses attention over the sequence shards of ``group`` (every rank calls it), with autograd.
 
     q: (batch, seqlen_local, heads_q, head_dim); k, v: (batch, seqlen_local, heads_kv, head_dim) shards in
     ``layout``. Needs ``heads_q % P == 0`` and either ``heads_kv % P == 0`` or ``P % heads_kv == 0`` (K/V
     heads are then replicated, P / heads_kv copies each). Returns out like q, and lse (batch, heads_q,
-    seqlen_local) fp32 when ``return_lse``. Collectives use the process group's timeout.
+    seqlen_local) fp32 when ``return_lse``. ``timeout_s`` bounds the entry check; the all-to-alls use the
+    process group's timeout. ``stats`` (a :class:`longmoe.runtime.CommStats`) receives the bytes sent to
+    other ranks (forward; the backward's all-to-alls are not counted).
     """
     check_layout(layout)
     world, rank = world_and_rank(group)
-    check_sequence_parallel_inputs(q, k, v, group, world, rank, layout, across_ranks=check_ranks)
+    check_sequence_parallel_inputs(
+        q, k, v, group, world, rank, layout, across_ranks=check_ranks, timeout_s=timeout_s
+    )
     hq, hkv = q.shape[2], k.shape[2]
     if hq % world != 0:
         raise ValueError(
@@ -114,7 +96,9 @@ def ulysses_attention(
         v = v.repeat_interleave(world // hkv, dim=2)
     if world == 1:
         return flash_attention(q, k, v, causal=causal, softmax_scale=softmax_scale, return_lse=return_lse)
-    qh, kh, vh = (seq_to_heads(t, group) for t in (q, k, v))  # (B, S, H/P, D), rank-order sequence
+    qh, kh, vh = (
+        seq_to_heads(t, group, stats=stats) for t in (q, k, v)
+    )  # (B, S, H/P, D), rank-order sequence
     order = None
     if causal and layout == "zigzag":
         s_total = qh.shape[1]
@@ -129,9 +113,9 @@ def ulysses_attention(
         inverse[order] = torch.arange(order.numel(), device=order.device)
         out = out.index_select(1, inverse)
         lse = lse.index_select(2, inverse)
-    out = heads_to_seq(out, group)
+    out = heads_to_seq(out, group, stats=stats)
     if not return_lse:
         return out
     with torch.no_grad():
-        lse_local = _heads_to_seq(lse.transpose(1, 2).unsqueeze(-1).contiguous(), group, world)
+        lse_local = heads_to_seq(lse.transpose(1, 2).unsqueeze(-1), group, stats=stats)
     return out, lse_local.squeeze(-1).transpose(1, 2).contiguous()

@@ -1,4 +1,5 @@
-"""Runtime: native extension loader, backend registry, process groups, launcher, point-to-point exchanger."""
+"""Runtime: native extension loader, kernel-backend registry, process groups, collectives, launcher,
+point-to-point exchanger."""
 
 from longmoe.runtime.backend import (
     BACKENDS,
@@ -7,16 +8,19 @@ from longmoe.runtime.backend import (
     triton_interpreting,
     use_backend,
 )
+from longmoe.runtime.collectives import CollectiveError, all_to_all, check_same_across_ranks
 from longmoe.runtime.distributed import (
     TORCHRUN_ENV_VARS,
-    default_backend_for,
-    global_rank_of,
-    group_rank,
-    group_size,
+    default_dist_backend_for,
+    group_device,
+    group_key,
     init_from_env,
     new_group_like,
+    ring_direction,
+    second_group,
+    world_and_rank,
 )
-from longmoe.runtime.exchanger import ExchangeError, ExchangeTimeout, P2PExchanger
+from longmoe.runtime.exchanger import CommStats, ExchangeError, ExchangeTimeout, P2PExchanger
 from longmoe.runtime.launcher import SpawnError, free_port, spawn
 from longmoe.runtime.native import load_native, native_available, native_build_info
 
@@ -33,18 +37,25 @@ __all__ = [
     "native_build_info",
     # process groups
     "TORCHRUN_ENV_VARS",
-    "default_backend_for",
+    "default_dist_backend_for",
     "init_from_env",
     "new_group_like",
-    "group_rank",
-    "group_size",
-    "global_rank_of",
+    "second_group",
+    "world_and_rank",
+    "group_key",
+    "group_device",
+    "ring_direction",
+    # collectives
+    "all_to_all",
+    "check_same_across_ranks",
+    "CollectiveError",
     # launcher
     "spawn",
     "SpawnError",
     "free_port",
     # point-to-point exchanger
     "P2PExchanger",
+    "CommStats",
     "ExchangeTimeout",
     "ExchangeError",
 ]

@@ -32,7 +32,7 @@ import time
 import torch
 import torch.distributed as dist
 
-__all__ = ["P2PExchanger", "ExchangeTimeout", "ExchangeError"]
+__all__ = ["P2PExchanger", "ExchangeTimeout", "ExchangeError", "CommStats"]
 
 # Backends phrase timeouts differently: gloo "Timed out waiting 2000ms for recv operation to complete",
 # NCCL "... timed out ...". "Application timeout caused pair closure" (gloo, after an earlier timeout)
@@ -89,6 +89,40 @@ class _Op:
         return f"send to {who(self.peer)} not completed"
 
 
+@dataclasses.dataclass(slots=True)
+class CommStats:
+    """Bytes one rank moved in one or more calls, by direction label ("next", "prev", "other"; see
+    :class:`P2PExchanger`), for tests, benchmarks and logs. Pass one as ``stats=`` to a sequence-parallel
+    function: the forward and the backward add to it when they finish. Local copies ("self") are left out."""
+
+    bytes_sent: dict[str, int] = dataclasses.field(default_factory=dict)
+    bytes_received: dict[str, int] = dataclasses.field(default_factory=dict)
+    messages: int = 0
+
+    def add(self, label: str, sent: int, received: int, messages: int = 1) -> None:
+        if label == "self":
+            return
+        for counter, n in ((self.bytes_sent, sent), (self.bytes_received, received)):
+            if n:
+                counter[label] = counter.get(label, 0) + n
+        self.messages += messages
+
+    def add_exchanger(self, ex: P2PExchanger) -> None:
+        """Add what ``ex`` counted (its counters are not reset)."""
+        for label in set(ex.bytes_sent) | set(ex.bytes_received):
+            self.add(label, ex.bytes_sent.get(label, 0), ex.bytes_received.get(label, 0), messages=0)
+        self.messages += ex.messages_sent
+
+    @property
+    def total_sent(self) -> int:
+        return sum(self.bytes_sent.values())
+
+    def reset(self) -> None:
+        self.bytes_sent.clear()
+        self.bytes_received.clear()
+        self.messages = 0
+
+
 class P2PExchanger:
     """Queues point-to-point sends/receives on one process group and runs them as batches.
 
@@ -137,11 +171,13 @@ class P2PExchanger:
 
     # ------------------------------------------------------------------ accounting
     def reset_counters(self) -> None:
-        """Zero ``bytes_sent``, ``bytes_received``, ``bytes_sent_to`` and ``bytes_received_from``."""
+        """Zero ``bytes_sent``, ``bytes_received``, ``bytes_sent_to``, ``bytes_received_from`` and
+        ``messages_sent`` (link messages, local copies excluded)."""
         self.bytes_sent: dict[str, int] = {}
         self.bytes_received: dict[str, int] = {}
         self.bytes_sent_to: dict[int, int] = {}
         self.bytes_received_from: dict[int, int] = {}
+        self.messages_sent = 0
 
     @property
     def in_flight(self) -> bool:
@@ -363,6 +399,7 @@ class P2PExchanger:
             by_label[op.direction] = by_label.get(op.direction, 0) + op.nbytes
             if op.peer != self.rank:  # local copies are not link traffic
                 by_peer[op.peer] = by_peer.get(op.peer, 0) + op.nbytes
+                self.messages_sent += op.kind == "send"
 
     # ------------------------------------------------------------------ errors
     def _who(self, group_rank: int) -> str:

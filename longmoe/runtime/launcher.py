@@ -14,7 +14,6 @@ stacks dumped (POSIX), are killed, and ``TimeoutError`` names them and shows whe
 from __future__ import annotations
 
 import contextlib
-import datetime
 import faulthandler
 import math
 import os
@@ -32,6 +31,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from longmoe.runtime.distributed import init_from_env
 
 __all__ = ["SpawnError", "spawn", "free_port"]
 
@@ -79,7 +80,7 @@ def _worker(
     world_size: int,
     args: tuple,
     port: int,
-    backend: str | None,
+    dist_backend: str | None,
     timeout_s: float,
     env: dict[str, str],
     conn,
@@ -95,20 +96,11 @@ def _worker(
         os.environ.update(env)
         threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
         torch.set_num_threads(max(1, threads))
-        if backend is not None:
-            kwargs = {}
-            if backend == "nccl":
+        if dist_backend is not None:  # the environment set above is what torchrun would export
+            device = None
+            if "nccl" in dist_backend:
                 device = torch.device("cuda", rank % torch.cuda.device_count())
-                torch.cuda.set_device(device)
-                kwargs["device_id"] = device
-            dist.init_process_group(
-                backend=backend,
-                init_method=f"tcp://127.0.0.1:{port}",
-                rank=rank,
-                world_size=world_size,
-                timeout=datetime.timedelta(seconds=timeout_s),
-                **kwargs,
-            )
+            init_from_env(device=device, dist_backend=dist_backend, timeout_s=timeout_s)
         phase = "run"
         result = fn(rank, world_size, *args)
         phase = "teardown"
@@ -192,7 +184,7 @@ def spawn(
     fn: Callable[..., Any],
     world_size: int,
     *args: Any,
-    backend: str | None = "gloo",
+    dist_backend: str | None = "gloo",
     timeout_s: float = 120.0,
     env: dict[str, str] | None = None,
 ) -> list[Any]:
@@ -202,8 +194,8 @@ def spawn(
         fn: a module-level (picklable) function; its return value must be picklable.
         world_size: number of processes (>= 1).
         *args: extra positional arguments for ``fn`` (picklable; tensors travel through shared memory).
-        backend: process-group backend each rank initialises before calling ``fn`` (``"gloo"``; ``"nccl"``
-            binds rank ``r`` to ``cuda:r % device_count``). ``None``: do not initialise a group, so ``fn``
+        dist_backend: process-group backend each rank initialises (with ``init_from_env``) before calling
+            ``fn`` (``"gloo"``; ``"nccl"`` binds rank ``r`` to ``cuda:r % device_count``). ``None``: do not initialise a group, so ``fn``
             can call ``longmoe.runtime.init_from_env()`` itself. A group still alive when ``fn`` returns
             is destroyed.
         timeout_s: limit for the whole run (start-up included) and the process group's collective timeout.
@@ -234,7 +226,7 @@ def spawn(
     deadline = time.monotonic() + timeout_s
     for attempt in range(_PORT_ATTEMPTS):
         try:
-            return _spawn_once(fn, world_size, args, backend, timeout_s, deadline, env or {})
+            return _spawn_once(fn, world_size, args, dist_backend, timeout_s, deadline, env or {})
         except SpawnError as err:
             init_failure = err.failures.get(0, "")
             port_taken = "EADDRINUSE" in init_failure or "ddress already in use" in init_failure
@@ -247,7 +239,7 @@ def _spawn_once(
     fn: Callable[..., Any],
     world_size: int,
     args: tuple,
-    backend: str | None,
+    dist_backend: str | None,
     timeout_s: float,
     deadline: float,
     user_env: dict[str, str],
@@ -278,7 +270,7 @@ def _spawn_once(
                 reader, writer = ctx.Pipe(duplex=False)
                 proc = ctx.Process(
                     target=_worker,
-                    args=(fn, rank, world_size, args, port, backend, timeout_s, env, writer, stack_path),
+                    args=(fn, rank, world_size, args, port, dist_backend, timeout_s, env, writer, stack_path),
                     name=f"longmoe-rank{rank}",
                     daemon=False,
                 )

@@ -6,7 +6,42 @@ import functools
 import os
 import warnings
 
-__all__ = ["load_native", "native_available", "native_build_info"]
+__all__ = ["load_native", "native_available", "native_build_info", "register_fake"]
+
+_FAKES: dict[str, object] = {}
+
+
+def register_fake(name: str):
+    """Decorator: ``fn`` is the fake (meta) kernel of ``torch.ops.longmoe.<name>``, so ``torch.compile``
+    can trace the op. Each op module registers its own, beside its entry point; they are attached when the
+    extension loads (:func:`load_native`). An op missing from the loaded extension (a ``longmoe._C`` built
+    from older sources) is reported in one warning instead of breaking ``import longmoe``."""
+
+    def register(fn):
+        _FAKES[name] = fn
+        if load_native.cache_info().currsize and load_native() is not None:  # already loaded: attach now
+            _attach({name: fn})
+        return fn
+
+    return register
+
+
+def _attach(fakes: dict) -> None:
+    import torch  # noqa: PLC0415
+
+    missing = []
+    for name, fn in fakes.items():
+        if hasattr(torch.ops.longmoe, name):
+            torch.library.register_fake(f"longmoe::{name}")(fn)
+        else:
+            missing.append(name)
+    if missing:
+        warnings.warn(
+            f"longmoe._C lacks the ops {missing}: it was built from older sources than this package; rebuild "
+            "with `pip install --no-build-isolation -e .` (or `make venv`)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 @functools.cache
@@ -30,8 +65,7 @@ def load_native():
             stacklevel=3,
         )
         return None
-    from longmoe.runtime import fake_kernels  # noqa: F401,PLC0415  (fake kernels for torch.compile)
-
+    _attach(_FAKES)  # the op modules' fake kernels, registered before the library was loaded
     return _C
 
 

@@ -36,18 +36,18 @@ DTYPES["triton"] = (torch.float32, torch.float16, torch.float64) + (
     (torch.bfloat16,) if DEVICE == "cuda" else ()
 )
 
-# (num_tokens, topk, num_experts, hidden): odd sizes, topk 1..3, a token count of 0, a hidden size that is
+# (num_tokens, top_k, num_experts, hidden): odd sizes, top_k 1..3, a token count of 0, a hidden size that is
 # not a multiple of any vector width, and more experts than slots (some experts get zero tokens).
 SHAPES = [(97, 2, 8, 33), (0, 2, 4, 8), (13, 1, 3, 16), (5, 3, 16, 24)]
 
 
-def _expert_ids(tokens, topk, experts, drop_frac=0.2, seed=0):
+def _expert_ids(tokens, top_k, experts, drop_frac=0.2, seed=0):
     """Distinct experts per token (as top-k gives), a fraction of slots dropped (-1)."""
     g = torch.Generator().manual_seed(seed)
     ids = (
-        torch.stack([torch.randperm(experts, generator=g)[:topk] for _ in range(tokens)])
+        torch.stack([torch.randperm(experts, generator=g)[:top_k] for _ in range(tokens)])
         if tokens
-        else torch.empty(0, topk, dtype=torch.long)
+        else torch.empty(0, top_k, dtype=torch.long)
     )
     drop = torch.rand(ids.shape, generator=g) < drop_frac
     return torch.where(drop, -1, ids).to(DEVICE)
@@ -56,8 +56,8 @@ def _expert_ids(tokens, topk, experts, drop_frac=0.2, seed=0):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_dispatch_map_is_stable_sort(shape, backend):
-    tokens, topk, experts, _ = shape
-    ids = _expert_ids(tokens, topk, experts)
+    tokens, top_k, experts, _ = shape
+    ids = _expert_ids(tokens, top_k, experts)
     m = moe_dispatch_map(ids, experts, backend=backend)
     r = moe_dispatch_map_ref(ids, experts)
     for a, b, name in zip(m, r, ("row_map", "src_slot", "tokens_per_expert"), strict=True):
@@ -78,9 +78,9 @@ def test_dispatch_map_is_stable_sort(shape, backend):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_permute_unpermute_bit_exact(shape, backend):
-    tokens, topk, experts, hidden = shape
+    tokens, top_k, experts, hidden = shape
     for dtype in DTYPES[backend]:
-        # topk = 1, nothing dropped, unit weights: permute then unpermute is the identity, signed zeros too.
+        # top_k = 1, nothing dropped, unit weights: permute then unpermute is the identity, signed zeros too.
         ids1 = _expert_ids(tokens, 1, experts, drop_frac=0.0)
         m1 = moe_dispatch_map(ids1, experts, backend=backend)
         x = torch.randn(tokens, hidden, dtype=dtype, device=DEVICE)
@@ -94,14 +94,14 @@ def test_permute_unpermute_bit_exact(shape, backend):
         )
 
         # General case: every backend equals the reference bit for bit, with and without weights.
-        ids = _expert_ids(tokens, topk, experts)
+        ids = _expert_ids(tokens, top_k, experts)
         m = moe_dispatch_map(ids, experts, backend=backend)
         x = torch.randn(tokens, hidden, dtype=dtype, device=DEVICE)
-        probs = torch.rand(tokens, topk, device=DEVICE)
+        probs = torch.rand(tokens, top_k, device=DEVICE)
         y = torch.randn(m.num_rows, hidden, dtype=dtype, device=DEVICE)
         for p in (None, probs):
-            got = moe_permute_forward(x, m.src_slot, topk, p, backend=backend)
-            assert torch.equal(got, moe_permute_ref(x, m.src_slot, topk, p)), (
+            got = moe_permute_forward(x, m.src_slot, top_k, p, backend=backend)
+            assert torch.equal(got, moe_permute_ref(x, m.src_slot, top_k, p)), (
                 f"{dtype} permute probs={p is not None}"
             )
             got = moe_unpermute_forward(y, m.row_map, p, backend=backend)
@@ -116,8 +116,8 @@ def test_permute_unpermute_bit_exact(shape, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_probs_grad_within_oracle(backend, dtype):
-    tokens, topk, experts, hidden = 61, 2, 5, 72
-    m = moe_dispatch_map(_expert_ids(tokens, topk, experts), experts)
+    tokens, top_k, experts, hidden = 61, 2, 5, 72
+    m = moe_dispatch_map(_expert_ids(tokens, top_k, experts), experts)
     dout = torch.randn(tokens, hidden, dtype=dtype, device=DEVICE)
     y = torch.randn(m.num_rows, hidden, dtype=dtype, device=DEVICE)
     got = moe_unpermute_probs_grad(dout, y, m.row_map, backend=backend)
@@ -131,20 +131,20 @@ def test_probs_grad_within_oracle(backend, dtype):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_autograd_matches_dense_formulation(backend):
     """Gradients of permute/unpermute in fp64 equal those of the same map written with index ops."""
-    tokens, topk, experts, hidden = 23, 2, 4, 8
-    ids = _expert_ids(tokens, topk, experts)
+    tokens, top_k, experts, hidden = 23, 2, 4, 8
+    ids = _expert_ids(tokens, top_k, experts)
     m = moe_dispatch_map(ids, experts)
     x = torch.randn(tokens, hidden, dtype=torch.float64, device=DEVICE, requires_grad=True)
     w = torch.randn(m.num_rows, hidden, dtype=torch.float64, device=DEVICE)
-    probs = torch.rand(tokens, topk, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    probs = torch.rand(tokens, top_k, dtype=torch.float64, device=DEVICE, requires_grad=True)
     g = torch.randn(tokens, hidden, dtype=torch.float64, device=DEVICE)
     out = moe_unpermute(moe_permute(x, m, backend=backend) * w, m, probs, backend=backend)
     (out * g).sum().backward()
 
     x2, p2 = x.detach().clone().requires_grad_(True), probs.detach().clone().requires_grad_(True)
-    rows = x2[m.src_slot // topk] * w
+    rows = x2[m.src_slot // top_k] * w
     keep = m.row_map >= 0
-    gathered = torch.where(keep[..., None], rows[m.row_map.clamp(min=0)], 0.0)  # (tokens, topk, hidden)
+    gathered = torch.where(keep[..., None], rows[m.row_map.clamp(min=0)], 0.0)  # (tokens, top_k, hidden)
     out2 = (p2[..., None] * gathered).sum(1)
     (out2 * g).sum().backward()
     torch.testing.assert_close(out, out2, rtol=0, atol=1e-12)  # fp64: only summation order differs
@@ -158,12 +158,12 @@ def test_bad_indices_name_argument_and_value():
         moe_dispatch_map(torch.tensor([[7], [0], [1], [2]]), 4, backend="reference")
     with pytest.raises(TypeError, match=r"expert_ids must be an int64 or int32 tensor; got torch.float32"):
         moe_dispatch_map(torch.zeros(4, 1), 4)
-    with pytest.raises(ValueError, match=r"probs must be \(num_tokens, topk\) = \(4, 1\); got \(4, 2\)"):
+    with pytest.raises(ValueError, match=r"probs must be \(num_tokens, top_k\) = \(4, 1\); got \(4, 2\)"):
         moe_permute_forward(x, torch.arange(4), 1, torch.ones(4, 2))
     if native_available():
         with pytest.raises(RuntimeError, match=r"expert_ids\[0, 0\]=7 is outside \[-1, num_experts=4\)"):
             moe_dispatch_map(torch.tensor([[7], [0], [1], [2]]), 4, backend="native")
-        with pytest.raises(RuntimeError, match=r"src_slot\[1\]=9 is outside \[0, num_tokens \* topk = 4\)"):
+        with pytest.raises(RuntimeError, match=r"src_slot\[1\]=9 is outside \[0, num_tokens \* top_k = 4\)"):
             moe_permute_forward(x, torch.tensor([0, 9]), 1, backend="native")
         with pytest.raises(RuntimeError, match=r"row_map\[0, 0\]=5 is outside \[-1, num_rows=2\)"):
             moe_unpermute_forward(torch.randn(2, 8), torch.tensor([[5], [0]]), backend="native")

@@ -16,7 +16,7 @@ from longmoe.runtime import (
     ExchangeTimeout,
     P2PExchanger,
     SpawnError,
-    default_backend_for,
+    default_dist_backend_for,
     init_from_env,
     new_group_like,
     spawn,
@@ -73,7 +73,7 @@ def _ring_fn(rank: int, world_size: int) -> dict:
 
 def _bidirectional_fn(rank: int, world_size: int) -> None:
     """Both directions of every link at once, as TokenRing does: two exchangers on two groups."""
-    # spawn(backend=None): the rank initialises the group itself from the torchrun environment.
+    # spawn(dist_backend=None): the rank initialises the group itself from the torchrun environment.
     assert not dist.is_initialized()
     assert init_from_env(device="cpu", timeout_s=60.0) == (rank, world_size)
     assert dist.get_backend() == "gloo"
@@ -172,7 +172,7 @@ def test_ring_exchange(world_size):
 
 
 def test_bidirectional_exchange_on_two_groups():
-    spawn(_bidirectional_fn, 3, backend=None, timeout_s=90.0)
+    spawn(_bidirectional_fn, 3, dist_backend=None, timeout_s=90.0)
 
 
 def test_stalled_peer_raises_exchange_timeout():
@@ -201,9 +201,12 @@ def test_spawn_timeout_kills_running_ranks():
 
 
 def test_argument_errors_without_processes(monkeypatch):
-    assert default_backend_for("cpu") == "gloo" and default_backend_for(torch.device("cuda", 1)) == "nccl"
+    assert (
+        default_dist_backend_for("cpu") == "gloo"
+        and default_dist_backend_for(torch.device("cuda", 1)) == "nccl"
+    )
     with pytest.raises(ValueError, match="meta"):
-        default_backend_for("meta")
+        default_dist_backend_for("meta")
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("RANK", "0")

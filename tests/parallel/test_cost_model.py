@@ -23,15 +23,15 @@ def shape(hq, hkv, **kw):
 
 
 def test_mha_comm_bound_picks_token_ring():
-    best, est = choose_algorithm(shape(32, 32), COMM_BOUND, candidates=("token_ring", "ring"))
+    best, est = choose_algorithm(shape(32, 32), COMM_BOUND, candidates=("token_ring", "kv_ring"))
     assert best == "token_ring", est
-    assert est["token_ring"] < 0.8 * est["ring"], est
+    assert est["token_ring"] < 0.8 * est["kv_ring"], est
 
 
 def test_gqa_8_to_1_picks_kv_ring():
     """With 8 query heads per KV head K/V are small: moving them beats moving Q and partials."""
-    best, est = choose_algorithm(shape(32, 4), COMM_BOUND, candidates=("token_ring", "ring"))
-    assert best == "ring", est
+    best, est = choose_algorithm(shape(32, 4), COMM_BOUND, candidates=("token_ring", "kv_ring"))
+    assert best == "kv_ring", est
 
 
 @pytest.mark.parametrize("ratio", [1, 2, 4, 8])
@@ -40,8 +40,8 @@ def test_crossover_follows_bytes(ratio):
     s = shape(8 * ratio, 8, causal=False)
     tok = {k: communication_bytes("token_ring", s, 0)[k] + communication_bytes("token_ring", s, 0, backward=True)[k]
            for k in ("next", "prev")}  # fmt: skip
-    ring = sum(communication_bytes("ring", s, 0).values()) + sum(
-        communication_bytes("ring", s, 0, backward=True).values()
+    ring = sum(communication_bytes("kv_ring", s, 0).values()) + sum(
+        communication_bytes("kv_ring", s, 0, backward=True).values()
     )
     # TokenRing spreads over two directions; its busier one against the KV ring's only one.
     assert (max(tok.values()) < ring) == (ratio < 16 / 6), (ratio, tok, ring)
@@ -53,7 +53,9 @@ def test_compute_bound_estimates_converge():
     t_tok = estimate_time("token_ring", s, COMPUTE_BOUND) + estimate_time(
         "token_ring", s, COMPUTE_BOUND, backward=True
     )
-    t_ring = estimate_time("ring", s, COMPUTE_BOUND) + estimate_time("ring", s, COMPUTE_BOUND, backward=True)
+    t_ring = estimate_time("kv_ring", s, COMPUTE_BOUND) + estimate_time(
+        "kv_ring", s, COMPUTE_BOUND, backward=True
+    )
     assert t_tok == pytest.approx(t_ring, rel=0.05)
 
 
@@ -63,19 +65,19 @@ def test_ring_topology_penalises_token_ring_returns():
     mesh = Topology(kind="mesh", link_bandwidth=5e9, compute_rate=400e12)
     ring_topo = Topology(kind="ring", link_bandwidth=5e9, compute_rate=400e12)
     assert estimate_time("token_ring", s, ring_topo) > 1.5 * estimate_time("token_ring", s, mesh)
-    assert estimate_time("ring", s, ring_topo) == pytest.approx(estimate_time("ring", s, mesh))
+    assert estimate_time("kv_ring", s, ring_topo) == pytest.approx(estimate_time("kv_ring", s, mesh))
 
 
 def test_ulysses_needs_divisible_heads():
     best, est = choose_algorithm(shape(12, 12, world_size=8), COMM_BOUND)
-    assert "ulysses" not in est and best in ("token_ring", "ring")
+    assert "ulysses" not in est and best in ("token_ring", "kv_ring")
     _, est = choose_algorithm(shape(32, 8), COMM_BOUND)
     assert "ulysses" in est
 
 
 def test_world_size_one_moves_nothing():
     s = shape(8, 8, world_size=1)
-    for alg in ("token_ring", "ring", "ulysses"):
+    for alg in ("token_ring", "kv_ring", "ulysses"):
         assert communication_bytes(alg, s, 0) == {} and communication_bytes(alg, s, 0, backward=True) == {}
 
 
@@ -94,7 +96,7 @@ def test_compute_calls_cover_the_same_work():
     from longmoe.parallel.cost_model import _call_flops, compute_calls
 
     s = shape(16, 4, world_size=4, seqlen_local=96)
-    ring = [_call_flops(s, c) for r in range(4) for c in compute_calls("ring", s, r, False)]
+    ring = [_call_flops(s, c) for r in range(4) for c in compute_calls("kv_ring", s, r, False)]
     token = [_call_flops(s, c) for r in range(4) for c in compute_calls("token_ring", s, r, False)]
     assert sorted(ring) == sorted(token)
     (uly,) = compute_calls("ulysses", s, 0, False)
@@ -110,10 +112,10 @@ def test_profile_drives_the_choice():
     s = shape(16, 16, world_size=4, seqlen_local=1024)
     topo = Topology(kind="mesh", link_bandwidth=400e9, compute_rate=50e12)
     ring_calls = {
-        c: 1e-3 for r in range(4) for a in ("ring", "token_ring") for c in compute_calls(a, s, r, False)
+        c: 1e-3 for r in range(4) for a in ("kv_ring", "token_ring") for c in compute_calls(a, s, r, False)
     }
     (uly,) = compute_calls("ulysses", s, 0, False)
-    for uly_time, want in ((1.0, {"ring", "token_ring"}), (1e-4, {"ulysses"})):
+    for uly_time, want in ((1.0, {"kv_ring", "token_ring"}), (1e-4, {"ulysses"})):
         prof = ComputeProfile(calls={**ring_calls, uly: uly_time})
         best, est = choose_algorithm(s, topo, backward=False, profile=prof)
         assert best in want, est
@@ -125,11 +127,11 @@ def test_profile_compute_times_every_distinct_call():
 
     s = shape(4, 2, world_size=2, seqlen_local=64, dtype=torch.float32)
     prof = profile_compute(s, backward=True)
-    want = {c for a in ("ring", "token_ring", "ulysses") for r in range(2) for b in (False, True)
+    want = {c for a in ("kv_ring", "token_ring", "ulysses") for r in range(2) for b in (False, True)
             for c in compute_calls(a, s, r, b)}  # fmt: skip
     assert set(prof.calls) == want
     assert all(t > 0 for t in prof.calls.values()) and prof.merge_per_row > 0
     assert profile_compute(s, backward=True) is prof  # cached
     # estimates with the profile are finite and positive for every algorithm
     _, est = choose_algorithm(s, Topology(), profile=prof)
-    assert set(est) == {"ring", "token_ring", "ulysses"} and all(0 < t < 10 for t in est.values())
+    assert set(est) == {"kv_ring", "token_ring", "ulysses"} and all(0 < t < 10 for t in est.values())

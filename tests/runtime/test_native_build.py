@@ -12,7 +12,7 @@ import pytest
 
 import longmoe
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_python(code: str, **env) -> subprocess.CompletedProcess:

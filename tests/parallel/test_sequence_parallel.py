@@ -4,11 +4,13 @@ Every rank builds the same global batch from a seed, shards it with the producti
 runs forward and backward, and asserts its shard of out, lse, dq, dk, dv against the single-process fp64
 oracle. The bound is 2x the error of the *single-process* computation in the same dtype (+ the floor in
 tests/oracle.py): error must not grow with the number of ranks. TokenRing and KV-ring byte counts per
-rank and direction must equal the cost model's.
+rank and direction must equal the cost model's. Each configuration is its own test case (one spawn per
+world size runs them all, each rank reporting every case's failure separately).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 
@@ -19,21 +21,24 @@ import torch.distributed as dist
 from longmoe.attention import flash_attention, flash_attention_backward_ref, flash_attention_ref
 from longmoe.parallel import (
     AttentionShape,
+    CommStats,
     SequenceParallelAttention,
     autotune_algorithm,
     communication_bytes,
-    ring_attention,
+    kv_ring_attention,
+    sequence_parallel_attention,
     sequence_parallel_sdpa,
     shard_sequence,
     token_ring_attention,
     ulysses_attention,
     unshard_sequence,
 )
-from longmoe.parallel.token_ring import second_group
-from longmoe.runtime import ExchangeError, ExchangeTimeout, SpawnError, spawn
+from longmoe.runtime import ExchangeError, ExchangeTimeout, SpawnError, second_group, spawn
 from tests.oracle import ATOL, max_err
 
-ALGS = {"token_ring": token_ring_attention, "ring": ring_attention, "ulysses": ulysses_attention}
+pytestmark = pytest.mark.distributed
+
+ALGS = {"token_ring": token_ring_attention, "kv_ring": kv_ring_attention, "ulysses": ulysses_attention}
 
 
 def configs(world: int) -> list[dict]:
@@ -76,8 +81,8 @@ def _check_case(rank, world, cfg, seed):
 
     shard = lambda t, dim=1: shard_sequence(t, None, layout, dim=dim)
     ql, kl, vl = (shard(t).to(dtype).requires_grad_() for t in (q, k, v))
-    exchangers = [] if cfg["alg"] != "ulysses" else None
-    kw = dict(exchangers=exchangers) if exchangers is not None else {}
+    stats = CommStats()
+    kw = dict(stats=stats)
     if "partial_dtype" in cfg:
         kw["partial_dtype"] = cfg["partial_dtype"]
     out, lse = ALGS[cfg["alg"]](ql, kl, vl, causal=causal, layout=layout, return_lse=True, **kw)
@@ -99,11 +104,8 @@ def _check_case(rank, world, cfg, seed):
             f"rank {rank}/{world} {cfg}: {name} err {e:.3e} > 2 * single-process {e1:.3e} + floor"
         )
         errs[name] = e
-    if exchangers is not None:
-        sent: dict[str, int] = {}
-        for ex in exchangers:
-            for label, n in ex.bytes_sent.items():
-                sent[label] = sent.get(label, 0) + n
+    if cfg["alg"] != "ulysses":  # Ulysses' stats count its forward all-to-alls only
+        sent = stats.bytes_sent
         shape = AttentionShape(
             world_size=world, batch=2, seqlen_local=ql.shape[1], heads_q=cfg["hq"], heads_kv=cfg["hkv"],
             head_dim=cfg["d"], dtype=dtype, causal=causal, layout=layout, partial_dtype=cfg.get("partial_dtype"),
@@ -121,16 +123,36 @@ def _check_case(rank, world, cfg, seed):
 
 
 def _run_all(rank, world):
-    results = []
+    """Every configuration on this rank; a failure is reported per case, not raised, so one bad case does
+    not hide the others (a hang still fails the whole spawn, by its timeout)."""
+    failures = []
     for i, cfg in enumerate(configs(world)):
-        results.append((cfg, _check_case(rank, world, cfg, seed=100 + i)))
-    return results
+        try:
+            _check_case(rank, world, cfg, seed=100 + i)
+            failures.append(None)
+        except Exception as exc:  # reported by the case's own test below
+            failures.append(f"rank {rank}: {type(exc).__name__}: {exc}")
+    return failures
+
+
+@functools.cache
+def _failures_by_case(world: int) -> list[list[str]]:
+    per_rank = spawn(_run_all, world, timeout_s=400)
+    assert len(per_rank) == world and all(len(r) == len(configs(world)) for r in per_rank)
+    return [[r[i] for r in per_rank if r[i] is not None] for i in range(len(configs(world)))]
+
+
+def _case_id(cfg: dict) -> str:
+    mask = ("causal" if cfg["causal"] else "full") + "-" + cfg["layout"]
+    extra = "-partial_fp32" if "partial_dtype" in cfg else ""
+    return f"{cfg['alg']}-{mask}-{cfg['hq']}x{cfg['hkv']}-d{cfg['d']}-{str(cfg['dtype'])[6:]}{extra}"
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
-def test_matches_single_process_oracle(world):
-    results = spawn(_run_all, world, timeout_s=400)
-    assert len(results) == world and all(len(r) == len(configs(world)) for r in results)
+@pytest.mark.parametrize("case", range(len(configs(1))), ids=[_case_id(c) for c in configs(1)])
+def test_matches_single_process_oracle(world, case):
+    failures = _failures_by_case(world)[case]
+    assert not failures, "\n".join(failures)
 
 
 # ---------------------------------------------------------------------------------------------- failures
@@ -155,7 +177,7 @@ def _stalled(rank, world, alg):
     raise AssertionError(f"rank {rank}: {alg} with a stalled peer did not raise")
 
 
-@pytest.mark.parametrize("alg", ["token_ring", "ring"])
+@pytest.mark.parametrize("alg", ["token_ring", "kv_ring"])
 def test_stalled_rank_raises_with_rank_and_step(alg):
     msgs = spawn(_stalled, 3, alg, timeout_s=60)
     assert msgs[1] == "stalled"
@@ -179,7 +201,7 @@ def _dead(rank, world, alg):
     raise AssertionError(f"rank {rank}: {alg} with a dead peer did not raise")
 
 
-@pytest.mark.parametrize("alg", ["token_ring", "ring"])
+@pytest.mark.parametrize("alg", ["token_ring", "kv_ring"])
 def test_dead_rank_makes_the_others_raise(alg):
     """Rank 1 exits; ranks 0 and 2 must raise (timeout or closed connection) on their own, naming rank and
     step, before the launcher's grace period would kill them."""
@@ -261,20 +283,20 @@ def _sharding_and_dropins(rank, world):
     ql, kl, vl = (shard_sequence(t) for t in (q, k, v))
     module = SequenceParallelAttention(causal=True)
     out = module(ql, kl, vl)
-    assert module.last_algorithm in ("token_ring", "ring", "ulysses")
+    assert module.last_algorithm in ("token_ring", "kv_ring", "ulysses")
     torch.testing.assert_close(out, shard_sequence(ref), rtol=1e-5, atol=1e-5)
     tuned = SequenceParallelAttention(causal=True, algorithm="autotune")
     torch.testing.assert_close(tuned(ql, kl, vl), shard_sequence(ref), rtol=1e-5, atol=1e-5)
     alg, times = autotune_algorithm(ql, kl, vl, causal=True, backward=False)
     assert tuned.last_algorithm == alg == min(times, key=times.get)
-    assert {"token_ring", "ring"} <= set(times)  # Ulysses too where the heads split over the ranks
+    assert {"token_ring", "kv_ring"} <= set(times)  # Ulysses too where the heads split over the ranks
     sdpa_out = sequence_parallel_sdpa(
         ql.transpose(1, 2),
         kl.transpose(1, 2),
         vl.transpose(1, 2),
         is_causal=True,
         enable_gqa=True,
-        algorithm="ring",
+        algorithm="kv_ring",
     )
     torch.testing.assert_close(sdpa_out.transpose(1, 2), shard_sequence(ref), rtol=1e-5, atol=1e-5)
     return module.last_algorithm, tuned.last_algorithm
@@ -291,6 +313,30 @@ def test_single_process_without_process_group():
     ref = flash_attention(q, k, v, causal=True)
     for fn in ALGS.values():
         torch.testing.assert_close(fn(q, k, v, causal=True), ref)
+
+
+# ---------------------------------------------------------------------------------------------- several groups
+def _two_groups(rank, world, size):
+    """``world / size`` sequence-parallel groups in one job, each running every algorithm on its own data;
+    each group's second process group is made lazily, by its members only, at its first ring call."""
+    groups = [dist.new_group(list(range(g, g + size))) for g in range(0, world, size)]  # collective setup
+    mine, index = groups[rank // size], rank // size
+    g = torch.Generator().manual_seed(1000 + index)  # different data in every group
+    q = torch.randn(1, 4 * size, 2 * size, 16, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(1, 4 * size, size, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    ref = flash_attention(q, k, v, causal=True)
+    for alg in ALGS:
+        ql, kl, vl = (shard_sequence(t, mine).requires_grad_() for t in (q, k, v))
+        out = sequence_parallel_attention(ql, kl, vl, group=mine, causal=True, algorithm=alg, timeout_s=30)
+        torch.testing.assert_close(out, shard_sequence(ref, mine), rtol=1e-10, atol=1e-10)
+        out.sum().backward()  # the backward's second group too
+        assert ql.grad is not None and torch.isfinite(ql.grad).all()
+    return index
+
+
+@pytest.mark.parametrize("world,size", [(4, 2), (6, 3)])
+def test_several_sequence_parallel_groups_in_one_job(world, size):
+    assert spawn(_two_groups, world, size, timeout_s=240) == [r // size for r in range(world)]
 
 
 # ---------------------------------------------------------------------------------------------- packed docs
@@ -319,9 +365,9 @@ def _varlen_case(rank, world, alg, causal, layout, dtype):
 
     shard = lambda t, dim=1: shard_sequence(t, None, layout, dim=dim, cu_seqlens=CU_SEQLENS)
     ql, kl, vl = (shard(t).to(dtype).requires_grad_() for t in (q, k, v))
-    exchangers = []
+    stats = CommStats()
     out, lse = ALGS[alg](ql, kl, vl, causal=causal, layout=layout, cu_seqlens=CU_SEQLENS, return_lse=True,
-                         exchangers=exchangers)  # fmt: skip
+                         stats=stats)  # fmt: skip
     out.backward(shard(dout).to(dtype))
     for name, a, o, s1 in zip(("out", "lse", "dq", "dk", "dv"), (out.detach(), lse, ql.grad, kl.grad, vl.grad),
                               ref, single, strict=True):  # fmt: skip
@@ -335,22 +381,19 @@ def _varlen_case(rank, world, alg, causal, layout, dtype):
     torch.testing.assert_close(
         back, ref[0].to(dtype), rtol=0, atol=2 * max_err(single[0], ref[0]) + ATOL[dtype]
     )
-    sent: dict[str, int] = {}
-    for ex in exchangers:
-        for label, n in ex.bytes_sent.items():
-            sent[label] = sent.get(label, 0) + n
+    sent = stats.bytes_sent
     shape = AttentionShape(world_size=world, batch=1, seqlen_local=1, heads_q=4, heads_kv=2, head_dim=32, dtype=dtype,
                            causal=causal, layout=layout, cu_seqlens=tuple(cu))  # fmt: skip
     model: dict[str, int] = {}
     for backward in (False, True):
         for label, n in communication_bytes(alg, shape, rank, backward=backward).items():
             model[label] = model.get(label, 0) + n
-    assert sent == model, f"rank {rank}: exchangers {sent} != cost model {model}"
+    assert sent == model, f"rank {rank}: counted {sent} != cost model {model}"
 
 
 def _varlen_all(rank, world):
     cases = 0
-    for alg in ("token_ring", "ring"):
+    for alg in ("token_ring", "kv_ring"):
         for causal, layout, dtype in ((True, "zigzag", torch.bfloat16), (True, "contiguous", torch.float32),
                                       (False, "zigzag", torch.float32)):  # fmt: skip
             _varlen_case(rank, world, alg, causal, layout, dtype)
@@ -373,8 +416,6 @@ def test_packed_documents_match_per_document_oracle(world):
 
 
 def test_ulysses_refuses_packed_documents():
-    from longmoe.parallel import sequence_parallel_attention
-
     q = torch.randn(1, 161, 4, 16)
     with pytest.raises(ValueError, match="ulysses.*cu_seqlens"):
         sequence_parallel_attention(q, q, q, algorithm="ulysses", cu_seqlens=CU_SEQLENS)

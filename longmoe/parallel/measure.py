@@ -1,0 +1,208 @@
+"""Measuring what the cost model needs, on the ranks of a group: links and kernel calls. Collective.
+
+* :func:`measure_topology`: link bandwidth (a ring exchange), per-message latency, how much of an exchange
+  hides behind a concurrent attention call, the all-to-all bandwidth, and the attention FLOP rate.
+* :func:`profile_compute`: the time of every distinct kernel call the algorithms would make for a shape.
+
+Both run every rank at once (so they contend for the machine as a real pass does), average over the
+group so every rank makes the same choice, cache per group, and put every tensor on the group's device
+(``group_device``: CUDA under NCCL, where a CPU kernel's rate would be the wrong number too).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+
+from longmoe.attention import attention_delta, flash_attention_backward, flash_attention_forward
+from longmoe.attention.merge import merge_attention_partials_
+from longmoe.parallel.cost_model import (
+    ALGORITHMS,
+    AttentionShape,
+    CallKey,
+    ComputeProfile,
+    Topology,
+    _call_flops,
+    compute_calls,
+)
+from longmoe.runtime.distributed import group_device, group_key, world_and_rank
+from longmoe.runtime.exchanger import P2PExchanger
+
+__all__ = ["measure_topology", "profile_compute"]
+
+
+def _now(device: torch.device) -> float:
+    """A timestamp after the device's queued work is done (kernels on CUDA are asynchronous)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+_MEASURED: dict[tuple, Topology] = {}
+
+
+def measure_topology(
+    group=None,
+    *,
+    nbytes: int = 8 << 20,
+    repeats: int = 3,
+    kind: str = "mesh",
+    device: torch.device | str | None = None,
+) -> Topology:
+    """Measure link bandwidth (a ring exchange of ``nbytes``), this rank's attention FLOP/s, how much of an
+    exchange hides behind a concurrent attention call, the per-message latency and the all-to-all
+    bandwidth; collective.
+
+    The result is averaged over ranks (all-reduce) so every rank makes the same choice, and cached per
+    (group, kind, device). ``device`` (default: the group's device, :func:`group_device`) is where the
+    buffers and the timed attention call live.
+    """
+    device = group_device(group) if device is None else torch.device(device)
+    key = (group_key(group), kind, str(device))
+    if key in _MEASURED:
+        return _MEASURED[key]
+    world, rank = world_and_rank(group)
+    q = torch.randn(1, 1024, 8, 128, device=device)
+    flash_attention_forward(q, q, q)
+    t_compute = float("inf")
+    for _ in range(2):
+        t0 = _now(device)
+        flash_attention_forward(q, q, q)
+        t_compute = min(t_compute, _now(device) - t0)
+    rate = 4.0 * 1024 * 1024 * 8 * 128 / t_compute
+    bw, overlap = float("inf"), 1.0
+    if world > 1:
+        ex = P2PExchanger(group, timeout_s=60, name="measure_topology")
+        buf = torch.empty(nbytes // 4, device=device)
+
+        def exchange(step: int, with_compute: bool) -> float:
+            dist.barrier(group=group)  # start together: skew between ranks is not link time
+            t0 = _now(device)
+            ex.send_recv(buf, (rank + 1) % world, (rank - 1) % world, step=step)
+            ex.commit()
+            if with_compute:
+                flash_attention_forward(q, q, q)
+            ex.wait()
+            return _now(device) - t0
+
+        t_comm = min(exchange(i, False) for i in range(repeats + 1))
+        t_both = min(exchange(100 + i, True) for i in range(repeats))
+        bw = nbytes / t_comm
+        # Fraction of the shorter of the two that ran in the shadow of the other.
+        overlap = (t_compute + t_comm - t_both) / min(t_compute, t_comm)
+        # Per-message latency: rounds of back-to-back tiny exchanges (median round: on shared cores a rank
+        # is sometimes descheduled, and the ring algorithms pay that on every step).
+        tiny, n_msgs, rounds = torch.empty(16, device=device), 16, []
+        for r in range(repeats):
+            dist.barrier(group=group)
+            t0 = _now(device)
+            for i in range(n_msgs):
+                ex.send_recv(tiny, (rank + 1) % world, (rank - 1) % world, step=200 + r * n_msgs + i)
+                ex.commit()
+                ex.wait()
+            rounds.append((_now(device) - t0) / n_msgs)
+        latency = statistics.median(rounds)
+        # all-to-all, as Ulysses uses it: a (P, n) tensor out, the same back (bytes sent = (P-1)/P of it)
+        a2a_in = torch.empty(world, nbytes // 4 // world, device=device)
+        a2a_out = torch.empty_like(a2a_in)
+        a2a = float("inf")
+        for _ in range(repeats):
+            dist.barrier(group=group)
+            t0 = _now(device)
+            dist.all_to_all_single(a2a_out, a2a_in, group=group)
+            a2a = min(a2a, _now(device) - t0)
+        a2a_bw = a2a_in.numel() * 4 * (world - 1) / world / a2a
+        stats = torch.tensor([bw, rate, overlap, latency, a2a_bw], dtype=torch.float64, device=device)
+        dist.all_reduce(stats, group=group)
+        bw, rate, overlap, latency, a2a_bw = (stats / world).tolist()
+        overlap = min(max(overlap, 0.0), 1.0)
+    else:
+        latency, a2a_bw = 0.0, None
+    topo = Topology(
+        kind=kind, link_bandwidth=bw, compute_rate=rate, overlap=overlap, latency=latency,
+        alltoall_bandwidth=a2a_bw,
+        notes={"measured": True},
+    )  # fmt: skip
+    _MEASURED[key] = topo
+    return topo
+
+
+_PROFILES: dict[tuple, ComputeProfile] = {}
+
+
+def profile_compute(
+    shape: AttentionShape,
+    group=None,
+    *,
+    backward: bool = True,
+    algorithms=ALGORITHMS,
+    max_calls: int = 8,
+    device: torch.device | str | None = None,
+) -> ComputeProfile:
+    """Time each distinct attention kernel call ``algorithms`` make for ``shape`` (forward, and backward
+    with ``backward``) and the partial merge, on every rank of ``group`` at once (so they contend for the
+    machine as they will when running); the times are averaged over ranks so every rank makes the same
+    choice. Collective; cached per (shape, backward, algorithms, group, device).
+
+    Costs about one ring pass plus one Ulysses call of compute. With many distinct calls (packed
+    documents) only the ``max_calls`` largest are timed; the rest are costed at the largest one's rate.
+    """
+    world, _ = world_and_rank(group)
+    device = group_device(group) if device is None else torch.device(device)
+    cache_key = (
+        world, shape.batch, shape.seqlen_local, shape.heads_q, shape.heads_kv, shape.head_dim, shape.dtype,
+        shape.causal, shape.layout, shape.cu_seqlens, backward, tuple(algorithms), group_key(group), str(device),
+    )  # fmt: skip
+    if cache_key in _PROFILES:
+        return _PROFILES[cache_key]
+    keys: set[CallKey] = set()
+    for alg in algorithms:
+        for r in range(shape.world_size):
+            for bwd in (False, True) if backward else (False,):
+                keys.update(compute_calls(alg, shape, r, bwd))
+    ordered = sorted(keys, key=lambda c: (-_call_flops(shape, c), c))[:max_calls]
+    b, d, dtype = shape.batch, shape.head_dim, shape.dtype
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def rand(*size):
+        return torch.randn(*size, generator=g, device=device).to(dtype)
+
+    times = []
+    for i, (nq, nk, hq, hkv, causal, bwd) in enumerate(ordered):
+        q, k, v = rand(b, nq, hq, d), rand(b, nk, hkv, d), rand(b, nk, hkv, d)
+        if i == 0:
+            flash_attention_forward(q, k, v, causal=causal)  # warm-up: thread pool, lazily loaded kernels
+        if world > 1:
+            dist.barrier(group=group)  # every rank computes at once, contending as in a real pass
+        t0 = _now(device)
+        out, lse = flash_attention_forward(q, k, v, causal=causal, out_dtype=torch.float32)
+        if bwd:
+            dout = rand(b, nq, hq, d)
+            delta = attention_delta(dout, out)
+            if world > 1:
+                dist.barrier(group=group)
+            t0 = _now(device)
+            flash_attention_backward(
+                dout, q, k, v, None, lse, delta=delta, causal=causal, grad_dtype=torch.float32
+            )
+        times.append(_now(device) - t0)
+    rows = max((c[0] for c in ordered), default=1)
+    hq = shape.heads_q
+    acc_o = torch.zeros(b, rows, hq, d, device=device)
+    acc_l = torch.zeros(b, hq, rows, device=device)
+    part_o = torch.randn(b, rows, hq, d, generator=g, device=device)
+    part_l = torch.randn(b, hq, rows, generator=g, device=device)
+    t0 = _now(device)
+    merge_attention_partials_(acc_o, acc_l, part_o, part_l)
+    times.append((_now(device) - t0) / (b * rows * hq))
+    stats = torch.tensor(times, dtype=torch.float64, device=group_device(group))
+    if world > 1:
+        dist.all_reduce(stats, group=group)
+        stats /= world
+    *call_times, merge = stats.tolist()
+    prof = ComputeProfile(calls=dict(zip(ordered, call_times, strict=True)), merge_per_row=merge)
+    _PROFILES[cache_key] = prof
+    return prof
