@@ -52,6 +52,12 @@ class MoEConfig:
     or ``sparsemixer`` (PhiMoE: top-2 by successive masked softmaxes, deterministic form). Scores are
     computed in fp32 (fp64 for fp64 inputs) whatever the activation dtype."""
 
+    router_dtype: Literal["float32", "input"] = "float32"
+    """dtype of the router logits: ``"float32"`` (fp64 for fp64 inputs; Megatron-core's
+    ``moe_router_dtype="fp32"``), or ``"input"``, the activation dtype as Hugging Face's Mixtral/Qwen2-MoE
+    compute them (bf16 logits, then scores upcast to fp32): choose it for bit-level parity with an HF
+    bf16 model. Scores and top-k are fp32 either way."""
+
     normalize_topk: bool = True
     """Divide the top-k weights of a token by their sum (Mixtral: yes; Qwen2-MoE: its ``norm_topk_prob``).
     Ignored for ``sparsemixer``."""
@@ -128,6 +134,8 @@ class MoEConfig:
             raise ValueError(
                 f"MoEConfig.capacity_factor={self.capacity_factor!r}: expected None (dropless) or a finite number > 0"
             )
+        if self.router_dtype not in ("float32", "input"):
+            raise ValueError(f"MoEConfig.router_dtype={self.router_dtype!r}: expected 'float32' or 'input'")
         if self.drop_policy not in ("probs", "position"):
             raise ValueError(f"MoEConfig.drop_policy={self.drop_policy!r}: expected 'probs' or 'position'")
         _non_negative_float("aux_loss_coeff", self.aux_loss_coeff)

@@ -198,8 +198,10 @@ class TopKRouter(nn.Module):
 
     Parameters: ``weight (num_experts, hidden_size)``. Buffers (only with ``expert_bias_update_rate``):
     ``expert_bias (num_experts,)`` fp32, saved in the state dict, and ``local_tokens_per_expert
-    (num_experts,)`` fp32, the routed-slot counts accumulated by training forwards since the last
-    :meth:`update_expert_bias` (not saved).
+    (num_experts,)`` fp32, the slots each expert *kept* (after capacity) in the forwards run with autograd
+    enabled since the last :meth:`update_expert_bias` (not saved). As in Megatron-core, the load that
+    steers the bias is what the experts really processed, and forwards under ``torch.no_grad()``
+    (evaluation, a teacher's forward) do not count.
     """
 
     def __init__(self, config: MoEConfig, *, device=None, dtype=None):
@@ -232,7 +234,10 @@ class TopKRouter(nn.Module):
         """x: (num_tokens, hidden_size) -> :class:`RouterOutput`."""
         cfg = self.config
         ct = accumulation_dtype(x.dtype)
-        logits = F.linear(x.to(ct), self.weight.to(ct))
+        if cfg.router_dtype == "input":  # as Hugging Face: logits in the activation dtype, scores upcast
+            logits = F.linear(x, self.weight.to(x.dtype)).to(ct)
+        else:
+            logits = F.linear(x.to(ct), self.weight.to(ct))
         probs, ids, scores = topk_routing(
             logits,
             top_k=cfg.top_k,
@@ -242,11 +247,14 @@ class TopKRouter(nn.Module):
             sparsemixer_eps=cfg.sparsemixer_eps,
         )
         routed = torch.bincount(ids.reshape(-1), minlength=cfg.num_experts)
-        if self.expert_bias is not None and self.training:
-            self.local_tokens_per_expert += routed.to(torch.float32)
+        kept = routed
         if cfg.capacity_factor is not None:
             capacity = expert_capacity(x.shape[0], cfg.top_k, cfg.num_experts, cfg.capacity_factor)
             probs, ids = apply_capacity(probs, ids, cfg.num_experts, capacity, cfg.drop_policy)
+            flat = ids.reshape(-1)
+            kept = torch.bincount(flat[flat >= 0], minlength=cfg.num_experts)
+        if self.expert_bias is not None and torch.is_grad_enabled():
+            self.local_tokens_per_expert += kept.to(torch.float32)
         with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.aux_loss_coeff > 0):
             lb = load_balancing_loss(scores, routed, cfg.top_k)
         # The z-loss needs a logsumexp over every token: only computed when it is used.

@@ -183,13 +183,12 @@ def test_expert_bias_moves_load_toward_balance(score_function):
         layer.router.weight[0] += 0.8  # skewed: with inputs of positive mean, expert 0 takes most tokens
     x = torch.randn(512, 16) + 0.5
 
-    layer(x)  # a layer forward in training mode counts its routed slots...
+    layer(x)  # a layer forward with autograd on counts its kept slots...
     assert layer.router.local_tokens_per_expert.sum() == 512 * 2
     layer.router.local_tokens_per_expert.zero_()
     history = []
     for _ in range(steps):
-        with torch.no_grad():
-            layer.router(x)  # ...and so does the router alone, which is all the bias dynamics need
+        layer.router(x)  # ...and so does the router alone, which is all the bias dynamics need
         load = layer.update_expert_bias()  # counts of this step's forward; resets them
         assert load.sum().item() == 512 * 2
         history.append(float(load.max() / load.mean()))
@@ -203,5 +202,33 @@ def test_expert_bias_moves_load_toward_balance(score_function):
         and "router.local_tokens_per_expert" not in layer.state_dict()
     )
     layer.eval()
-    layer(x)  # eval forwards do not count
+    with torch.no_grad():
+        layer(x)  # forwards without autograd (evaluation, a teacher) do not count, as in Megatron-core
     assert layer.router.local_tokens_per_expert.sum() == 0
+
+
+def test_expert_bias_counts_the_slots_kept_after_capacity():
+    cfg = MoEConfig(hidden_size=16, ffn_hidden_size=8, num_experts=4, top_k=2, capacity_factor=0.5,
+                    expert_bias_update_rate=0.01)  # fmt: skip
+    layer = MoELayer(cfg)
+    with torch.no_grad():
+        layer.router.weight[0] += 2.0  # most tokens want expert 0, which keeps only its capacity
+    x = torch.randn(64, 16).abs()
+    _, aux = layer(x)
+    assert aux.dropped_tokens > 0
+    counted = layer.router.local_tokens_per_expert
+    torch.testing.assert_close(counted, aux.tokens_per_expert.float())  # kept, not routed
+    assert counted.max() <= math.ceil(0.5 * 64 * 2 / 4)
+
+
+@pytest.mark.parametrize("router_dtype", ["float32", "input"])
+def test_router_dtype(router_dtype):
+    """``input``: logits in the activation dtype (Hugging Face's bf16 router); ``float32``: fp32 logits."""
+    cfg = MoEConfig(hidden_size=64, ffn_hidden_size=8, num_experts=8, top_k=2, router_dtype=router_dtype)
+    layer = MoELayer(cfg).to(torch.bfloat16)
+    x = torch.randn(32, 64, dtype=torch.bfloat16)
+    out = layer.router(x)
+    assert out.logits.dtype == torch.float32 and out.probs.dtype == torch.float32
+    want = torch.nn.functional.linear(x, layer.router.weight) if router_dtype == "input" else (
+        torch.nn.functional.linear(x.float(), layer.router.weight.float()))  # fmt: skip
+    torch.testing.assert_close(out.logits, want.float(), rtol=0, atol=0)
