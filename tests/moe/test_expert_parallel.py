@@ -171,3 +171,38 @@ def test_missing_peer_fails_by_timeout_instead_of_hanging():
         spawn(_hang_fn, 2, timeout_s=20.0)
     assert 0 in info.value.failures, str(info.value)
     assert "all_to_all (MoE per-expert counts) failed on rank 0 of the group" in info.value.failures[0]
+
+
+def _dead_peer_fn(rank: int, world: int, phase: str) -> str:
+    """Rank 1 dies after a healthy step, before the ``phase`` (forward or backward) of the next; the
+    survivors' all-to-all must fail on its own (group timeout 10 s), naming this rank and the traffic."""
+    import datetime
+    import os
+
+    group = dist.new_group(timeout=datetime.timedelta(seconds=10))
+    cfg = MoEConfig(hidden_size=8, ffn_hidden_size=8, num_experts=3, top_k=2, expert_parallel_group=group)
+    layer = MoELayer(cfg)
+    x = torch.randn(6, 8, requires_grad=True)
+    layer(x)[0].sum().backward()  # a healthy step: every lazy setup done
+    dist.barrier()
+    out = layer(x)[0] if phase == "backward" else None
+    if rank == 1:
+        os._exit(3)
+    try:
+        if phase == "forward":
+            layer(x)
+        else:
+            out.sum().backward()
+    except RuntimeError as exc:  # CollectiveError (a RuntimeError)
+        msg = str(exc)
+        assert f"on rank {rank}" in msg and "MoE" in msg, msg
+        return msg
+    raise AssertionError(f"rank {rank}: the MoE {phase} with a dead peer did not raise")
+
+
+@pytest.mark.parametrize("phase", ["forward", "backward"])
+def test_dead_peer_in_dispatch_raises_on_every_survivor(phase):
+    with pytest.raises(SpawnError) as info:
+        spawn(_dead_peer_fn, 3, phase, timeout_s=60.0)
+    assert list(info.value.failures) == [1], info.value.failures  # only the dead rank failed
+    assert info.value.terminated == [], "a surviving rank hung until the launcher killed it"

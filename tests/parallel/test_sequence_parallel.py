@@ -186,28 +186,65 @@ def test_stalled_rank_raises_with_rank_and_step(alg):
     )
 
 
-def _dead(rank, world, alg):
+def _dead(rank, world, alg, phase):
     second_group(None)  # setup while everyone is alive (see _stalled)
+    q = torch.randn(1, 8, 2, 16, requires_grad=True)
+    out = ALGS[alg](q, q, q, causal=True, timeout_s=10.0) if phase == "backward" else None
     dist.barrier()
     if rank == 1:
         os._exit(3)  # dies without a word
-    q = torch.randn(1, 8, 2, 16)
     try:
-        ALGS[alg](q, q, q, causal=True, timeout_s=2.0, check_ranks=False)
+        if phase == "forward":
+            ALGS[alg](q, q, q, causal=True, timeout_s=2.0, check_ranks=False)
+        else:
+            out.sum().backward()
     except (ExchangeTimeout, ExchangeError) as exc:
         msg = str(exc)
         assert f"rank {rank}" in msg and "step" in msg, msg
         return msg
-    raise AssertionError(f"rank {rank}: {alg} with a dead peer did not raise")
+    raise AssertionError(f"rank {rank}: {alg} {phase} with a dead peer did not raise")
 
 
+@pytest.mark.parametrize("phase", ["forward", "backward"])
 @pytest.mark.parametrize("alg", ["token_ring", "kv_ring"])
-def test_dead_rank_makes_the_others_raise(alg):
+def test_dead_rank_makes_the_others_raise(alg, phase):
     """Rank 1 exits; ranks 0 and 2 must raise (timeout or closed connection) on their own, naming rank and
     step, before the launcher's grace period would kill them."""
     with pytest.raises(SpawnError) as info:
-        spawn(_dead, 3, alg, timeout_s=60)
+        spawn(_dead, 3, alg, phase, timeout_s=60)
     assert list(info.value.failures) == [1], info.value.failures  # only the dead rank failed
+    assert info.value.terminated == [], "surviving ranks hung until the launcher killed them"
+
+
+def _dead_ulysses(rank, world, phase):
+    """Ulysses' all-to-alls: rank 1 dies after a healthy call; survivors raise on their own, naming
+    themselves and the exchange, within the group's timeout (10 s here), forward or backward."""
+    import datetime
+
+    group = dist.new_group(timeout=datetime.timedelta(seconds=10))
+    q = torch.randn(1, 8, 6, 16, requires_grad=True)
+    ulysses_attention(q, q, q, group=group, causal=True).sum().backward()  # healthy
+    dist.barrier()
+    out = ulysses_attention(q, q, q, group=group, causal=True) if phase == "backward" else None
+    if rank == 1:
+        os._exit(3)
+    try:
+        if phase == "forward":
+            ulysses_attention(q, q, q, group=group, causal=True, check_ranks=False)
+        else:
+            out.sum().backward()
+    except RuntimeError as exc:
+        msg = str(exc)
+        assert f"on rank {rank}" in msg and "ulysses" in msg, msg
+        return msg
+    raise AssertionError(f"rank {rank}: Ulysses {phase} with a dead peer did not raise")
+
+
+@pytest.mark.parametrize("phase", ["forward", "backward"])
+def test_dead_rank_in_ulysses_makes_the_others_raise(phase):
+    with pytest.raises(SpawnError) as info:
+        spawn(_dead_ulysses, 3, phase, timeout_s=60)
+    assert list(info.value.failures) == [1], info.value.failures
     assert info.value.terminated == [], "surviving ranks hung until the launcher killed them"
 
 
@@ -337,6 +374,29 @@ def _two_groups(rank, world, size):
 @pytest.mark.parametrize("world,size", [(4, 2), (6, 3)])
 def test_several_sequence_parallel_groups_in_one_job(world, size):
     assert spawn(_two_groups, world, size, timeout_s=240) == [r // size for r in range(world)]
+
+
+# ---------------------------------------------------------------------------------------------- determinism
+def _twice(rank, world):
+    """Two identical calls give bit-identical outputs and gradients on CPU, for every algorithm."""
+    g = torch.Generator().manual_seed(5)
+    q, dout = (torch.randn(1, 2 * world * 13, 4 * world, 32, generator=g) for _ in range(2))
+    k, v = (torch.randn(1, 2 * world * 13, world, 32, generator=g) for _ in range(2))
+    for alg in ALGS:
+        for dtype in (torch.float32, torch.bfloat16):
+            runs = []
+            for _ in range(2):
+                leaves = [shard_sequence(t).to(dtype).requires_grad_() for t in (q, k, v)]
+                out = sequence_parallel_attention(*leaves, causal=True, algorithm=alg, timeout_s=60)
+                out.backward(shard_sequence(dout).to(dtype))
+                runs.append([out.detach(), *(t.grad for t in leaves)])
+            for name, a, b in zip(("out", "dq", "dk", "dv"), *runs, strict=True):
+                assert torch.equal(a, b), f"rank {rank}: {alg} {dtype} {name} differs between two runs"
+    return "ok"
+
+
+def test_bit_identical_across_runs():
+    assert spawn(_twice, 3, timeout_s=240) == ["ok"] * 3
 
 
 # ---------------------------------------------------------------------------------------------- packed docs
