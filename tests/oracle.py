@@ -1,4 +1,10 @@
-"""The tolerance rule every numerical test uses (STYLE.md).
+"""The fp64 attention oracle and the tolerance rule every numerical test uses (STYLE.md).
+
+The oracle (:func:`attention64`) is written here, apart from the library: plain fp64
+``softmax(Q K^T * scale) V`` with an explicit element mask built from index comparisons (bottom-right
+causal, block mask expanded tile by tile), K/V heads indexed per query head, and gradients from fp64
+autograd, not from the library's backward formula. So ``flash_attention_ref`` (the library's own
+reference backend) is tested against it like every other backend.
 
 ``err(ours, oracle64) <= 2 * err(same_dtype_reference, oracle64) + atol``, errors as max-abs over the
 entries where the oracle is finite. The same-dtype reference is what plain PyTorch gets in that dtype,
@@ -37,16 +43,55 @@ def assert_within_oracle(
     assert e_ours <= bound, f"{name}: err {e_ours:.3e} > 2 * same-dtype err {e_same:.3e} + {ATOL[dtype]:.0e}"
 
 
+def _element_mask(b, hq, sq, sk, causal, block_mask, block_size, device) -> torch.Tensor:
+    """(batch, heads_q, seqlen_q, seqlen_k) bool: which key each query sees."""
+    i = torch.arange(sq, device=device)[:, None]
+    j = torch.arange(sk, device=device)[None, :]
+    mask = torch.ones(sq, sk, dtype=torch.bool, device=device)
+    if causal:  # bottom-right aligned: the last query sees the last key
+        mask = j <= i + (sk - sq)
+    mask = mask.expand(b, hq, sq, sk)
+    if block_mask is not None:
+        mask = mask & block_mask[:, :, i // block_size, j // block_size]
+    return mask
+
+
+def attention64(q, k, v, dout=None, *, causal=False, softmax_scale=None, block_mask=None, block_size=128):
+    """fp64 oracle: ``(out, lse)``, or ``(out, lse, dq, dk, dv)`` with ``dout``.
+
+    q, dout: (batch, seqlen_q, heads_q, head_dim); k, v: (batch, seqlen_k, heads_kv, head_dim); out like q;
+    lse (batch, heads_q, seqlen_q). A row that sees no key: out 0, lse -inf, zero gradients.
+    """
+    q64, k64, v64 = (t.detach().double().requires_grad_(dout is not None) for t in (q, k, v))
+    b, sq, hq, d = q64.shape
+    sk, hkv = k64.shape[1], k64.shape[2]
+    scale = d**-0.5 if softmax_scale is None else softmax_scale
+    kv_head = torch.arange(hq) // (hq // hkv)  # the K/V head each query head reads
+    kh, vh = k64[:, :, kv_head], v64[:, :, kv_head]  # (b, sk, hq, d): indexed, not a library helper
+    scores = torch.einsum("bihd,bjhd->bhij", q64, kh) * scale
+    mask = _element_mask(b, hq, sq, sk, causal, block_mask, block_size, q64.device)
+    seen = mask.any(-1, keepdim=True)  # rows with at least one visible key
+    safe = torch.where(mask, scores, torch.tensor(float("-inf"), dtype=torch.float64))
+    safe = torch.where(seen, safe, torch.zeros_like(scores))  # no NaN from all--inf rows
+    p = torch.softmax(safe, dim=-1) * seen
+    out = torch.einsum("bhij,bjhd->bihd", p, vh)
+    lse = torch.where(
+        seen[..., 0], torch.logsumexp(safe, dim=-1), torch.tensor(float("-inf"), dtype=torch.float64)
+    )
+    if dout is None:
+        return out.detach(), lse.detach()
+    dq, dk, dv = torch.autograd.grad(out, (q64, k64, v64), dout.detach().double())
+    return out.detach(), lse.detach(), dq, dk, dv
+
+
 def attention_oracle(q, k, v, dout, **kw):
     """fp64 oracle and same-dtype reference for attention: ``((out, lse, dq, dk, dv), (same ...))``.
 
     q, dout: (batch, seqlen_q, heads_q, head_dim); k, v: (batch, seqlen_k, heads_kv, head_dim); ``kw`` as
     :func:`longmoe.attention.flash_attention_ref` (causal, softmax_scale, block_mask, block_size).
     """
-    q64, k64, v64, do64 = (t.detach().double() for t in (q, k, v, dout))
-    o64, l64 = flash_attention_ref(q64, k64, v64, **kw)
-    g64 = flash_attention_backward_ref(do64, q64, k64, v64, o64, l64, **kw)
+    oracle = attention64(q, k, v, dout, **kw)
     qs, ks, vs = (t.detach() for t in (q, k, v))
     os_, ls = flash_attention_ref(qs, ks, vs, upcast=False, **kw)
     gs = flash_attention_backward_ref(dout, qs, ks, vs, os_, ls, upcast=False, **kw)
-    return (o64, l64, *g64), (os_, ls, *gs)
+    return oracle, (os_, ls, *gs)

@@ -14,7 +14,7 @@ from longmoe.attention import (
     flash_attention_ref,
 )
 from longmoe.runtime import native_available
-from tests.oracle import assert_within_oracle, attention_oracle
+from tests.oracle import assert_within_oracle, attention64, attention_oracle
 
 CPU_BACKENDS = ["native", "reference"]
 
@@ -102,19 +102,26 @@ def test_mask_skipping_is_exact_zero_for_dead_rows():
     assert not any(torch.isnan(t).any() for t in (out, q.grad, k.grad, v.grad))
 
 
-def test_backward_ref_equals_autograd_of_ref():
-    """The explicit backward formula (the oracle for gradients) agrees with autograd through the ref."""
-    q, k, v = (t.double() for t in make_qkv((2, 37, 53, 4, 2, 16), torch.float32))
-    for t in (q, k, v):
-        t.requires_grad_(True)
-    out, lse = flash_attention_ref(q, k, v, causal=True)
-    dout = torch.randn_like(out)
-    out.backward(dout)
-    dq, dk, dv = flash_attention_backward_ref(
-        dout, q.detach(), k.detach(), v.detach(), out.detach(), lse, causal=True
-    )
-    for a, b in ((dq, q.grad), (dk, k.grad), (dv, v.grad)):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", [(2, 37, 53, 4, 2, 16), (1, 64, 20, 3, 1, 8), (1, 130, 130, 2, 2, 32)])
+def test_reference_backend_equals_independent_oracle(shape, causal):
+    """The library's reference (forward and its explicit backward formula) against tests/oracle.py's
+    attention64 (fp64 softmax(QK^T)V with an explicit mask, gradients by autograd), which shares no code
+    with it: GQA/MQA, Sq != Sk, causal rows that see no key (Sq > Sk), and a block mask."""
+    q, k, v = (t.double() for t in make_qkv(shape, torch.float32))
+    b, sq, sk, hq = shape[:4]
+    g = torch.Generator().manual_seed(3)
+    block_mask = torch.rand(b, hq, -(-sq // 16), -(-sk // 16), generator=g) < 0.7
+    for bm in (None, block_mask):
+        kw = dict(causal=causal, block_mask=bm, block_size=16)
+        out, lse = flash_attention_ref(q, k, v, **kw)
+        dout = torch.randn_like(out)
+        grads = flash_attention_backward_ref(dout, q, k, v, out, lse, **kw)
+        oracle = attention64(q, k, v, dout, **kw)
+        for name, a, o in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads), oracle, strict=True):
+            assert torch.equal(torch.isneginf(a), torch.isneginf(o)), name
+            fin = torch.isfinite(o)
+            torch.testing.assert_close(a[fin], o[fin], rtol=1e-10, atol=1e-12, msg=name)
 
 
 def test_backward_with_external_global_lse():
@@ -139,7 +146,7 @@ def test_noncontiguous_inputs():
     """(B, H, S, D)-stored tensors viewed as (B, S, H, D), as users get from transpose()."""
     q, k, v = (torch.randn(2, 4, 97, 64).transpose(1, 2) for _ in range(3))
     out, lse = flash_attention_forward(q, k, v, causal=True)
-    ref, ref_lse = flash_attention_ref(q.double(), k.double(), v.double(), causal=True)
+    ref, ref_lse = attention64(q, k, v, causal=True)
     torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-5)
     torch.testing.assert_close(lse.double(), ref_lse, rtol=0, atol=1e-5)
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from longmoe.attention import flash_attention, flash_attention_backward_ref, flash_attention_ref
+from longmoe.attention import flash_attention
 from longmoe.parallel import (
     AttentionShape,
     CommStats,
@@ -34,7 +34,7 @@ from longmoe.parallel import (
     unshard_sequence,
 )
 from longmoe.runtime import ExchangeError, ExchangeTimeout, SpawnError, second_group, spawn
-from tests.oracle import ATOL, max_err
+from tests.oracle import ATOL, attention64, max_err
 
 pytestmark = pytest.mark.distributed
 
@@ -71,8 +71,7 @@ def _check_case(rank, world, cfg, seed):
     dtype, causal, layout = cfg["dtype"], cfg["causal"], cfg["layout"]
     q, k, v, dout = _global_batch(world, cfg, seed)
     # fp64 oracle and the single-process result in the same dtype (what one rank would get).
-    o64, l64 = flash_attention_ref(q, k, v, causal=causal)
-    g64 = flash_attention_backward_ref(dout, q, k, v, o64, l64, causal=causal)
+    o64, l64, *g64 = attention64(q, k, v, dout, causal=causal)
     leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
     o1, l1 = flash_attention(*leaves, causal=causal, return_lse=True)
     o1.backward(dout.to(dtype))
@@ -410,8 +409,7 @@ def _varlen_case(rank, world, alg, causal, layout, dtype):
     q, k, v, dout = (torch.randn(1, cu[-1], h, 32, generator=g, dtype=torch.float64) for h in (4, 2, 2, 4))
 
     def oracle(qd, kd, vd, dod):
-        o, l = flash_attention_ref(qd, kd, vd, causal=causal)
-        return (o, l, *flash_attention_backward_ref(dod, qd, kd, vd, o, l, causal=causal))
+        return attention64(qd, kd, vd, dod, causal=causal)
 
     ref_parts, single_parts = [], []
     for a, b in zip(cu[:-1], cu[1:], strict=True):
