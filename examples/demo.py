@@ -1,6 +1,14 @@
-"""longmoe demo: the attention core on CPU, then sequence-parallel attention on local CPU ranks.
+"""longmoe demo: the system in miniature, a long-context MoE model trained on local CPU ranks.
 
-    python examples/demo.py --world-size 4
+    python examples/demo.py                  # what `make demo` runs: 4 ranks, SP 2 x EP 2, `auto` attention
+    python examples/demo.py --full           # also the attention-core and sequence-parallel tables below
+
+Default: ``examples/train_long_moe.py`` on 4 spawned gloo ranks: a byte-level LlamaMoE trained for a few
+steps on this machine's Python standard library source, sequences sharded over 2 ranks (the cost model's
+``auto`` pick of TokenRing / KV ring / Ulysses) and experts over 2 ranks; one summary table (algorithm
+chosen, bytes per step, expert load, parity with one process) and a PNG of the loss and expert load.
+
+With ``--full``, before that:
 
 1. Attention core: long-context causal GQA attention (bf16) forward + backward with the native C++ kernel,
    next to torch SDPA in the same run, and its error against an fp64 oracle.
@@ -9,13 +17,14 @@
    each algorithm moved per direction, and every rank's error against the single-process fp64 oracle
    (bounded by 2x the single-process bf16 error) are printed.
 
-Everything runs on random tensors; no model or data is downloaded.
+The --full tables run on random tensors; nothing is downloaded anywhere.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -125,11 +134,60 @@ def sequence_parallel_rank(rank: int, world: int, seqlen: int, configs: list):
     return rows
 
 
+def system_in_miniature(console, args) -> bool:
+    """The training run of examples/train_long_moe.py, summarised in one table; True if it matches one process."""
+    import train_long_moe  # examples/ is on sys.path when this script runs
+
+    targs = train_long_moe.parse(["--world-size", str(args.world_size), "--sp", str(args.sp), "--ep", str(args.ep),
+                                  "--steps", str(args.steps), "--seqlen", str(args.train_seqlen),
+                                  "--check-steps", str(min(3, args.steps)), "--png", str(args.png)])  # fmt: skip
+    world = targs.world_size
+    console.rule(
+        f"LlamaMoE (byte-level, {targs.layers} layers, {targs.experts} experts top-{targs.top_k}) on {world} "
+        f"local CPU ranks: SP {targs.sp} x EP {targs.ep} x DP {world // targs.sp}, trained on this machine's "
+        "Python standard library source"
+    )
+    t0 = time.perf_counter()
+    results, single = train_long_moe.run(targs)
+    r = results[0]
+    diff = train_long_moe.check(results, single, targs.check_steps)
+    load = torch.tensor(r["loads"][-1])
+    table = Table(title=f"{targs.steps} training steps, global batch {r['rows']} x {targs.seqlen} tokens "
+                  f"({time.perf_counter() - t0:.0f} s with the one-process check)")  # fmt: skip
+    for col in ("attention (auto)", "loss first -> last", "tokens/s", "MB sent per step (rank 0)",
+                "expert load max/mean (last step)", "loss vs 1 process (first steps)"):  # fmt: skip
+        table.add_column(col, justify="right")
+    steady = r["step_s"][1:] or r["step_s"]
+    table.add_row(
+        ", ".join(r["algorithms"]), f"{r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}",
+        f"{r['rows'] * targs.seqlen * len(steady) / sum(steady):,.0f}",
+        f"{sum(r['bytes_per_step'][1:]) / max(len(r['bytes_per_step']) - 1, 1) / 1e6:.2f}",
+        " / ".join(f"{x:.2f}" for x in (load.max(1).values / load.mean(1)).tolist()),
+        f"max rel diff {diff:.1e} ({'OK' if diff <= 1e-4 else 'FAIL'})",
+    )  # fmt: skip
+    console.print(table)
+    train_long_moe.plot(results, args.png)
+    console.print(f"plot of the loss and expert load: {args.png}")
+    return diff <= 1e-4
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--world-size", type=int, default=4)
-    ap.add_argument("--seqlen", type=int, default=4096, help="sequence length of the attention-core run")
-    ap.add_argument("--sp-seqlen", type=int, default=4096, help="global sequence length of the sharded run")
+    ap.add_argument("--sp", type=int, default=2, help="sequence-parallel size of the training run")
+    ap.add_argument("--ep", type=int, default=2, help="expert-parallel size of the training run")
+    ap.add_argument("--steps", type=int, default=6, help="training steps")
+    ap.add_argument("--train-seqlen", type=int, default=1024, help="sequence length of the training run")
+    ap.add_argument("--png", type=Path, default=Path("benchmarks/results/demo_train.png"))
+    ap.add_argument(
+        "--full", action="store_true", help="also the attention-core and sequence-parallel tables"
+    )
+    ap.add_argument(
+        "--seqlen", type=int, default=4096, help="--full: sequence length of the attention-core run"
+    )
+    ap.add_argument(
+        "--sp-seqlen", type=int, default=4096, help="--full: global sequence length of the sharded run"
+    )
     args = ap.parse_args()
 
     console = Console(width=max(Console().width, 130))
@@ -141,8 +199,16 @@ def main() -> None:
         f"native kernels: {'built' if info else 'NOT built (reference backend)'} {info.get('isa', '')}"
         f"{', BLAS sgemm' if info.get('blas_sgemm') else ''}"
     )
-    attention_core(console, args.seqlen)
+    if args.full:
+        attention_core(console, args.seqlen)
+        sequence_parallel_tables(console, args)
+    if not system_in_miniature(console, args):
+        raise SystemExit("demo: the distributed run does not match one process")
+    console.print("[green]demo finished: the sharded run matches one process[/]")
 
+
+def sequence_parallel_tables(console, args) -> None:
+    """TokenRing, the KV ring and Ulysses on random bf16 shards, against the fp64 oracle."""
     configs = [("MHA 8:8", 8, 8), ("GQA 8:1", 8, 1)]
     console.rule(
         f"Sequence-parallel causal attention on {args.world_size} local CPU ranks (gloo), bf16, zigzag"
@@ -178,7 +244,7 @@ def main() -> None:
         "TokenRing sends Q to the previous rank and partial outputs to their owners (both directions); the KV "
         "ring sends K/V one way; Ulysses uses all-to-all."
     )
-    console.print("[green]demo finished: every rank matches single-process attention[/]")
+    console.print("[green]sequence parallelism: every rank matches single-process attention[/]")
 
 
 if __name__ == "__main__":

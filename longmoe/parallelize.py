@@ -180,13 +180,14 @@ def _replace(cfg, **changes):
     return dataclasses.replace(cfg, **changes)
 
 
-def apply_sequence_parallel(model: nn.Module, mesh, config: ParallelConfig) -> nn.Module:
+def apply_sequence_parallel(model: nn.Module, mesh, config: ParallelConfig, *, stats=None) -> nn.Module:
     """Make ``model``'s attention sequence-parallel over ``mesh["sp"]``. In place; returns ``model``.
 
     :class:`longmoe.models.CoreAttention` modules become causal
     :class:`~longmoe.parallel.SequenceParallelAttention`; a Hugging Face model is switched to the
     ``"longmoe_sequence_parallel"`` attention function. The model must then be fed sequence shards and
-    their global positions (:func:`shard_batch`). No-op with ``sequence_parallel_size=1``.
+    their global positions (:func:`shard_batch`). ``stats`` (a :class:`longmoe.runtime.CommStats`) collects
+    the bytes the attention of every layer moves. No-op with ``sequence_parallel_size=1``.
     """
     if config.sequence_parallel_size == 1 or mesh is None:
         return model
@@ -197,7 +198,8 @@ def apply_sequence_parallel(model: nn.Module, mesh, config: ParallelConfig) -> n
     for name in cores:
         parent, attr = _parent(model, name)
         setattr(parent, attr, SequenceParallelAttention(group=group, causal=True, layout=config.layout,
-                                                        algorithm=config.algorithm, timeout_s=config.timeout_s))  # fmt: skip
+                                                        algorithm=config.algorithm, timeout_s=config.timeout_s,
+                                                        stats=stats))  # fmt: skip
     if cores:
         return model
     hf_config = getattr(model, "config", None)
@@ -210,7 +212,7 @@ def apply_sequence_parallel(model: nn.Module, mesh, config: ParallelConfig) -> n
     for m in model.modules():
         if hasattr(m, "num_key_value_groups"):  # HF attention modules
             m.longmoe_sequence_parallel = dict(group=group, algorithm=config.algorithm, layout=config.layout,
-                                               timeout_s=config.timeout_s)  # fmt: skip
+                                               timeout_s=config.timeout_s, stats=stats)  # fmt: skip
     model.set_attn_implementation(HF_SEQUENCE_PARALLEL)
     return model
 
@@ -250,11 +252,11 @@ def _register_hf() -> None:
     AttentionMaskInterface.register(HF_SEQUENCE_PARALLEL, _no_mask)
 
 
-def parallelize(model: nn.Module, config: ParallelConfig) -> ParallelMeshes:
+def parallelize(model: nn.Module, config: ParallelConfig, *, stats=None) -> ParallelMeshes:
     """Build the meshes and apply expert then sequence parallelism to ``model`` (in place); return the meshes."""
     meshes = build_meshes(config)
     apply_expert_parallel(model, meshes.experts, config)
-    apply_sequence_parallel(model, meshes.dense, config)
+    apply_sequence_parallel(model, meshes.dense, config, stats=stats)
     return meshes
 
 

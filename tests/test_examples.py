@@ -28,8 +28,17 @@ def test_long_context_train_matches_single_process():
 
 
 def test_demo_small():
-    r = run("examples/demo.py", "--world-size", "2", "--seqlen", "512", "--sp-seqlen", "512")
+    r = run("examples/demo.py", "--world-size", "2", "--sp", "2", "--ep", "2", "--steps", "2",
+            "--train-seqlen", "256", "--full", "--seqlen", "512", "--sp-seqlen", "512")  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
     assert "every rank matches single-process attention" in r.stdout
     for alg in ("token_ring", "kv_ring", "ulysses"):
         assert alg in r.stdout
+    assert "demo finished: the sharded run matches one process" in r.stdout
+
+
+def test_train_long_moe_expert_parallel_matches_one_process():
+    r = run("examples/train_long_moe.py", "--world-size", "3", "--sp", "3", "--ep", "1", "--experts", "3",
+            "--steps", "3", "--seqlen", "192", "--quiet", "--png", "/tmp/longmoe_test_train.png")  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "OK: max relative loss difference" in r.stdout and "standard library" in r.stdout

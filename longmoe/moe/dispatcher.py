@@ -63,6 +63,8 @@ class AllToAllDispatcher:
         self.num_experts = num_experts
         self.num_local_experts = num_experts // self.ep_size
         self.backend = backend
+        self.bytes_sent = 0
+        """Bytes this rank sent to other ranks (token rows and expert outputs; forward), for logs."""
 
     def exchange_counts(self, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """tokens_per_expert: (num_experts,) int64 rows this rank routes to each global expert.
@@ -87,6 +89,7 @@ class AllToAllDispatcher:
         recv_host = recv.cpu()
         output_splits = recv_host.sum(1).tolist()
         rows = all_to_all(x, output_splits, input_splits, self.group, what="MoE token rows")
+        self.bytes_sent += (sum(input_splits) - input_splits[self.rank]) * x[0].numel() * x.element_size()
         regroup = None
         if self.num_local_experts > 1 and self.ep_size > 1:
             local_ids = torch.arange(self.num_local_experts, device=x.device).repeat(self.ep_size)
@@ -101,4 +104,6 @@ class AllToAllDispatcher:
         Returns (num_rows, hidden) in the order of dispatch's input ``x``."""
         if state.regroup is not None:
             y = moe_unpermute(y, state.regroup, backend=self.backend)  # exact inverse (unit weights, top_k=1)
+        off_rank = sum(state.output_splits) - state.output_splits[self.rank]
+        self.bytes_sent += off_rank * (y.numel() // max(y.shape[0], 1)) * y.element_size()
         return all_to_all(y, state.input_splits, state.output_splits, self.group, what="MoE expert outputs")

@@ -219,7 +219,8 @@ class SequenceParallelAttention(nn.Module):
     Replace ``flash_attn_func(q, k, v, causal=True)`` (or an SDPA call on transposed tensors) by
     ``SequenceParallelAttention(causal=True)`` in a model whose activations are sharded along the sequence
     with ``shard_sequence``. ``causal`` defaults to False, as in SDPA and every other longmoe function.
-    ``last_algorithm`` records what ``"auto"`` chose.
+    ``last_algorithm`` records what ``"auto"`` chose; ``stats`` (a :class:`longmoe.runtime.CommStats`, shared
+    by several modules if you like) accumulates the bytes every call moves.
     """
 
     def __init__(
@@ -232,12 +233,14 @@ class SequenceParallelAttention(nn.Module):
         algorithm: str = "auto",
         topology: Topology | None = None,
         timeout_s: float = 120.0,
+        stats: CommStats | None = None,
     ):
         super().__init__()
         check_layout(layout)
         _check_algorithm(algorithm)
         self.group, self.causal, self.softmax_scale = group, causal, softmax_scale
         self.layout, self.algorithm, self.topology, self.timeout_s = layout, algorithm, topology, timeout_s
+        self.stats = stats
         self.last_algorithm: str | None = None
 
     def forward(
@@ -259,7 +262,7 @@ class SequenceParallelAttention(nn.Module):
         self.last_algorithm = alg
         return sequence_parallel_attention(
             q, k, v, group=self.group, causal=self.causal, softmax_scale=self.softmax_scale, layout=self.layout,
-            algorithm=alg, timeout_s=self.timeout_s, cu_seqlens=cu_seqlens,
+            algorithm=alg, timeout_s=self.timeout_s, cu_seqlens=cu_seqlens, stats=self.stats,
         )  # fmt: skip
 
     def extra_repr(self) -> str:
