@@ -85,3 +85,38 @@ def test_expert_bias_update_without_bias_is_an_error():
         RuntimeError, match=r"expert_bias_update_rate is None.*expected expert_bias_update_rate set"
     ):
         MoELayer(MoEConfig(**BASE)).update_expert_bias()
+
+
+def _ids(rows):
+    return torch.tensor(rows, dtype=torch.int64)
+
+
+def _call_cases():
+    from longmoe.moe import moe_dispatch_map, moe_permute, moe_unpermute
+    from longmoe.moe.experts import GroupedExperts
+
+    dmap = moe_dispatch_map(_ids([[0, 1], [2, 3]]), 4)
+    experts = GroupedExperts(MoEConfig(**BASE))
+    return {
+        "router_dtype": (lambda: MoEConfig(**BASE, router_dtype="bf16"), ValueError, ["router_dtype='bf16'", "'input'"]),
+        "expert id out of range": (lambda: moe_dispatch_map(_ids([[0, 4]]), 4), (ValueError, RuntimeError), ["expert_ids", "4"]),
+        "expert id below -1": (lambda: moe_dispatch_map(_ids([[0, -2]]), 4), (ValueError, RuntimeError), ["expert_ids", "-2"]),
+        "expert ids 1-D": (lambda: moe_dispatch_map(_ids([0, 1]), 4), ValueError, ["expert_ids must be 2-D", "(2,)"]),
+        "expert ids float": (lambda: moe_dispatch_map(torch.zeros(2, 2), 4), (TypeError, ValueError), ["expert_ids", "float32"]),
+        "num_experts 0": (lambda: moe_dispatch_map(_ids([[0, 1]]), 0), ValueError, ["num_experts", "0"]),
+        "permute hidden 1-D": (lambda: moe_permute(torch.randn(2), dmap), ValueError, ["x", "(2,)"]),
+        "permute wrong tokens": (lambda: moe_permute(torch.randn(3, 8), dmap), ValueError, ["x", "3", "2"]),
+        "unpermute wrong rows": (lambda: moe_unpermute(torch.randn(3, 8), dmap, torch.ones(2, 2)), ValueError, ["y", "3", "4"]),
+        "unpermute probs shape": (lambda: moe_unpermute(torch.randn(4, 8), dmap, torch.ones(2, 3)), ValueError, ["probs", "(2, 3)", "(2, 2)"]),
+        "experts counts sum": (lambda: experts(torch.randn(5, 16), [1, 1, 1, 1]), ValueError, ["tokens_per_expert", "[1, 1, 1, 1]", "5"]),
+        "experts counts length": (lambda: experts(torch.randn(4, 16), [2, 2]), ValueError, ["tokens_per_expert", "[2, 2]", "num_local_experts=4"]),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(_call_cases()))
+def test_call_errors_name_argument_and_value(case):
+    fn, exc, words = _call_cases()[case]
+    with pytest.raises(exc) as info:
+        fn()
+    for w in words:
+        assert w in str(info.value), f"{case}: {w!r} not in: {info.value}"
