@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from longmoe.attention import flash_attention, flash_attention_backward, merge_attention_partials
+from longmoe.attention import (
+    flash_attention,
+    flash_attention_backward,
+    flash_attention_forward,
+    merge_attention_partials,
+)
 
 
 def qkv(b=1, sq=8, sk=8, hq=4, hkv=2, d=16, dtype=torch.float32):
@@ -105,6 +110,36 @@ CASES = {
         lambda: merge_attention_partials(q, torch.zeros(1, 8, 4), q, torch.zeros(1, 4, 8)),
         ValueError,
         r"lse must be \(batch, heads, seqlen\) = \(1, 4, 8\)",
+    ),
+    "backward delta shape": (
+        lambda: flash_attention_backward(q, q, k, v, None, torch.zeros(1, 4, 8), delta=torch.zeros(1, 8, 4)),
+        ValueError,
+        r"delta",
+    ),
+    "backward needs out or delta": (
+        lambda: flash_attention_backward(q, q, k, v, None, torch.zeros(1, 4, 8)),
+        ValueError,
+        r"out.*delta|delta.*out",
+    ),
+    "out_dtype": (
+        lambda: flash_attention_forward(q, k, v, out_dtype=torch.int32),
+        (TypeError, ValueError),
+        r"out_dtype.*int32",
+    ),
+    "grad_dtype": (
+        lambda: flash_attention_backward(q, q, k, v, q, torch.zeros(1, 4, 8), grad_dtype=torch.int64),
+        (TypeError, ValueError),
+        r"grad_dtype.*int64",
+    ),
+    "mask needs block size": (
+        lambda: flash_attention(q, k, v, block_mask=torch.ones(1, 4, 1, 1, dtype=torch.bool), block_size=-8),
+        ValueError,
+        r"block_size must be a positive int; got -8",
+    ),
+    "merge lse integer": (
+        lambda: merge_attention_partials(q, torch.zeros(1, 4, 8, dtype=torch.int64), q, torch.zeros(1, 4, 8)),
+        TypeError,
+        r"lse must be floating point; got torch.int64",
     ),
     "merge out shape": (
         lambda: merge_attention_partials(q, torch.zeros(1, 4, 8), q[..., :8], torch.zeros(1, 4, 8)),
