@@ -27,7 +27,7 @@ def max_err(x: torch.Tensor, oracle: torch.Tensor) -> float:
     fin = torch.isfinite(oracle)
     if not bool(fin.any()):
         return 0.0
-    return float((x.double() - oracle.double())[fin].abs().max())
+    return float((x.detach().double() - oracle.detach().double())[fin].abs().max())
 
 
 def assert_within_oracle(

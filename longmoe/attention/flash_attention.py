@@ -35,6 +35,7 @@ __all__ = [
     "attention_delta",
     "FlashAttentionFunction",
     "expand_block_mask",
+    "check_finite_inputs",
 ]
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -98,6 +99,26 @@ def _check_inputs(
         if block_mask.device != q.device:
             raise ValueError(f"block_mask must be on q's device {q.device}; got {block_mask.device}")
     return float(softmax_scale)
+
+
+def check_finite_inputs(**tensors: torch.Tensor) -> None:
+    """Raise ``ValueError`` naming the first tensor with a NaN or infinite entry, how many it has, and
+    the index and value of the first one. One reduction per tensor: what ``check_finite=True`` costs.
+
+    Non-finite inputs are the caller's to prevent. Without the check they are not contained: a NaN key
+    or value can reach rows that never see it through ``0 * NaN`` in masked tiles, and the kernels'
+    running maximum may skip a NaN score, so ``check_finite=True`` is the way to find them.
+    """
+    for name, t in tensors.items():
+        if t is None or not t.is_floating_point():
+            continue
+        bad = ~torch.isfinite(t)
+        if bool(bad.any()):
+            first = tuple(int(i) for i in bad.nonzero()[0].tolist())
+            raise ValueError(
+                f"{name} has {int(bad.sum())} non-finite entries (first at index {first}: {t[first].item()}); "
+                "attention inputs must be finite"
+            )
 
 
 def _check_backward_inputs(dout, q, out, lse, delta) -> None:
@@ -426,6 +447,7 @@ def flash_attention(
     block_mask: torch.Tensor | None = None,
     block_size: int = 128,
     backend: str | None = None,
+    check_finite: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Exact attention with autograd; optionally block-sparse and returning the log-sum-exp.
 
@@ -439,10 +461,15 @@ def flash_attention(
         block_size: tile edge of ``block_mask``.
         backend: force ``"native"``, ``"triton"`` or ``"reference"`` (default: by device; see
             :mod:`longmoe.runtime.backend`).
+        check_finite: raise ``ValueError`` naming q, k or v if one holds a NaN or infinity (one reduction
+            per tensor). Off by default, as in SDPA and flash-attention: non-finite inputs are then not
+            contained to the rows they touch (see :func:`check_finite_inputs`).
 
     Returns:
         out (batch, seqlen_q, heads_q, head_dim) in q's dtype, or ``(out, lse)``. Rows that see no key
         give 0 and lse ``-inf``.
     """
+    if check_finite:
+        check_finite_inputs(q=q, k=k, v=v)
     out, lse = FlashAttentionFunction.apply(q, k, v, causal, softmax_scale, block_mask, block_size, backend)
     return (out, lse) if return_lse else out

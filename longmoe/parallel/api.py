@@ -172,6 +172,7 @@ def sequence_parallel_attention(
     timeout_s: float = 120.0,
     cu_seqlens: torch.Tensor | None = None,
     stats: CommStats | None = None,
+    check_finite: bool = False,
 ):
     """Attention over sequence shards with TokenRing, the KV ring or Ulysses (``"auto"``: the cost model's
     cheapest for these shapes and ``topology``; ``"autotune"``: the fastest when timed once on these shapes,
@@ -181,7 +182,8 @@ def sequence_parallel_attention(
     with :func:`longmoe.parallel.shard_sequence` in ``layout``; packed documents: batch 1 and the global
     ``cu_seqlens`` (TokenRing and the KV ring). Returns out like q (and lse (batch, heads_q, seqlen_local)
     fp32 with ``return_lse``); differentiable. ``timeout_s`` bounds every wait of the ring algorithms and
-    the entry check; ``stats`` (a :class:`longmoe.runtime.CommStats`) receives the bytes moved.
+    the entry check; ``stats`` (a :class:`longmoe.runtime.CommStats`) receives the bytes moved;
+    ``check_finite`` raises on every rank if any rank's inputs hold a NaN or infinity.
     """
     check_layout(layout)
     _check_algorithm(algorithm)
@@ -201,7 +203,7 @@ def sequence_parallel_attention(
             softmax_scale=softmax_scale,
         )
     kw = dict(group=group, causal=causal, softmax_scale=softmax_scale, layout=layout, return_lse=return_lse,
-              timeout_s=timeout_s, stats=stats)  # fmt: skip
+              timeout_s=timeout_s, stats=stats, check_finite=check_finite)  # fmt: skip
     if algorithm == "token_ring":
         return token_ring_attention(q, k, v, cu_seqlens=cu_seqlens, **kw)
     if algorithm == "kv_ring":

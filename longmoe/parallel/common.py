@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from longmoe.attention.flash_attention import check_finite_inputs
 from longmoe.parallel.layout import ShardLayout, check_layout
 from longmoe.runtime.collectives import check_same_across_ranks
 from longmoe.runtime.distributed import world_and_rank
@@ -37,6 +38,7 @@ def check_sequence_parallel_inputs(
     across_ranks: bool = True,
     cu_seqlens=None,
     timeout_s: float | None = None,
+    check_finite: bool = False,
 ) -> ShardLayout:
     """Validate local shards; with ``across_ranks`` also check every rank passed the same shapes and dtype.
 
@@ -45,7 +47,9 @@ def check_sequence_parallel_inputs(
     ``timeout_s`` (None: the group's timeout); it turns a mismatch (which would otherwise hang or corrupt
     the ring) into an error on every rank naming the rank that differs. With packed documents
     (``cu_seqlens``, the global (ndocs + 1,) offsets) batch must be 1 and the local length must be the one
-    the per-document sharding gives this rank. Returns the :class:`ShardLayout`.
+    the per-document sharding gives this rank. With ``check_finite`` a NaN or infinity in this rank's q/k/v
+    raises on this rank (naming it and the tensor) and, through the cross-rank check, on every other rank
+    (naming the rank that has it), so no rank is left waiting in the ring. Returns the :class:`ShardLayout`.
     """
     check_layout(layout)
     if world < 1:
@@ -83,18 +87,37 @@ def check_sequence_parallel_inputs(
                 f"by 2 * world size = {2 * world}); got seqlen_local={q.shape[1]}"
             )
         shard = ShardLayout.make(world, layout, seqlen_local=q.shape[1])
+    nonfinite = check_finite and not all(bool(torch.isfinite(t).all()) for t in (q, k, v))
     if not across_ranks or world == 1:
+        if nonfinite:
+            _raise_nonfinite(q, k, v, rank)
         return shard
     docs = hash(shard.doc_lengths) & 0x7FFFFFFF  # same documents everywhere (Python int hash: deterministic)
     fields = dict(batch=q.shape[0], seqlen=sum(shard.doc_lengths), heads_q=q.shape[2], head_dim=q.shape[3],
                   heads_kv=k.shape[2], dtype=_DTYPES.index(q.dtype) if q.dtype in _DTYPES else -1,
                   layout=LAYOUTS_CODE[layout], cu_seqlens=docs)  # fmt: skip
+    if check_finite:
+        fields["nonfinite_inputs"] = int(nonfinite)
     show = lambda name, x: (_DTYPES[x] if x >= 0 else "other") if name == "dtype" else x
-    check_same_across_ranks(
-        fields, group, what="sequence-parallel inputs (every rank must pass shards of one global batch)",
-        timeout_s=timeout_s, describe=show,
-    )  # fmt: skip
+    try:
+        check_same_across_ranks(
+            fields, group, what="sequence-parallel inputs (every rank must pass shards of one global batch)",
+            timeout_s=timeout_s, describe=show,
+        )  # fmt: skip
+    except ValueError:
+        if not nonfinite:
+            raise
+        # this rank's own problem is the one to report here; the others name this rank
+    if nonfinite:
+        _raise_nonfinite(q, k, v, rank)
     return shard
+
+
+def _raise_nonfinite(q, k, v, rank: int) -> None:
+    try:
+        check_finite_inputs(q=q, k=k, v=v)
+    except ValueError as exc:
+        raise ValueError(f"rank {rank}: {exc}") from None
 
 
 def prepare_ring_call(
@@ -108,6 +131,7 @@ def prepare_ring_call(
     check_ranks: bool,
     cu_seqlens=None,
     timeout_s: float | None = None,
+    check_finite: bool = False,
 ) -> tuple[ShardLayout, float]:
     """The checks every ring algorithm's entry point makes: the layout, the shards (across ranks with
     ``check_ranks``) and the softmax scale. Returns the shard layout and the scale (default
@@ -116,17 +140,9 @@ def prepare_ring_call(
     check_layout(layout)
     world, rank = world_and_rank(group)
     shard = check_sequence_parallel_inputs(
-        q,
-        k,
-        v,
-        group,
-        world,
-        rank,
-        layout,
-        across_ranks=check_ranks,
-        cu_seqlens=cu_seqlens,
-        timeout_s=timeout_s,
-    )
+        q, k, v, group, world, rank, layout, across_ranks=check_ranks, cu_seqlens=cu_seqlens, timeout_s=timeout_s,
+        check_finite=check_finite,
+    )  # fmt: skip
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     if not scale > 0:
         raise ValueError(f"softmax_scale must be > 0; got {softmax_scale!r}")

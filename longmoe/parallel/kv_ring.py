@@ -138,6 +138,7 @@ def kv_ring_attention(
     timeout_s: float = 120.0,
     check_ranks: bool = True,
     stats: CommStats | None = None,
+    check_finite: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """KV-ring attention over the sequence shards of ``group`` (every rank calls it), with autograd.
 
@@ -148,7 +149,7 @@ def kv_ring_attention(
     """
     shard, scale = prepare_ring_call(
         q, k, v, group, layout, softmax_scale, check_ranks=check_ranks, cu_seqlens=cu_seqlens,
-        timeout_s=float(timeout_s),
+        timeout_s=float(timeout_s), check_finite=check_finite,
     )  # fmt: skip
     kw = dict(group=group, causal=bool(causal), softmax_scale=scale, shard=shard, timeout_s=float(timeout_s),
               stats=stats)  # fmt: skip

@@ -286,6 +286,7 @@ def token_ring_attention(
     partial_dtype: torch.dtype | None = None,
     check_ranks: bool = True,
     stats: CommStats | None = None,
+    check_finite: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """TokenRing attention over the sequence shards of ``group`` (every rank calls it), with autograd.
 
@@ -310,13 +311,15 @@ def token_ring_attention(
         check_ranks: all-gather the shapes/dtype once per call to catch mismatched ranks with a clear error.
         stats: a :class:`longmoe.runtime.CommStats` the forward and the backward add their bytes to (by
             direction), for tests, benchmarks and logs.
+        check_finite: raise ``ValueError`` on every rank if any rank's q/k/v holds a NaN or infinity
+            (naming the rank and the tensor); needs ``check_ranks``' all-gather to reach the other ranks.
 
     Returns:
         out (batch, seqlen_local, heads_q, head_dim) in q's dtype, or ``(out, lse)``.
     """
     shard, scale = prepare_ring_call(
         q, k, v, group, layout, softmax_scale, check_ranks=check_ranks, cu_seqlens=cu_seqlens,
-        timeout_s=float(timeout_s),
+        timeout_s=float(timeout_s), check_finite=check_finite,
     )  # fmt: skip
     partial_dtype = q.dtype if partial_dtype is None else partial_dtype
     if partial_dtype not in (torch.float32, q.dtype):

@@ -65,6 +65,7 @@ def ulysses_attention(
     check_ranks: bool = True,
     timeout_s: float | None = None,
     stats: CommStats | None = None,
+    check_finite: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Ulysses attention over the sequence shards of ``group`` (every rank calls it), with autograd.
 
@@ -78,7 +79,16 @@ def ulysses_attention(
     check_layout(layout)
     world, rank = world_and_rank(group)
     check_sequence_parallel_inputs(
-        q, k, v, group, world, rank, layout, across_ranks=check_ranks, timeout_s=timeout_s
+        q,
+        k,
+        v,
+        group,
+        world,
+        rank,
+        layout,
+        across_ranks=check_ranks,
+        timeout_s=timeout_s,
+        check_finite=check_finite,
     )
     hq, hkv = q.shape[2], k.shape[2]
     if hq % world != 0:

@@ -243,3 +243,30 @@ def test_fp32_partials_and_external_delta(backend, dtype):
 def test_bf16_long_keys_use_tall_tiles(causal):
     """Sk >= 8192 switches the bf16 tiles to 256 query rows (see choose_tiles): cover that path too."""
     check_against_oracle("native", (1, 300, 8200, 2, 1, 64), torch.bfloat16, causal)
+
+
+@pytest.mark.parametrize("name", ["q", "k", "v"])
+def test_check_finite_names_the_tensor_and_index(name):
+    """The documented choice for non-finite inputs: check_finite=True raises naming the tensor, the count
+    and the first index; without it they are the caller's to prevent (not contained to the rows they touch)."""
+    tensors = dict(zip("qkv", make_qkv((1, 20, 20, 2, 1, 8), torch.float32), strict=True))
+    tensors[name][0, 7, 0, 3] = float("nan")
+    with pytest.raises(
+        ValueError, match=rf"{name} has 1 non-finite entries \(first at index \(0, 7, 0, 3\): nan\)"
+    ):
+        flash_attention(tensors["q"], tensors["k"], tensors["v"], causal=True, check_finite=True)
+    tensors[name][0, 7, 0, 3] = float("inf")
+    with pytest.raises(ValueError, match=rf"{name} has 1 non-finite entries"):
+        flash_attention(tensors["q"], tensors["k"], tensors["v"], check_finite=True)
+
+
+def test_fully_masked_rows_are_zero_with_neg_inf_lse_on_every_backend_path():
+    """Causal with seqlen_q > seqlen_k: the first rows see no key: out 0, lse -inf, never NaN (forward and
+    backward), dense and block-sparse."""
+    q, k, v = make_qkv((1, 40, 16, 2, 2, 8), torch.float32)
+    for bm in (None, torch.ones(1, 2, 3, 1, dtype=torch.bool)):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out, lse = flash_attention(*leaves, causal=True, return_lse=True, block_mask=bm, block_size=16)
+        out.sum().backward()
+        assert (out[:, :24] == 0).all() and torch.isneginf(lse[:, :, :24]).all()
+        assert not any(torch.isnan(t).any() for t in (out, lse[:, :, 24:], *(x.grad for x in leaves)))

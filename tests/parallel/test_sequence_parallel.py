@@ -247,6 +247,30 @@ def test_dead_rank_in_ulysses_makes_the_others_raise(phase):
     assert info.value.terminated == [], "surviving ranks hung until the launcher killed them"
 
 
+def _nonfinite(rank, world):
+    """A NaN on rank 1 only: with check_finite every rank raises (rank 1 naming the tensor, the others
+    naming rank 1), for every algorithm, and nobody waits in the ring."""
+    msgs = []
+    for alg in ALGS:
+        q = torch.randn(1, 8, 2 * world, 16)
+        if rank == 1:
+            q[0, 3, 1, 2] = float("nan")
+        try:
+            sequence_parallel_attention(q, q, q, causal=True, algorithm=alg, check_finite=True, timeout_s=30)
+        except ValueError as exc:
+            msg = str(exc)
+            want = "q has 1 non-finite" if rank == 1 else "nonfinite_inputs is 0 here but 1 on rank 1"
+            assert f"rank {rank}" in msg and want in msg, msg
+            msgs.append(msg)
+            continue
+        raise AssertionError(f"rank {rank}: {alg} accepted a NaN with check_finite=True")
+    return msgs
+
+
+def test_check_finite_raises_on_every_rank():
+    assert all(len(m) == 3 for m in spawn(_nonfinite, 3, timeout_s=120))
+
+
 def _bad_inputs(rank, world):
     q = torch.randn(1, 8, 4, 16)
     kv = torch.randn(1, 8, 2, 16)
