@@ -1,13 +1,13 @@
 """Triton MoE token dispatch (GPU path of :mod:`longmoe.moe.permute`): permute, unpermute, probs gradient.
 
-Contract (shared with the C++ kernels and the PyTorch reference): slot ``s = t * topk + j``;
-``src_slot (num_rows,)`` int64 is the slot of every expert-sorted row, ``row_map (num_tokens, topk)`` int64
+Contract (shared with the C++ kernels and the PyTorch reference): slot ``s = t * top_k + j``;
+``src_slot (num_rows,)`` int64 is the slot of every expert-sorted row, ``row_map (num_tokens, top_k)`` int64
 the row of every slot (-1 if dropped).
 
-* permute: one program per (row, hidden block): ``out[i] = x[src_slot[i] // topk]``, optionally times
+* permute: one program per (row, hidden block): ``out[i] = x[src_slot[i] // top_k]``, optionally times
   ``probs.flat[src_slot[i]]`` computed in the accumulation dtype and rounded once.
-* unpermute: one program per (token, hidden block) sums its ``topk`` rows in order ``j = 0..topk-1`` in fp32
-  (fp64 for fp64) and stores once: no atomics, so the result is deterministic.
+* unpermute: one program per (token, hidden block) sums its ``top_k`` rows in order ``j = 0..top_k-1`` in
+  fp32 (fp64 for fp64) and stores once: no atomics, so the result is deterministic.
 * probs gradient: one program per slot, a dot product over hidden.
 
 Dropped slots are masked loads that add -0.0, the additive identity, so they change nothing.
@@ -119,9 +119,9 @@ def _block_h(hidden: int) -> int:
 
 
 def moe_permute_triton(
-    x: torch.Tensor, src_slot: torch.Tensor, topk: int, probs: torch.Tensor | None = None
+    x: torch.Tensor, src_slot: torch.Tensor, top_k: int, probs: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """x: (num_tokens, hidden); src_slot: (num_rows,) int64; probs: None or (num_tokens, topk).
+    """x: (num_tokens, hidden); src_slot: (num_rows,) int64; probs: None or (num_tokens, top_k).
     Returns (num_rows, hidden) in x's dtype."""
     x = x.contiguous()
     rows, hidden = src_slot.shape[0], x.shape[1]
@@ -133,7 +133,7 @@ def moe_permute_triton(
     block = _block_h(hidden)
     _moe_permute_kernel[(rows, triton.cdiv(hidden, block))](
         x, src_slot.contiguous(), p, out, hidden, x.stride(0), out.stride(0),
-        TOPK=topk, HAS_PROBS=probs is not None, ACC=acc_tl, BLOCK_H=block,
+        TOPK=top_k, HAS_PROBS=probs is not None, ACC=acc_tl, BLOCK_H=block,
     )  # fmt: skip
     return out
 
@@ -141,10 +141,10 @@ def moe_permute_triton(
 def moe_unpermute_triton(
     y: torch.Tensor, row_map: torch.Tensor, probs: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """y: (num_rows, hidden); row_map: (num_tokens, topk) int64; probs: None or (num_tokens, topk).
+    """y: (num_rows, hidden); row_map: (num_tokens, top_k) int64; probs: None or (num_tokens, top_k).
     Returns (num_tokens, hidden) in y's dtype."""
     y = y.contiguous()
-    tokens, topk = row_map.shape
+    tokens, top_k = row_map.shape
     hidden = y.shape[1]
     if y.shape[0] == 0 or tokens == 0 or hidden == 0:
         return y.new_zeros((tokens, hidden))
@@ -154,7 +154,7 @@ def moe_unpermute_triton(
     block = _block_h(hidden)
     _moe_unpermute_kernel[(tokens, triton.cdiv(hidden, block))](
         y, row_map.contiguous(), p, out, hidden, y.stride(0), out.stride(0),
-        TOPK=topk, HAS_PROBS=probs is not None, ACC=acc_tl, BLOCK_H=block,
+        TOPK=top_k, HAS_PROBS=probs is not None, ACC=acc_tl, BLOCK_H=block,
     )  # fmt: skip
     return out
 
@@ -162,16 +162,16 @@ def moe_unpermute_triton(
 def moe_unpermute_probs_grad_triton(
     dout: torch.Tensor, y: torch.Tensor, row_map: torch.Tensor
 ) -> torch.Tensor:
-    """dout: (num_tokens, hidden); y: (num_rows, hidden); row_map: (num_tokens, topk) int64.
-    Returns dprobs (num_tokens, topk) in fp32 (fp64 for fp64 y)."""
+    """dout: (num_tokens, hidden); y: (num_rows, hidden); row_map: (num_tokens, top_k) int64.
+    Returns dprobs (num_tokens, top_k) in fp32 (fp64 for fp64 y)."""
     acc_t, acc_tl = _acc(y.dtype)
-    tokens, topk = row_map.shape
+    tokens, top_k = row_map.shape
     if y.shape[0] == 0 or tokens == 0:
-        return torch.zeros((tokens, topk), dtype=acc_t, device=y.device)
+        return torch.zeros((tokens, top_k), dtype=acc_t, device=y.device)
     dout, y = dout.contiguous(), y.contiguous()
-    out = torch.empty((tokens, topk), dtype=acc_t, device=y.device)
-    _moe_probs_grad_kernel[(tokens * topk,)](
+    out = torch.empty((tokens, top_k), dtype=acc_t, device=y.device)
+    _moe_probs_grad_kernel[(tokens * top_k,)](
         dout, y, row_map.contiguous(), out, y.shape[1], dout.stride(0), y.stride(0),
-        TOPK=topk, ACC=acc_tl, BLOCK_H=_block_h(y.shape[1]),
+        TOPK=top_k, ACC=acc_tl, BLOCK_H=_block_h(y.shape[1]),
     )  # fmt: skip
     return out

@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from longmoe.attention import flash_attention  # noqa: E402
+from longmoe.attention import flash_attention, flash_attention_forward  # noqa: E402
 from longmoe.kernels.flash_attention import (  # noqa: E402
     flash_attention_backward_triton,
     flash_attention_forward_triton,
@@ -166,24 +166,31 @@ def test_masked_tiles_are_never_read():
 
 
 def test_validation_errors():
+    """The launcher checks only the Triton limits; shapes, dtypes and the mask are checked (with the same
+    messages) by the public entry point, which is the one that runs them on the Triton backend."""
     q, k, v, _ = _make_inputs(1, 64, 64, 2, 1, 64, torch.float32)
     kw = dict(causal=False, softmax_scale=0.125)
     with pytest.raises(ValueError, match="block_size"):
         flash_attention_forward_triton(q, k, v, block_size=40, **kw)
+    with pytest.raises(ValueError, match="head_dim 320 > 256"):
+        flash_attention_forward_triton(*(torch.zeros(1, 16, 1, 320, device=DEVICE),) * 3, **kw)
+    with pytest.raises(TypeError, match="float64"):
+        flash_attention_forward_triton(q.double(), k.double(), v.double(), **kw)
+    kw["backend"] = "triton"
     with pytest.raises(TypeError, match="block_mask"):
-        flash_attention_forward_triton(
+        flash_attention_forward(
             q, k, v, block_mask=torch.ones(1, 2, 1, 1, device=DEVICE), block_size=64, **kw
         )
     with pytest.raises(ValueError, match="block_mask"):
-        flash_attention_forward_triton(
+        flash_attention_forward(
             q, k, v, block_mask=torch.ones(1, 1, 1, 1, dtype=torch.bool, device=DEVICE), block_size=64, **kw
         )
     with pytest.raises(ValueError, match="multiple"):
-        flash_attention_forward_triton(
+        flash_attention_forward(
             q[:, :, :1].expand(-1, -1, 3, -1), k.expand(-1, -1, 2, -1), v.expand(-1, -1, 2, -1), **kw
         )
     with pytest.raises(TypeError, match="dtype"):
-        flash_attention_forward_triton(q.half(), k, v, **kw)
+        flash_attention_forward(q.half(), k, v, **kw)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
