@@ -99,9 +99,7 @@ class ByteMoEConfig:
         if self.head_dim % 2:
             raise ValueError(f"ByteMoEConfig.head_dim={self.head_dim}: expected an even number (RoPE)")
         if self.top_k > self.num_experts:
-            raise ValueError(
-                f"ByteMoEConfig.top_k={self.top_k} exceeds num_experts={self.num_experts}"
-            )
+            raise ValueError(f"ByteMoEConfig.top_k={self.top_k} exceeds num_experts={self.num_experts}")
         if self.expert_ffn_hidden_sizes is not None:
             sizes = tuple(tuple(int(w) for w in layer) for layer in self.expert_ffn_hidden_sizes)
             if len(sizes) != self.layers or any(len(s) != self.num_experts for s in sizes):
@@ -125,7 +123,9 @@ class ByteMoEConfig:
 def rope_cos_sin(seqlen: int, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin (seqlen, 1, head_dim) fp32 for rotate-half RoPE (Hugging Face's ``default`` rope: inverse
     frequencies and angles in fp32)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim)
+    inv_freq = 1.0 / theta ** (
+        torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
+    )
     ang = torch.arange(seqlen, device=device, dtype=torch.float32)[:, None] * inv_freq[None, :]
     ang = torch.cat([ang, ang], dim=-1)[:, None, :]
     return ang.cos(), ang.sin()
@@ -212,7 +212,7 @@ class ByteMoELM(nn.Module):
         return self.lm_head(self.norm(x)).float()
 
     def sync_config(self) -> ByteMoEConfig:
-        """Refresh :attr:`cfg` from the modules after pruning (expert widths, KV groups); returns it."""
+        """Refresh :attr:`cfg` from the modules after pruning (expert widths and count, KV groups); returns it."""
         widths = tuple(tuple(blk.mlp.config.expert_widths) for blk in self.layers)
         ffn = max(max(w) for w in widths)
         uniform = all(x == ffn for w in widths for x in w)
@@ -220,8 +220,13 @@ class ByteMoELM(nn.Module):
         heads_q = {blk.self_attn.heads_q for blk in self.layers}
         if len(heads_kv) != 1 or len(heads_q) != 1:
             raise ValueError(f"layers have different head counts (heads_q {heads_q}, heads_kv {heads_kv})")
+        experts = {(blk.mlp.config.num_experts, blk.mlp.config.top_k) for blk in self.layers}
+        if len(experts) != 1:
+            raise ValueError(f"layers have different (num_experts, top_k): {sorted(experts)}")
+        num_experts, top_k = experts.pop()
         self.cfg = dataclasses.replace(self.cfg, ffn=ffn, expert_ffn_hidden_sizes=None if uniform else widths,
-                                       heads_q=heads_q.pop(), heads_kv=heads_kv.pop())  # fmt: skip
+                                       heads_q=heads_q.pop(), heads_kv=heads_kv.pop(), num_experts=num_experts,
+                                       top_k=top_k)  # fmt: skip
         return self.cfg
 
     @torch.no_grad()
@@ -235,14 +240,18 @@ class ByteMoELM(nn.Module):
         cfg, g = self.cfg, self.cfg.heads_q // self.cfg.heads_kv
         if isinstance(keep_groups, int):
             if not 1 <= keep_groups <= cfg.heads_kv:
-                raise ValueError(f"keep_groups={keep_groups}: expected an int in [1, heads_kv={cfg.heads_kv}]")
+                raise ValueError(
+                    f"keep_groups={keep_groups}: expected an int in [1, heads_kv={cfg.heads_kv}]"
+                )
             if scores is None:
                 scores = torch.stack([
                     blk.self_attn.o_proj.weight.view(cfg.d_model, cfg.heads_kv, g * cfg.head_dim).norm(dim=(0, 2))
                     for blk in self.layers
                 ])  # fmt: skip
             if tuple(scores.shape) != (cfg.layers, cfg.heads_kv):
-                raise ValueError(f"scores shape {tuple(scores.shape)}: expected ({cfg.layers}, {cfg.heads_kv})")
+                raise ValueError(
+                    f"scores shape {tuple(scores.shape)}: expected ({cfg.layers}, {cfg.heads_kv})"
+                )
             keep_groups = {
                 i: sorted(torch.sort(scores[i], descending=True, stable=True).indices[:keep_groups].tolist())
                 for i in range(cfg.layers)
@@ -275,7 +284,9 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def held_out_bits_per_byte(model: nn.Module, *, windows_count: int = 16, seqlen: int = 256, seed: int = 1) -> float:
+def held_out_bits_per_byte(
+    model: nn.Module, *, windows_count: int = 16, seqlen: int = 256, seed: int = 1
+) -> float:
     """Mean next-byte cross-entropy in bits on ``windows_count`` fixed random windows of the held-out files
     (the same windows for every model and run: generator seeded with ``seed``)."""
     _, held, _ = stdlib_split()
@@ -307,13 +318,14 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
     return total, int(round(total - inactive))
 
 
-def train(cfg: ByteMoEConfig = ByteMoEConfig(), *, steps: int = 300, batch: int = 8, lr: float = 3e-3,
+def train(cfg: ByteMoEConfig | None = None, *, steps: int = 300, batch: int = 8, lr: float = 3e-3,
           seed: int = 0, out: Path | None = CACHE, quiet: bool = False) -> tuple[ByteMoELM, dict]:  # fmt: skip
     """Train for exactly ``steps`` AdamW steps (betas 0.9/0.95, weight decay 0.1 on matrices, 20-step warmup,
     cosine to 10%, clip 1.0) on ``batch`` random ``cfg.context``-byte windows of the training stream per step,
     fp32. Saves ``out/model.safetensors`` + ``out/config.json`` + ``out/record.json`` unless ``out`` is None."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    cfg = cfg if cfg is not None else ByteMoEConfig()
     torch.manual_seed(seed)
     train_data, _, info = stdlib_split()
     model = ByteMoELM(cfg)
@@ -358,7 +370,9 @@ def save(model: ByteMoELM, out: Path, record: dict | None = None) -> None:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.sync_config()
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
+    save_file(
+        {k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors")
+    )
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(model.cfg), indent=1))
     if record is not None:
         (out / "record.json").write_text(json.dumps(record, indent=1))
