@@ -34,6 +34,7 @@ from torch import nn
 from longmoe.attention import flash_attention
 from longmoe.data import stdlib_split, windows
 from longmoe.moe import MoEConfig, MoELayer
+from longmoe.moe.slimming import parameter_counts
 
 __all__ = [
     "ByteMoEConfig",
@@ -47,6 +48,7 @@ __all__ = [
     "hf_config",
     "lm_loss",
     "held_out_bits_per_byte",
+    "parameter_counts",
 ]
 
 CACHE = Path(__file__).resolve().parents[2] / ".cache" / "byte_moe_lm"
@@ -301,21 +303,6 @@ def held_out_bits_per_byte(
         total += float(lm_loss(logits.float(), chunk[:, 1:])) * len(chunk)
     model.train(was)
     return total / windows_count / math.log(2)
-
-
-def parameter_counts(model: nn.Module) -> tuple[int, int]:
-    """(total, active per token) parameters: active counts ``top_k`` routed experts at their mean width."""
-    total = sum(p.numel() for p in model.parameters())
-    inactive = 0
-    for m in model.modules():
-        if isinstance(m, MoELayer):
-            c = m.config
-            per_expert = [(3 if c.activation == "swiglu" else 2) * c.hidden_size * w for w in c.expert_widths]
-            padded = m.experts.linear_fc1.numel() + m.experts.linear_fc2.numel()
-            total -= padded - sum(per_expert)  # padding of narrow experts is not a parameter
-            mean = sum(per_expert) / len(per_expert)
-            inactive += sum(per_expert) - c.top_k * mean
-    return total, int(round(total - inactive))
 
 
 def train(cfg: ByteMoEConfig | None = None, *, steps: int = 300, batch: int = 8, lr: float = 3e-3,

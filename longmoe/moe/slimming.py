@@ -67,6 +67,9 @@ __all__ = [
     "neuron_importance",
     "prune_experts",
     "expert_widths",
+    "current_widths",
+    "parameter_counts",
+    "routed_mass",
     "teacher_topk",
     "distillation_loss",
     "SlimmingStage",
@@ -599,6 +602,25 @@ def _prune_hf_block(site: MoESite, idx: list[torch.Tensor]) -> None:
         ex.intermediate_dim = fc2.shape[-1]
 
 
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(total, active per token) parameters of ``model`` (this rank's, under expert parallelism).
+
+    Total excludes the zero padding of experts narrower than their layer's ``ffn_hidden_size``; active counts
+    ``top_k`` routed experts per MoE layer at the layer's mean expert size (and every non-expert parameter).
+    """
+    total = sum(p.numel() for p in model.parameters())
+    inactive = 0.0
+    hf_top_k = getattr(getattr(model, "config", None), "num_experts_per_tok", None)
+    for s in moe_sites(model):
+        h = s.fc1.shape[-1]
+        local = s.widths[s.expert_offset : s.expert_offset + s.num_local_experts]
+        sizes = [(3 if s.activation == "swiglu" else 2) * h * w for w in local]
+        total -= s.fc1.numel() + s.fc2.numel() - sum(sizes)
+        top_k = s.module.config.top_k if s.family == "longmoe" else hf_top_k
+        inactive += sum(sizes) - top_k * sum(sizes) / len(sizes)
+    return total, int(round(total - inactive))
+
+
 def current_widths(model: nn.Module) -> dict[str, list[int]]:
     """``{layer name: per-expert widths}`` of every MoE layer (what a stage checkpoint records)."""
     return {s.name: list(s.widths) for s in _require_sites(model, "current_widths")}
@@ -829,7 +851,8 @@ def run_slimming(
         evaluate: ``f(model) -> held-out loss`` recorded after every stage (None: not measured).
         stop_after: stop after this many stages (to simulate an interruption in tests).
 
-    Each record: stage, keep, widths, tokens, steps, final distillation loss, held-out loss (or None).
+    Each record: stage, keep, widths, tokens, steps, final distillation loss, held-out loss right after pruning
+    and after distillation (None without ``evaluate``).
     """
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
@@ -861,10 +884,12 @@ def run_slimming(
         cur = current_widths(student)
         target = {n: [min(t, c) for t, c in zip(target[n], cur[n], strict=True)] for n in target}
         prune_experts(student, scores, keep=target)
+        pruned_loss = evaluate(student) if evaluate else None
         steps = math.ceil(stage.tokens / (plan.batch * plan.seqlen))
         last = _distil(student, teacher, plan, train_data, si, steps, progress, cols, stage.keep)
         rec = dict(stage=si, keep=stage.keep, widths=current_widths(student), tokens=steps * plan.batch * plan.seqlen,
-                   steps=steps, distil_loss=last, held_out_loss=evaluate(student) if evaluate else None)  # fmt: skip
+                   steps=steps, distil_loss=last,
+            held_out_loss_pruned=pruned_loss, held_out_loss=evaluate(student) if evaluate else None)  # fmt: skip
         records.append(rec)
         if out_dir is not None:
             save_stage_checkpoint(student, Path(out_dir) / f"stage{si}.safetensors",
@@ -911,7 +936,7 @@ def _distil(student, teacher, plan, train_data, si, steps, progress, cols, keep)
             total.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
-            loss_v = float(loss)
+            loss_v = float(loss.detach())
             bar.update(task, advance=1, loss=f"{loss_v:.4f}")
     student.eval()
     return loss_v

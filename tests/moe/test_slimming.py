@@ -40,6 +40,16 @@ from longmoe.runtime import spawn
 H, FFN, E = 16, 12, 4
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: these problems are tiny, and on this project's contended 2-core machines two
+    threads spin-wait on each other (the CLI test: 40 s with 2 threads, 3.4 s with 1, measured)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # ----------------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------------
@@ -519,3 +529,42 @@ def test_bad_plan():
         0.25,
     ]
     assert math.isclose(SlimmingPlan.uniform(keep=0.5, stages=1, tokens=10).stages[0].keep, 0.5)
+
+
+def test_merging_identical_experts_keeps_the_function():
+    # top-1 routing over pairs of identical experts (and router rows): merging a pair changes nothing.
+    torch.manual_seed(0)
+    model = ByteMoELM(dataclasses.replace(TINY, top_k=1)).eval()
+    with torch.no_grad():
+        for blk in model.layers:
+            ex, r = blk.mlp.experts, blk.mlp.router.weight
+            ex.linear_fc1[1::2] = ex.linear_fc1[0::2]
+            ex.linear_fc2[1::2] = ex.linear_fc2[0::2]
+            r[1::2] = r[0::2]
+    tok = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        before = model(tok)
+    mass = {n: torch.tensor([4.0, 4.0, 3.0, 3.0]) for n in ("layers.0.mlp", "layers.1.mlp")}
+    merge_experts_pairwise(model, mass)
+    assert model.cfg.num_experts == 2
+    with torch.no_grad():
+        torch.testing.assert_close(model(tok), before, rtol=0, atol=1e-6)  # fp32, same expert math
+
+
+def test_cli_slims_an_hf_directory_and_resumes(tmp_path):
+    from longmoe.moe import slim
+
+    torch.manual_seed(0)
+    cfg = transformers.MixtralConfig(intermediate_size=16, num_local_experts=4, num_experts_per_tok=2,
+                                     **{**COMMON, "vocab_size": 256})  # fmt: skip
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "teacher")
+    argv = ["--model", str(tmp_path / "teacher"), "--keep", "0.5", "--stages", "2", "--tokens", "64",
+            "--batch", "2", "--seqlen", "16", "--calibration", "1", "--eval-windows", "2", "--out",
+            str(tmp_path / "out"), "--no-progress"]  # fmt: skip
+    records = slim.main(argv)
+    assert [sorted({w for v in r["widths"].values() for w in v}) for r in records] == [[11], [8]]
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "final")
+    assert back.config.intermediate_size == 8
+    assert sorted(p.name for p in (tmp_path / "out" / "stages").iterdir()) == ["stage0.safetensors",
+                                                                              "stage1.safetensors"]  # fmt: skip
+    assert slim.main(argv) == records  # everything done: resumes after the last stage, same records
