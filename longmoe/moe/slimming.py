@@ -71,6 +71,8 @@ __all__ = [
     "parameter_counts",
     "routed_mass",
     "teacher_topk",
+    "RemoteTeacher",
+    "serve_teacher",
     "distillation_loss",
     "SlimmingStage",
     "SlimmingPlan",
@@ -259,6 +261,90 @@ def _check_token_batch(batch, i: int) -> torch.Tensor:
     return batch
 
 
+class RemoteTeacher:
+    """The teacher on another rank: sends the inputs there and receives its top-k logits.
+
+    The teacher rank runs :func:`serve_teacher`; this side calls :meth:`topk` for every batch (blocking
+    ``send``/``recv`` on ``group`` with the group's timeout) and :meth:`close` at the end. Usable wherever a
+    teacher module is: ``neuron_importance(..., teacher=RemoteTeacher(1, k=8))``, ``run_slimming(student,
+    RemoteTeacher(1, k=8), ...)``. Only the top-k values (fp32) and indices travel, ``2 * k`` numbers a token.
+    """
+
+    def __init__(self, src: int, *, k: int, group: dist.ProcessGroup | None = None):
+        self.src, self.k, self.group = src, k, group
+        self.vocab: int | None = None
+
+    def topk(self, inputs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """inputs (batch, seqlen) int64 -> (values (batch, seqlen, k) fp32, indices int64, teacher vocab)."""
+        if k != self.k:
+            raise ValueError(f"k={k}: this RemoteTeacher serves k={self.k} logits")
+        if self.vocab is None:
+            v = torch.zeros(1, dtype=torch.int64)
+            dist.recv(v, src=self.src, group=self.group)
+            self.vocab = int(v)
+        header = torch.tensor([inputs.shape[0], inputs.shape[1]], dtype=torch.int64)
+        dist.send(header, dst=self.src, group=self.group)
+        dist.send(inputs.contiguous().cpu(), dst=self.src, group=self.group)
+        values = torch.empty(*inputs.shape, self.k, dtype=torch.float32)
+        indices = torch.empty(*inputs.shape, self.k, dtype=torch.int64)
+        dist.recv(values, src=self.src, group=self.group)
+        dist.recv(indices, src=self.src, group=self.group)
+        return values.to(inputs.device), indices.to(inputs.device), self.vocab
+
+    def close(self) -> None:
+        """Tell the teacher rank to stop serving."""
+        if self.vocab is None:
+            v = torch.zeros(1, dtype=torch.int64)
+            dist.recv(v, src=self.src, group=self.group)
+        dist.send(torch.zeros(2, dtype=torch.int64), dst=self.src, group=self.group)
+
+
+@torch.no_grad()
+def serve_teacher(model: nn.Module, *, dst: int, k: int, group: dist.ProcessGroup | None = None) -> int:
+    """Teacher rank: answer :class:`RemoteTeacher` requests from rank ``dst`` with ``model``'s top-``k`` logits
+    until it closes; returns the number of batches served."""
+    model.eval()
+    first = True
+    served = 0
+    while True:
+        if first:
+            probe = _logits(model, torch.zeros(1, 1, dtype=torch.int64))
+            dist.send(torch.tensor([probe.shape[-1]], dtype=torch.int64), dst=dst, group=group)
+            first = False
+        header = torch.zeros(2, dtype=torch.int64)
+        dist.recv(header, src=dst, group=group)
+        b, t = header.tolist()
+        if b == 0:
+            return served
+        inputs = torch.empty(b, t, dtype=torch.int64)
+        dist.recv(inputs, src=dst, group=group)
+        values, indices = teacher_topk(_logits(model, inputs), k)
+        dist.send(values.contiguous(), dst=dst, group=group)
+        dist.send(indices.contiguous(), dst=dst, group=group)
+        served += 1
+
+
+def _teacher_topk(
+    teacher, inputs: torch.Tensor, k: int, student_vocab: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's top-k logits for inputs, from a local module or a :class:`RemoteTeacher`."""
+    if isinstance(teacher, RemoteTeacher):
+        values, indices, vocab = teacher.topk(inputs, k)
+    else:
+        with torch.no_grad():
+            t_logits = _logits(teacher, inputs)
+        vocab = t_logits.shape[-1]
+        values = indices = None
+    if vocab != student_vocab:
+        raise ValueError(
+            f"teacher vocabulary {vocab} != student vocabulary {student_vocab}: "
+            "expected the teacher and the model to share a vocabulary"
+        )
+    if values is None:
+        values, indices = teacher_topk(t_logits, k)
+    return values, indices
+
+
 # ----------------------------------------------------------------------------------------------------
 # importance
 # ----------------------------------------------------------------------------------------------------
@@ -267,7 +353,7 @@ def neuron_importance(
     batches: Iterable[torch.Tensor] | None,
     *,
     method: str,
-    teacher: nn.Module | None = None,
+    teacher: nn.Module | RemoteTeacher | None = None,
     progress: bool = True,
     top_k_logits: int = 8,
     temperature: float = 1.0,
@@ -283,7 +369,8 @@ def neuron_importance(
             ignored by ``magnitude`` and ``random``.
         method: ``"sensitivity"``, ``"activation"``, ``"magnitude"`` or ``"random"``.
         teacher: for ``sensitivity``, the model whose top-``top_k_logits`` logits the KD loss (at
-            ``temperature``) compares with; None = next-token LM loss. Same vocabulary as ``model``.
+            ``temperature``) compares with, or a :class:`RemoteTeacher`; None = next-token LM loss. Same
+            vocabulary as ``model``.
         progress: show a rich progress bar over the batches.
         seed: the generator seed of ``random``.
 
@@ -350,14 +437,8 @@ def _sensitivity(model, sites, batches, teacher, k, temperature, bar, task) -> d
             if teacher is None:
                 loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
             else:
-                with torch.no_grad():
-                    t_logits = _logits(teacher, inputs)
-                if t_logits.shape[-1] != logits.shape[-1]:
-                    raise ValueError(
-                        f"teacher vocabulary {t_logits.shape[-1]} != student vocabulary {logits.shape[-1]}: "
-                        "expected the teacher and the model to share a vocabulary"
-                    )
-                loss = distillation_loss(logits, *teacher_topk(t_logits, k), temperature=temperature)
+                tv, ti = _teacher_topk(teacher, inputs, k, logits.shape[-1])
+                loss = distillation_loss(logits, tv, ti, temperature=temperature)
             loss.backward()
             with torch.no_grad():
                 for a, s, (w1, w2) in zip(acc, sites, params, strict=True):
@@ -831,7 +912,7 @@ def _stage_generator(seed: int, stage: int, what: int) -> torch.Generator:
 
 def run_slimming(
     student: nn.Module,
-    teacher: nn.Module,
+    teacher: nn.Module | RemoteTeacher,
     plan: SlimmingPlan,
     train_data: torch.Tensor,
     *,
@@ -844,7 +925,8 @@ def run_slimming(
 
     Args:
         student: the model to slim (a copy of the teacher at the start); pruned and trained in place.
-        teacher: the original model (eval mode, no gradient), same vocabulary.
+        teacher: the original model (eval mode, no gradient), same vocabulary; or a :class:`RemoteTeacher` when
+            it runs on another rank (which calls :func:`serve_teacher`; call ``close()`` after the run).
         train_data: (n,) uint8/int64 token stream; distillation and calibration windows come from it.
         out_dir: where ``stage{i}.safetensors`` is written after stage i; when it already holds stage
             checkpoints, the run resumes after the last one (bit-identical to an uninterrupted run).
@@ -866,9 +948,10 @@ def run_slimming(
         if done:
             meta = load_stage_checkpoint(student, done[-1])
             records, first = meta["records"], meta["stage"] + 1
-    teacher.eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
+    if isinstance(teacher, nn.Module):
+        teacher.eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
     cols = (TextColumn("[bold]stage {task.fields[stage]}[/] keep {task.fields[keep]}"), BarColumn(),
             MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("KD loss {task.fields[loss]}"))  # fmt: skip
     for si in range(first, len(plan.stages)):
@@ -925,9 +1008,8 @@ def _distil(student, teacher, plan, train_data, si, steps, progress, cols, keep)
                 group["lr"] = plan.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
             batch = windows(train_data, plan.seqlen, plan.batch, g)
             inputs, targets = batch[:, :-1], batch[:, 1:]
-            with torch.no_grad():
-                tv, ti = teacher_topk(_logits(teacher, inputs), plan.top_k_logits)
             logits = _logits(student, inputs)
+            tv, ti = _teacher_topk(teacher, inputs, plan.top_k_logits, logits.shape[-1])
             loss = distillation_loss(logits, tv, ti, temperature=plan.temperature, targets=targets,
                                      lm_weight=plan.lm_weight)  # fmt: skip
             aux = getattr(student, "aux_loss", None)

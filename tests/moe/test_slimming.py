@@ -25,6 +25,7 @@ from torch import nn
 from longmoe.models.byte_moe_lm import ByteMoEConfig, ByteMoELM, to_hf
 from longmoe.moe import MoEConfig, MoELayer
 from longmoe.moe.slimming import (
+    RemoteTeacher,
     SlimmingPlan,
     SlimmingStage,
     distillation_loss,
@@ -34,6 +35,7 @@ from longmoe.moe.slimming import (
     prune_experts,
     routed_mass,
     run_slimming,
+    serve_teacher,
 )
 from longmoe.runtime import spawn
 
@@ -464,6 +466,33 @@ def _ep_fn(rank: int, world: int) -> str:
 @pytest.mark.timeout(120)
 def test_expert_parallel_pruning_equals_single_process():
     assert spawn(_ep_fn, 2, timeout_s=100.0) == ["ok", "ok"]
+
+
+def _remote_teacher_fn(rank: int, world: int) -> str:
+    torch.manual_seed(0)
+    teacher = ByteMoELM(TINY).eval()
+    data = torch.randint(0, 256, (4000,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    if rank == 1:
+        served = serve_teacher(teacher, dst=0, k=8)
+        assert served == 2 * 1 + 2 * 2  # per stage: 1 calibration batch + 2 distillation steps
+        return "ok"
+    remote, local = ByteMoELM(TINY), ByteMoELM(TINY)
+    remote.load_state_dict(teacher.state_dict())
+    local.load_state_dict(teacher.state_dict())
+    rt = RemoteTeacher(1, k=8)
+    rec_remote = run_slimming(remote, rt, _plan(), data, progress=False)
+    rt.close()
+    rec_local = run_slimming(local, teacher, _plan(), data, progress=False)
+    assert rec_remote == rec_local
+    for key, value in local.state_dict().items():
+        assert torch.equal(remote.state_dict()[key], value), key
+    return "ok"
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(120)
+def test_teacher_on_another_rank_equals_local_teacher():
+    assert spawn(_remote_teacher_fn, 2, timeout_s=100.0) == ["ok", "ok"]
 
 
 # ----------------------------------------------------------------------------------------------------
