@@ -949,9 +949,7 @@ def run_slimming(
             meta = load_stage_checkpoint(student, done[-1])
             records, first = meta["records"], meta["stage"] + 1
     if isinstance(teacher, nn.Module):
-        teacher.eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
+        teacher.eval()  # its forwards run under no_grad; its requires_grad flags are left alone
     cols = (TextColumn("[bold]stage {task.fields[stage]}[/] keep {task.fields[keep]}"), BarColumn(),
             MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("KD loss {task.fields[loss]}"))  # fmt: skip
     for si in range(first, len(plan.stages)):
@@ -994,6 +992,8 @@ def _distil(student, teacher, plan, train_data, si, steps, progress, cols, keep)
         return None
     student.train()
     params = [p for p in student.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("student has no parameter with requires_grad=True: expected trainable weights to distil")
     decay = [p for p in params if p.dim() >= 2]
     rest = [p for p in params if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],

@@ -394,6 +394,7 @@ def test_staged_checkpoints_resume_bit_identically(tmp_path):
     rec_full = run_slimming(full, teacher, _plan(lm_weight=0.5), data, out_dir=tmp_path / "a", progress=False)
     assert [r["widths"]["layers.0.mlp"] for r in rec_full] == [[12] * 4, [8] * 4]
     assert full.cfg.ffn == 8 and (tmp_path / "a" / "stage1.safetensors").exists()
+    assert all(p.requires_grad for p in teacher.parameters())  # the teacher's flags are left alone
     part = student()
     run_slimming(
         part, teacher, _plan(lm_weight=0.5), data, out_dir=tmp_path / "b", progress=False, stop_after=1
