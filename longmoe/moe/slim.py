@@ -26,7 +26,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from longmoe.moe.slimming import METHODS, SlimmingPlan, parameter_counts, run_slimming
+from longmoe.moe.slimming import METHODS, SlimmingPlan, SlimmingStage, parameter_counts, run_slimming
 
 
 def load_model(path: Path):
@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--top-k-logits", type=int, default=8)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--eval-windows", type=int, default=16, help="held-out 256-byte windows per evaluation")
+    ap.add_argument("--kv-groups", type=int, default=None,
+                    help="also prune attention to this many GQA groups per layer in the last stage (byte_moe_lm only)")  # fmt: skip
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--no-progress", action="store_true")
@@ -91,6 +93,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                 calibration_batches=args.calibration, batch=args.batch, seqlen=args.seqlen,
                                 lr=args.lr, top_k_logits=args.top_k_logits, temperature=args.temperature,
                                 lm_weight=args.lm_weight, seed=args.seed)  # fmt: skip
+    if args.kv_groups is not None:
+        if kind != "byte_moe_lm":
+            raise SystemExit(f"--kv-groups needs a byte_moe_lm model; {args.model} is a Hugging Face one")
+        plan.stages[-1] = SlimmingStage(keep=plan.stages[-1].keep, tokens=plan.stages[-1].tokens,
+                                        kv_groups=args.kv_groups)  # fmt: skip
     train, _, _ = stdlib_split()
 
     def evaluate(m):
@@ -119,7 +126,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
         zeros = {s.name: torch.zeros(s.num_experts, s.ffn) for s in moe_sites(probe)}
         prune_experts(probe, zeros, keep={k: list(v) for k, v in r["widths"].items()})  # for the counts only
-        total, active = parameter_counts(probe)
+        total, active = parameter_counts(student if r is records[-1] else probe)  # the last: heads pruned too
         ws = sorted({w for v in r["widths"].values() for w in v})
         table.add_row(str(r["stage"]), f"{r['keep']:.3f}", ",".join(map(str, ws)), str(r["tokens"]),
                       f"{total / 1e6:.3f}M", f"{active / 1e6:.3f}M", f"{r['held_out_loss_pruned']:.4f}",

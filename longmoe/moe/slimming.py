@@ -816,10 +816,19 @@ class SlimmingStage:
     """Target width of every expert as a fraction in (0, 1] of its *original* width (the teacher's)."""
     tokens: int
     """Distillation tokens of this stage (rounded up to whole steps of ``batch * seqlen``); 0 = prune only."""
+    kv_groups: int | None = None
+    """Also prune attention to this many GQA groups per layer (whole KV heads with their query heads, as the
+    paper does at large ratios) through the student's ``prune_kv_groups(n)`` (e.g.
+    :class:`~longmoe.models.byte_moe_lm.ByteMoELM`, which ranks groups by their o_proj columns' norm: ours, the
+    paper ranks them by sensitivity). None = attention untouched."""
 
     def __post_init__(self):
         if isinstance(self.keep, bool) or not isinstance(self.keep, (int, float)) or not 0 < self.keep <= 1:
             raise ValueError(f"SlimmingStage.keep={self.keep!r}: expected a fraction in (0, 1]")
+        if self.kv_groups is not None and (
+            isinstance(self.kv_groups, bool) or not isinstance(self.kv_groups, int) or self.kv_groups < 1
+        ):
+            raise ValueError(f"SlimmingStage.kv_groups={self.kv_groups!r}: expected None or an int >= 1")
         if isinstance(self.tokens, bool) or not isinstance(self.tokens, int) or self.tokens < 0:
             raise ValueError(f"SlimmingStage.tokens={self.tokens!r}: expected an int >= 0")
 
@@ -886,7 +895,10 @@ def save_stage_checkpoint(model: nn.Module, path: Path, meta: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(sd, str(tmp), metadata={"meta": json.dumps(meta), "widths": json.dumps(current_widths(model))})
+    md = {"meta": json.dumps(meta), "widths": json.dumps(current_widths(model))}
+    if hasattr(model, "prune_kv_groups"):
+        md["heads_kv"] = str(model.cfg.heads_kv)
+    save_file(sd, str(tmp), metadata=md)
     tmp.replace(path)
 
 
@@ -902,6 +914,10 @@ def load_stage_checkpoint(model: nn.Module, path: Path) -> dict:
     if widths != cur:
         zeros = {s.name: torch.zeros(s.num_experts, s.ffn) for s in moe_sites(model)}
         prune_experts(model, zeros, keep=widths)
+    if "heads_kv" in md and int(md["heads_kv"]) != model.cfg.heads_kv:
+        model.prune_kv_groups(
+            int(md["heads_kv"])
+        )  # which groups does not matter: the weights are loaded next
     model.load_state_dict(load_file(str(path)), strict=True)
     return json.loads(md["meta"])
 
@@ -965,6 +981,14 @@ def run_slimming(
         cur = current_widths(student)
         target = {n: [min(t, c) for t, c in zip(target[n], cur[n], strict=True)] for n in target}
         prune_experts(student, scores, keep=target)
+        if stage.kv_groups is not None:
+            if not hasattr(student, "prune_kv_groups"):
+                raise ValueError(
+                    f"SlimmingStage.kv_groups={stage.kv_groups} needs a student with prune_kv_groups(); "
+                    f"{type(student).__name__} has none"
+                )
+            if stage.kv_groups < student.cfg.heads_kv:
+                student.prune_kv_groups(stage.kv_groups)
         pruned_loss = evaluate(student) if evaluate else None
         steps = math.ceil(stage.tokens / (plan.batch * plan.seqlen))
         last = _distil(student, teacher, plan, train_data, si, steps, progress, cols, stage.keep)
@@ -993,7 +1017,9 @@ def _distil(student, teacher, plan, train_data, si, steps, progress, cols, keep)
     student.train()
     params = [p for p in student.parameters() if p.requires_grad]
     if not params:
-        raise ValueError("student has no parameter with requires_grad=True: expected trainable weights to distil")
+        raise ValueError(
+            "student has no parameter with requires_grad=True: expected trainable weights to distil"
+        )
     decay = [p for p in params if p.dim() >= 2]
     rest = [p for p in params if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],

@@ -411,6 +411,26 @@ def test_staged_checkpoints_resume_bit_identically(tmp_path):
         assert torch.equal(sd_full[k], sd_res[k]), k
 
 
+def test_staged_head_pruning_resumes(tmp_path):
+    torch.manual_seed(0)
+    teacher = ByteMoELM(TINY).eval()
+    data = torch.randint(0, 256, (4000,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    plan = SlimmingPlan(stages=[SlimmingStage(keep=0.75, tokens=32), SlimmingStage(keep=0.5, tokens=32, kv_groups=1)],
+                        calibration_batches=1, batch=2, seqlen=16)  # fmt: skip
+    students = []
+    for stop in (None, 1):
+        s = ByteMoELM(TINY)
+        s.load_state_dict(teacher.state_dict())
+        run_slimming(s, teacher, plan, data, out_dir=tmp_path / str(stop), progress=False, stop_after=stop)
+        students.append(s)
+    resumed = ByteMoELM(TINY)
+    resumed.load_state_dict(teacher.state_dict())
+    run_slimming(resumed, teacher, plan, data, out_dir=tmp_path / "1", progress=False)
+    assert students[0].cfg.heads_kv == resumed.cfg.heads_kv == 1 and resumed.cfg.heads_q == 2
+    for k, v in students[0].state_dict().items():
+        assert torch.equal(resumed.state_dict()[k], v), k
+
+
 def test_expert_level_baselines():
     torch.manual_seed(0)
     model = ByteMoELM(TINY).eval()
