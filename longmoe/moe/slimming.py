@@ -41,7 +41,8 @@ a fresh optimizer per stage, since the shapes change). Following the paper: neur
 expert, keeping all experts; sensitivity from the KD loss on top-8 logits; multi-stage prune/distil. Ours
 (a 2-core CPU budget): 2-3 stages instead of the paper's schedule, tens of thousands of tokens per stage
 instead of billions, temperature 1, equal token budgets per stage, AdamW with a cosine schedule per stage,
-attention groups ranked by o_proj norm. The teacher runs in the same process or on another rank (:class:`RemoteTeacher` / :func:`serve_teacher`: only its top-k logits travel).
+attention groups ranked by o_proj norm. The teacher runs in the same process or on another rank
+(:class:`RemoteTeacher` / :func:`serve_teacher`: only its top-k logits travel).
 """
 
 from __future__ import annotations
