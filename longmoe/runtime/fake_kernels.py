@@ -67,7 +67,7 @@ def _moe_unpermute_probs_grad_fake(dout, y, row_map):
 
 
 @_fake("xattn_block_scores")
-def _xattn_block_scores_fake(q, k, stride, block_size, causal, q_offset):
+def _xattn_block_scores_fake(q, k, stride, block_size, causal, q_offset, softmax_scale=None):
     nqb, nkb = -(-q.shape[1] // block_size), -(-k.shape[1] // block_size)
     return q.new_empty((q.shape[0], q.shape[2], nqb, nkb), dtype=torch.float32)
 
