@@ -26,6 +26,13 @@ Where we differ from the official code, and why:
   query block's last query). The official code pads Q and K to whole chunks and aligns in block units.
 * Padded keys (past ``seqlen_k``) are masked out of the softmax, and padded query groups are dropped from a
   block's average; the official code scores the zero padding as real keys and queries.
+* A full prefill (``current_index`` 0 in the official code) forces the sink and the diagonal like any other
+  offset. The official code's ``mask[..., 0:chunk_num] = eye`` overwrites the sink column it set just before,
+  so there it forces only the diagonal, and the slot reserved for the second forced block lets one more
+  block in uncredited; for chunked prefills (``current_index > 0``) our rule and theirs agree tile for tile
+  (``tests/test_xattention_selection.py`` checks this against a transcription of their function).
+* Without ``causal`` nothing is forced. The official code marks key block 0 in every row in both modes, as a
+  side effect of writing unkept positions as index 0 before its scatter.
 * Only blocks with a positive score are added by the threshold (the official code can add zero-score blocks
   at τ = 1 through rounding); a block row none of whose queries sees a key (``seqlen_q >= seqlen_k +
   block_size`` with causal) keeps nothing, not a sink or diagonal at a negative index.
