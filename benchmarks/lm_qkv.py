@@ -86,7 +86,8 @@ class Attention(nn.Module):
 
     When ``capture`` is a list, each forward appends its post-RoPE ``(q, k, v)``, each
     (batch, seqlen, heads, head_dim) fp32, exactly the tensors attention was computed from (up to the cast
-    to fp32).
+    to fp32). When ``attn_fn`` is set, it replaces the dense causal attention: ``attn_fn(q, k, v) -> out``,
+    all (batch, seqlen, heads, head_dim) (the XAttention quality benchmark plugs block-sparse prefill in here).
     """
 
     def __init__(self, cfg: LMConfig):
@@ -95,6 +96,7 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(cfg.d_model, 3 * cfg.heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.heads * cfg.head_dim, cfg.d_model, bias=False)
         self.capture: list | None = None
+        self.attn_fn = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         b, s, _ = x.shape
@@ -103,7 +105,8 @@ class Attention(nn.Module):
         q, k, v = (t.contiguous() for t in (q, k, v))
         if self.capture is not None:
             self.capture.append(tuple(t.detach().float() for t in (q, k, v)))
-        return self.wo(flash_attention(q, k, v, causal=True).reshape(b, s, -1))
+        out = flash_attention(q, k, v, causal=True) if self.attn_fn is None else self.attn_fn(q, k, v)
+        return self.wo(out.reshape(b, s, -1))
 
 
 class Block(nn.Module):
