@@ -217,14 +217,18 @@ def main() -> None:
             density = mask.sum().item() / visible
             t_sparse = timeit(lambda mask=mask: block_sparse_attention(q, k, v, block_mask=mask, block_size=args.block_size, causal=True),
                               args.repeats)  # fmt: skip
-            out = block_sparse_attention(q, k, v, block_mask=mask, block_size=args.block_size, causal=True).float()
+            out = block_sparse_attention(
+                q, k, v, block_mask=mask, block_size=args.block_size, causal=True
+            ).float()
             rel_err = ((out - dense).norm() / dense.norm()).item()
             kept_mass = oracle_density = oracle_err = float("nan")
             if mass is not None:
                 kept_mass = ((mass * mask).sum(-1).sum() / (mass.sum(-1) > 0).sum()).item()
                 best = oracle_mask(mass, tau)
                 oracle_density = best.sum().item() / visible
-                o_out = block_sparse_attention(q, k, v, block_mask=best, block_size=args.block_size, causal=True).float()
+                o_out = block_sparse_attention(
+                    q, k, v, block_mask=best, block_size=args.block_size, causal=True
+                ).float()
                 oracle_err = ((o_out - dense).norm() / dense.norm()).item()
             per_layer = ""
             if args.inputs == "lm":

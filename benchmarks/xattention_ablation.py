@@ -57,7 +57,9 @@ def pattern_scores(q, k, stride, block_size, perm, chunk=2048):
     b, n, h, d = q.shape
     s, r = stride, block_size // stride
     if n % block_size or k.shape[1] != n or k.shape[2] != h:
-        raise ValueError(f"pattern_scores needs square, block-aligned, non-GQA inputs; got {q.shape}, {k.shape}")
+        raise ValueError(
+            f"pattern_scores needs square, block-aligned, non-GQA inputs; got {q.shape}, {k.shape}"
+        )
     kr = k.float().view(b, n // s, s, h, d).permute(0, 3, 1, 2, 4).reshape(b, h, n // s, s * d)
     qg = q.float().view(b, n // s, s, h, d)[:, :, perm].permute(0, 3, 1, 2, 4).reshape(b, h, n // s, s * d)
     gk = torch.arange(n // s)
@@ -95,7 +97,9 @@ def main() -> None:
     heads = q.shape[2]
     t0 = time.perf_counter()
     mass = true_block_mass(q32, k32, causal=True, block_size=bs)
-    console.print(f"held-out Q/K (1, {n}, {heads}, {q.shape[3]}) {args.dtype}; true block mass in {time.perf_counter() - t0:.0f} s")
+    console.print(
+        f"held-out Q/K (1, {n}, {heads}, {q.shape[3]}) {args.dtype}; true block mass in {time.perf_counter() - t0:.0f} s"
+    )
     vis = _visible_tiles(n, n, bs, True, q.device)
     n_vis = vis.sum().item() * heads
     rows_with_mass = (mass.sum(-1) > 0).sum().item()
@@ -114,7 +118,9 @@ def main() -> None:
         cq, _ = lm_qkv.capture_qkv(model, w[None], dtype=dtype)
         samples.append(tuple(torch.cat(ts, dim=2).to(dtype) for ts in list(zip(*cq, strict=True))[:2]))
     targets = [t for t in args.thresholds if t > 0.5]
-    calibrated = {m: calibrate_thresholds(samples, target_mass=m, stride=8, block_size=bs, causal=True) for m in targets}
+    calibrated = {
+        m: calibrate_thresholds(samples, target_mass=m, stride=8, block_size=bs, causal=True) for m in targets
+    }
     console.print(f"calibrated per-head τ on {args.calib_windows} training windows in {time.perf_counter() - t0:.0f} s: "
                   + "; ".join(f"m={m}: {[round(x, 3) for x in t.tolist()]}" for m, t in calibrated.items()))  # fmt: skip
 
@@ -156,8 +162,18 @@ def main() -> None:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    table = Table(title=f"XAttention selectivity on held-out byte-LM Q/K, S={n}, H={heads}, block {bs}, {args.dtype}, causal")
-    for col in ("method", "tau", "density", "true mass kept", "worst head", "oracle density at same mass", "vs oracle"):
+    table = Table(
+        title=f"XAttention selectivity on held-out byte-LM Q/K, S={n}, H={heads}, block {bs}, {args.dtype}, causal"
+    )
+    for col in (
+        "method",
+        "tau",
+        "density",
+        "true mass kept",
+        "worst head",
+        "oracle density at same mass",
+        "vs oracle",
+    ):
         table.add_column(col, justify="right")
     for r in rows:
         ok = r["density_vs_oracle"] <= 1.3

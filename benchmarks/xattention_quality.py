@@ -135,8 +135,13 @@ def calibrate(model, train, targets, seqlen, count, stride, block_size, dtype, s
     out = {}
     for m in targets:
         out[m] = [
-            calibrate_thresholds([(s[layer][0], s[layer][1]) for s in samples], target_mass=m, stride=stride,
-                                 block_size=block_size, causal=True)  # fmt: skip
+            calibrate_thresholds(
+                [(s[layer][0], s[layer][1]) for s in samples],
+                target_mass=m,
+                stride=stride,
+                block_size=block_size,
+                causal=True,
+            )  # fmt: skip
             for layer in range(model.cfg.layers)
         ]
     return out
@@ -197,7 +202,9 @@ def main() -> None:
     base = rows[0]
     for r in rows:
         r["bpb_change_pct"] = 100 * (r["bits_per_byte"] / base["bits_per_byte"] - 1)
-        r["bpb_half_change_pct"] = 100 * (r["bits_per_byte_second_half"] / base["bits_per_byte_second_half"] - 1)
+        r["bpb_half_change_pct"] = 100 * (
+            r["bits_per_byte_second_half"] / base["bits_per_byte_second_half"] - 1
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))

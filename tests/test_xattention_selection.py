@@ -23,7 +23,9 @@ from longmoe.attention.xattention import (
 )
 from longmoe.runtime import native_available
 
-needs_native = pytest.mark.skipif(not native_available(), reason="longmoe._C not built (LONGMOE_SKIP_NATIVE=1)")
+needs_native = pytest.mark.skipif(
+    not native_available(), reason="longmoe._C not built (LONGMOE_SKIP_NATIVE=1)"
+)
 
 
 def official_find_blocks_chunked(input_tensor, current_index, threshold, causal=True):
@@ -88,9 +90,10 @@ def test_paper_rule_matches_official_transcription(lq, lk, bs, per_head_tau, cau
     g = torch.Generator().manual_seed(lq + lk + bs)
     hq, d = 4, 16
     # Peaked, head-varying scores (q scaled per head) so rows spread their mass over several blocks.
-    q = torch.randn(2, lq, hq, d, generator=g, dtype=torch.float64) * torch.tensor([0.5, 1.0, 2.0, 3.0]).view(
-        1, 1, hq, 1
-    ).double()
+    q = (
+        torch.randn(2, lq, hq, d, generator=g, dtype=torch.float64)
+        * torch.tensor([0.5, 1.0, 2.0, 3.0]).view(1, 1, hq, 1).double()
+    )
     k = torch.randn(2, lk, hq, d, generator=g, dtype=torch.float64)
     tau = torch.tensor([0.5, 0.7, 0.9, 0.95]) if per_head_tau else 0.8
     scores, ours = xattention_estimate_ref(q, k, stride=8, block_size=bs, threshold=tau, causal=causal)
@@ -130,7 +133,10 @@ def test_ranked_rule_is_superset_and_both_reach_threshold():
 def test_per_query_head_selection_equals_repeated_kv():
     """``head_selection="head"`` on GQA inputs is what the official code does after ``repeat_kv``."""
     torch.manual_seed(1)
-    q, k = torch.randn(2, 300, 8, 16, dtype=torch.float64) * 2, torch.randn(2, 300, 2, 16, dtype=torch.float64)
+    q, k = (
+        torch.randn(2, 300, 8, 16, dtype=torch.float64) * 2,
+        torch.randn(2, 300, 2, 16, dtype=torch.float64),
+    )
     tau = torch.linspace(0.6, 0.95, 8)
     kw = dict(stride=4, block_size=32, threshold=tau, causal=True)
     s_head, m_head = xattention_estimate_ref(q, k, head_selection="head", **kw)
@@ -154,7 +160,9 @@ def test_causal_queries_before_every_key_give_all_masked_rows(extra, backend):
     lk, bs = 150, 64
     lq = lk + extra
     q, k, v = torch.randn(1, lq, 2, 16), torch.randn(1, lk, 1, 16), torch.randn(1, lk, 1, 16)
-    scores, mask = xattention_estimate(q, k, stride=8, block_size=bs, threshold=0.9, causal=True, backend=backend)
+    scores, mask = xattention_estimate(
+        q, k, stride=8, block_size=bs, threshold=0.9, causal=True, backend=backend
+    )
     last_q = torch.clamp((lk - lq) + (torch.arange(mask.shape[2]) + 1) * bs - 1, max=lk - 1)
     empty = last_q < 0
     assert empty.any()
@@ -184,7 +192,9 @@ def test_softmax_scale_is_honoured(causal):
         torch.testing.assert_close(nat.double(), want, rtol=0, atol=1e-5)
     v = torch.randn(1, 200, 2, 32, dtype=torch.float64)
     out = xattention(q, k, v, threshold=1.0, stride=8, block_size=32, causal=causal, softmax_scale=scale)
-    torch.testing.assert_close(out, flash_attention(q, k, v, causal=causal, softmax_scale=scale), rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        out, flash_attention(q, k, v, causal=causal, softmax_scale=scale), rtol=0, atol=1e-12
+    )
     with pytest.raises(ValueError, match="softmax_scale must be a positive finite number"):
         xattention_estimate_ref(q, k, softmax_scale=-1.0)
 

@@ -168,7 +168,12 @@ def _block_scores_ref(
         qp = torch.zeros(b, n_p, hq, d, dtype=acc, device=q.device)
         qp[:, : t1 - t0] = q[:, t0:t1].to(acc)
         # Query group r = rows rS+S-1..rS (reversed); head h = kv * group + g indexes its KV head.
-        qr = qp.view(b, n_p // s, s, hq, d).flip(2).permute(0, 3, 1, 2, 4).reshape(b, hkv, group, n_p // s, s * d)
+        qr = (
+            qp.view(b, n_p // s, s, hq, d)
+            .flip(2)
+            .permute(0, 3, 1, 2, 4)
+            .reshape(b, hkv, group, n_p // s, s * d)
+        )
         scores = torch.matmul(qr, kr.transpose(-1, -2)).mul_(scale).view(b, hq, n_p // s, lk_p // s)
         gq = t0 // s + torch.arange(n_p // s, device=q.device)  # absolute query-group index
         visible = real_k[None, :].expand(gq.numel(), -1)
