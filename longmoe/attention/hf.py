@@ -29,7 +29,7 @@ import torch
 
 from longmoe.attention._masks import resolve_mask
 from longmoe.attention.flash_attention import flash_attention
-from longmoe.attention.xattention import xattention
+from longmoe.attention.xattention import HEAD_SELECTIONS, SELECTIONS, xattention
 
 __all__ = [
     "HF_ATTENTION_NAMES",
@@ -41,9 +41,9 @@ __all__ = [
 
 HF_ATTENTION_NAMES: tuple[str, ...] = ("longmoe_xattention", "longmoe_dense")
 _ATTR = (
-    "longmoe_xattention"  # module attribute: {"threshold": float | (heads_q,) tensor, "stride", "block_size"}
+    "longmoe_xattention"  # module attribute: {"threshold", "stride", "block_size", "selection", "head_selection"}
 )
-_DEFAULTS = {"threshold": 0.9, "stride": 8, "block_size": 128}
+_DEFAULTS = {"threshold": 0.9, "stride": 8, "block_size": 128, "selection": "paper", "head_selection": "group"}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -94,8 +94,10 @@ def hf_xattention_forward(
     thr = cfg["threshold"]
     if isinstance(thr, torch.Tensor):
         thr = thr.to(q.device)
+    # softmax_scale: the model's `scaling`, used by the estimate as well as the attention.
     out = xattention(q, k, v, threshold=thr, stride=cfg["stride"], block_size=cfg["block_size"],
-                     causal=causal, softmax_scale=scaling)  # fmt: skip
+                     causal=causal, softmax_scale=scaling, selection=cfg["selection"],
+                     head_selection=cfg["head_selection"])  # fmt: skip
     return out, None
 
 
@@ -142,13 +144,20 @@ def set_xattention_thresholds(
     *,
     stride: int | None = None,
     block_size: int | None = None,
+    selection: str | None = None,
+    head_selection: str | None = None,
 ) -> None:
-    """Set XAttention thresholds (and optionally stride / block size) on every attention module of ``model``.
+    """Set XAttention thresholds (and optionally stride, block size, selection rule ``"paper"`` / ``"ranked"``
+    and GQA ``head_selection`` ``"group"`` / ``"head"``) on every attention module of ``model``.
 
     thresholds: one float or (heads_q,) tensor for every layer, or a dict keyed by attention-module name
     (``"model.layers.0.self_attn"``, as :func:`~longmoe.attention.xattention_calibrate.load_thresholds`
     returns), by layer index (int), or ``"default"`` for the layers not named. Values are in (0, 1].
     """
+    if selection is not None and selection not in SELECTIONS:
+        raise ValueError(f"selection must be one of {SELECTIONS}; got {selection!r}")
+    if head_selection is not None and head_selection not in HEAD_SELECTIONS:
+        raise ValueError(f"head_selection must be one of {HEAD_SELECTIONS}; got {head_selection!r}")
     modules = _attention_modules(model)
     if not modules:
         raise ValueError(
@@ -195,4 +204,8 @@ def set_xattention_thresholds(
             cfg["stride"] = stride
         if block_size is not None:
             cfg["block_size"] = block_size
+        if selection is not None:
+            cfg["selection"] = selection
+        if head_selection is not None:
+            cfg["head_selection"] = head_selection
         setattr(mod, _ATTR, cfg)
