@@ -40,10 +40,14 @@ __all__ = [
 ]
 
 HF_ATTENTION_NAMES: tuple[str, ...] = ("longmoe_xattention", "longmoe_dense")
-_ATTR = (
-    "longmoe_xattention"  # module attribute: {"threshold", "stride", "block_size", "selection", "head_selection"}
-)
-_DEFAULTS = {"threshold": 0.9, "stride": 8, "block_size": 128, "selection": "paper", "head_selection": "group"}
+_ATTR = "longmoe_xattention"  # module attribute: {"threshold", "stride", "block_size", "selection", "head_selection"}
+_DEFAULTS = {
+    "threshold": 0.9,
+    "stride": 8,
+    "block_size": 128,
+    "selection": "paper",
+    "head_selection": "group",
+}
 
 
 # ----------------------------------------------------------------------------------------------------
