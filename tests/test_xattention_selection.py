@@ -190,6 +190,13 @@ def test_softmax_scale_is_honoured(causal):
         nat = torch.ops.longmoe.xattn_block_scores(q.float(), k.float(), 8, 32, causal, 0, scale)
         # fp32 kernel vs fp64 math on O(1) scores: 1e-5 is ~100 ulp of fp32, far below a wrong scale (1e-3).
         torch.testing.assert_close(nat.double(), want, rtol=0, atol=1e-5)
+    from longmoe.kernels.xattention import xattn_block_scores_triton  # interpreter on CPU (tests/conftest.py)
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    q_s, k_s = q[:, :72].float().to(dev), k[:, :72].float().to(dev)  # the interpreter is slow: a small shape
+    tri = xattn_block_scores_triton(q_s, k_s, 8, 32, causal, 0, softmax_scale=scale).cpu().double()
+    want_s = _block_scores_ref(q[:, :72] * (scale * math.sqrt(32)), k[:, :72], 8, 32, causal, 0)
+    torch.testing.assert_close(tri, want_s, rtol=0, atol=1e-5)  # fp32 kernel: as the native check above
     v = torch.randn(1, 200, 2, 32, dtype=torch.float64)
     out = xattention(q, k, v, threshold=1.0, stride=8, block_size=32, causal=causal, softmax_scale=scale)
     torch.testing.assert_close(
