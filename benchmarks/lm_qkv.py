@@ -187,8 +187,9 @@ def train(
     see the same windows in the same order and give the same schedule on any machine, however loaded.
     AdamW (betas 0.9/0.95, weight decay 0.1 on matrices), 20-step warmup then cosine decay to 10% over the
     steps, gradient clipping at 1.0. ``dtype="bfloat16"`` (default) runs the forward under CPU autocast: 9.2K vs
-    3.3K bytes/s for fp32 on this 2-core CPU (AVX512-BF16 matmuls and attention), and after one minute each
-    held-out 3.47 vs 3.50 bits/byte, so bf16 trains faster here. Batch 1 x 4096 bytes: ~0.45 s per step.
+    3.3K bytes/s for fp32 on a 2-core CPU with AVX512-BF16 matmuls and attention (after one minute each
+    held-out 3.47 vs 3.50 bits/byte). On a CPU without native bf16 (AVX2 only) bf16 is emulated and far
+    slower: use ``dtype="float32"`` there (measured 77 s vs 10 s per 4096-byte step on a contended AVX2 VM). Batch 1 x 4096 bytes: ~0.45 s per step.
     """
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -225,6 +226,8 @@ def train(
             bits = loss.item() / math.log(2)
             ema = bits if ema is None else 0.9 * ema + 0.1 * bits
             now = time.perf_counter() - t0
+            if not quiet and not progress.console.is_terminal and steps_done % 50 == 0:
+                print(f"step {steps_done}/{steps}: loss {ema:.3f} bits/byte, {now:.0f} s", flush=True)
             progress.update(task, completed=steps_done, step=steps_done, loss=f"{ema:.2f}",
                             tps=f"{tokens / now:.0f}")  # fmt: skip
     seconds = time.perf_counter() - t0
