@@ -189,7 +189,8 @@ def train(
     steps, gradient clipping at 1.0. ``dtype="bfloat16"`` (default) runs the forward under CPU autocast: 9.2K vs
     3.3K bytes/s for fp32 on a 2-core CPU with AVX512-BF16 matmuls and attention (after one minute each
     held-out 3.47 vs 3.50 bits/byte). On a CPU without native bf16 (AVX2 only) bf16 is emulated and far
-    slower: use ``dtype="float32"`` there (measured 77 s vs 10 s per 4096-byte step on a contended AVX2 VM). Batch 1 x 4096 bytes: ~0.45 s per step.
+    slower: use ``dtype="float32"`` there (measured 77 s vs 10 s per 4096-byte step on a contended AVX2 VM).
+    Batch 1 x 4096 bytes: ~0.45 s per step on the AVX512-BF16 machine.
     """
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
