@@ -56,8 +56,6 @@ def test_rope_is_relative():
     torch.testing.assert_close(near, far, rtol=1e-5, atol=1e-5)  # fp32 cos/sin tables: ~1e-7 relative each
 
 
-
-
 def test_training_is_a_fixed_step_count_and_reproducible(tmp_path):
     """Two runs with the same seed and step count give the same weights and the recorded step count."""
     cfg = lm_qkv.LMConfig(d_model=64, heads=1, head_dim=64, layers=1, ffn=192, context=32)
