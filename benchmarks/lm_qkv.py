@@ -1,7 +1,7 @@
 """Q, K, V with real attention structure: a small byte-level causal LM trained here on Python source.
 
-    python benchmarks/lm_qkv.py                  # train (~6 min on this 2-core CPU), save, report bits/byte
-    python benchmarks/lm_qkv.py --minutes 1      # shorter budget
+    python benchmarks/lm_qkv.py                  # train 800 steps (~6 min on an idle 2-core CPU), save, report
+    python benchmarks/lm_qkv.py --steps 200      # shorter run
     python benchmarks/lm_qkv.py --capture 32768  # load (or train) and capture q/k/v at 32K held-out bytes
 
 Model: Llama-style, byte vocabulary (256), RMSNorm, RoPE (theta 500000, so positions past the training
@@ -86,7 +86,8 @@ class Attention(nn.Module):
 
     When ``capture`` is a list, each forward appends its post-RoPE ``(q, k, v)``, each
     (batch, seqlen, heads, head_dim) fp32, exactly the tensors attention was computed from (up to the cast
-    to fp32).
+    to fp32). When ``attn_fn`` is set, it replaces the dense causal attention: ``attn_fn(q, k, v) -> out``,
+    all (batch, seqlen, heads, head_dim) (the XAttention quality benchmark plugs block-sparse prefill in here).
     """
 
     def __init__(self, cfg: LMConfig):
@@ -95,6 +96,7 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(cfg.d_model, 3 * cfg.heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.heads * cfg.head_dim, cfg.d_model, bias=False)
         self.capture: list | None = None
+        self.attn_fn = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         b, s, _ = x.shape
@@ -103,7 +105,8 @@ class Attention(nn.Module):
         q, k, v = (t.contiguous() for t in (q, k, v))
         if self.capture is not None:
             self.capture.append(tuple(t.detach().float() for t in (q, k, v)))
-        return self.wo(flash_attention(q, k, v, causal=True).reshape(b, s, -1))
+        out = flash_attention(q, k, v, causal=True) if self.attn_fn is None else self.attn_fn(q, k, v)
+        return self.wo(out.reshape(b, s, -1))
 
 
 class Block(nn.Module):
@@ -170,7 +173,7 @@ def bits_per_byte(model: ByteLM, batch: torch.Tensor, dtype: torch.dtype = torch
 def train(
     cfg: LMConfig,
     *,
-    minutes: float = 6.0,
+    steps: int = 800,
     batch: int = 1,
     lr: float = 2e-3,
     dtype: str = "bfloat16",
@@ -178,16 +181,21 @@ def train(
     out: Path = CACHE,
     quiet: bool = False,
 ) -> dict:
-    """Train for ``minutes`` of wall time; save ``out/model.pt``; return the training record.
+    """Train for ``steps`` optimizer steps; save ``out/model.pt``; return the training record.
 
+    A fixed step count (not a wall-time budget) makes the run reproducible: the same seed, steps and batch
+    see the same windows in the same order and give the same schedule on any machine, however loaded.
     AdamW (betas 0.9/0.95, weight decay 0.1 on matrices), 20-step warmup then cosine decay to 10% over the
-    time budget (the schedule follows elapsed time, since the step count is not known in advance),
-    gradient clipping at 1.0. ``dtype="bfloat16"`` (default) runs the forward under CPU autocast: 9.2K vs
-    3.3K bytes/s for fp32 on this 2-core CPU (AVX512-BF16 matmuls and attention), and after one minute each
-    held-out 3.47 vs 3.50 bits/byte, so bf16 trains faster here. Batch 1 x 4096 bytes: ~0.45 s per step.
+    steps, gradient clipping at 1.0. ``dtype="bfloat16"`` (default) runs the forward under CPU autocast: 9.2K vs
+    3.3K bytes/s for fp32 on a 2-core CPU with AVX512-BF16 matmuls and attention (after one minute each
+    held-out 3.47 vs 3.50 bits/byte). On a CPU without native bf16 (AVX2 only) bf16 is emulated and far
+    slower: use ``dtype="float32"`` there (measured 77 s vs 10 s per 4096-byte step on a contended AVX2 VM).
+    Batch 1 x 4096 bytes: ~0.45 s per step on the AVX512-BF16 machine.
     """
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive int; got {steps!r}")
     torch.manual_seed(seed)
     train_data, held_data, data_info = stdlib_split()
     model = ByteLM(cfg)
@@ -196,16 +204,15 @@ def train(
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=lr, betas=(0.9, 0.95))  # fmt: skip
     amp = getattr(torch, dtype)
-    budget = minutes * 60.0
     g = torch.Generator().manual_seed(seed)
-    steps, tokens, ema, t0 = 0, 0, None, time.perf_counter()
+    steps_done, tokens, ema, t0 = 0, 0, None, time.perf_counter()
     columns = (TextColumn("[bold]training[/] step {task.fields[step]}"), BarColumn(), TimeElapsedColumn(),
                TimeRemainingColumn(), TextColumn("loss {task.fields[loss]} bits/byte, {task.fields[tps]} tok/s"))  # fmt: skip
     with Progress(*columns, disable=quiet) as progress:
-        task = progress.add_task("train", total=budget, step=0, loss="-", tps="-")
-        while (elapsed := time.perf_counter() - t0) < budget:
-            frac = elapsed / budget
-            warm = min(1.0, (steps + 1) / 20)
+        task = progress.add_task("train", total=steps, step=0, loss="-", tps="-")
+        for _ in range(steps):
+            frac = steps_done / steps
+            warm = min(1.0, (steps_done + 1) / 20)
             for group in opt.param_groups:
                 group["lr"] = lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
             chunk = windows(train_data, cfg.context, batch, g)
@@ -216,11 +223,13 @@ def train(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
-            steps, tokens = steps + 1, tokens + chunk[:, 1:].numel()
+            steps_done, tokens = steps_done + 1, tokens + chunk[:, 1:].numel()
             bits = loss.item() / math.log(2)
             ema = bits if ema is None else 0.9 * ema + 0.1 * bits
             now = time.perf_counter() - t0
-            progress.update(task, completed=min(now, budget), step=steps, loss=f"{ema:.2f}",
+            if not quiet and not progress.console.is_terminal and steps_done % 50 == 0:
+                print(f"step {steps_done}/{steps}: loss {ema:.3f} bits/byte, {now:.0f} s", flush=True)
+            progress.update(task, completed=steps_done, step=steps_done, loss=f"{ema:.2f}",
                             tps=f"{tokens / now:.0f}")  # fmt: skip
     seconds = time.perf_counter() - t0
     model.eval()
@@ -236,11 +245,11 @@ def train(
     return record
 
 
-def load(path: Path = CACHE / "model.pt", *, train_minutes: float = 6.0) -> tuple[ByteLM, dict]:
+def load(path: Path = CACHE / "model.pt", *, train_steps: int = 800) -> tuple[ByteLM, dict]:
     """The trained model (eval mode) and its training record; trains with the defaults first if missing."""
     if not path.exists():
-        print(f"{path} not found: training the byte-level LM for {train_minutes:g} min first")
-        train(LMConfig(), minutes=train_minutes, out=path.parent)
+        print(f"{path} not found: training the byte-level LM for {train_steps} steps first")
+        train(LMConfig(), steps=train_steps, out=path.parent)
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     model = ByteLM(LMConfig(**ckpt["config"]))
     model.load_state_dict(ckpt["state_dict"])
@@ -300,7 +309,8 @@ def lm_qkv(
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--minutes", type=float, default=6.0, help="training wall-time budget")
+    ap.add_argument("--steps", type=int, default=800, help="optimizer steps (batch x context bytes each)")
+    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--d-model", type=int, default=256)
     ap.add_argument("--heads", type=int, default=2)
     ap.add_argument("--layers", type=int, default=4)
@@ -327,7 +337,8 @@ def main() -> None:
     ffn = 64 * math.ceil(8 * args.d_model / 3 / 64)
     cfg = LMConfig(d_model=args.d_model, heads=args.heads, head_dim=args.d_model // args.heads,
                    layers=args.layers, ffn=ffn, context=args.context)  # fmt: skip
-    record = train(cfg, minutes=args.minutes, batch=args.batch, lr=args.lr, dtype=args.dtype, out=args.out)
+    record = train(cfg, steps=args.steps, batch=args.batch, lr=args.lr, dtype=args.dtype, seed=args.seed,
+                   out=args.out)  # fmt: skip
     print(describe({"config": dataclasses.asdict(cfg), **record}))
     print(
         f"{record['tokens_per_s']:.0f} bytes/s over {record['steps']} steps; checkpoint: {args.out / 'model.pt'}"

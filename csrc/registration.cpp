@@ -21,7 +21,9 @@ TORCH_LIBRARY(longmoe, m) {
   m.def("moe_permute(Tensor x, Tensor src_slot, int top_k, Tensor? probs) -> Tensor");
   m.def("moe_unpermute(Tensor y, Tensor row_map, Tensor? probs) -> Tensor");
   m.def("moe_unpermute_probs_grad(Tensor dout, Tensor y, Tensor row_map) -> Tensor");
-  m.def("xattn_block_scores(Tensor q, Tensor k, int stride, int block_size, bool causal, int q_offset) -> Tensor");
+  m.def(
+      "xattn_block_scores(Tensor q, Tensor k, int stride, int block_size, bool causal, int q_offset, "
+      "float? softmax_scale=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(longmoe, CPU, m) {

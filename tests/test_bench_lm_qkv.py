@@ -54,3 +54,17 @@ def test_rope_is_relative():
     near = (rot(q, 10) * rot(k, 3)).sum()
     far = (rot(q, 32007) * rot(k, 32000)).sum()
     torch.testing.assert_close(near, far, rtol=1e-5, atol=1e-5)  # fp32 cos/sin tables: ~1e-7 relative each
+
+
+def test_training_is_a_fixed_step_count_and_reproducible(tmp_path):
+    """Two runs with the same seed and step count give the same weights and the recorded step count."""
+    cfg = lm_qkv.LMConfig(d_model=64, heads=1, head_dim=64, layers=1, ffn=192, context=32)
+    states = []
+    for run in range(2):
+        rec = lm_qkv.train(cfg, steps=3, dtype="float32", out=tmp_path / str(run), quiet=True)
+        assert rec["steps"] == 3 and rec["tokens"] == 3 * 32
+        states.append(torch.load(tmp_path / str(run) / "model.pt", weights_only=True)["state_dict"])
+    for name, p in states[0].items():
+        assert torch.equal(p, states[1][name]), name
+    with pytest.raises(ValueError, match="steps must be a positive int"):
+        lm_qkv.train(cfg, steps=0, out=tmp_path / "x", quiet=True)

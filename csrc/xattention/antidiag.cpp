@@ -2,7 +2,7 @@
 //
 // With stride S, key group j is K_r[j] = concat_i K[jS+i] and query group r is the reversed
 // Q_r[r] = concat_i Q[rS+S-1-i] (rows past the sequence are zero), so Q_r[r] . K_r[j] is the antidiagonal
-// sum of the S x S tile (r, j) of q k^T. Scores are scaled by 1/(sqrt(d) S); key group j is visible to
+// sum of the S x S tile (r, j) of q k^T. Scores are scaled by softmax_scale / S (default 1/(sqrt(d) S)); key group j is visible to
 // query group r iff jS < Lk and, when causal, jS <= q_offset + rS + S - 1. Each query group's row is
 // softmax-normalised in fp32 over its visible key groups (a row with none contributes 0), the
 // (block/S) x (block/S) sub-grids are summed, and each block row is divided by its number of real query
@@ -38,7 +38,7 @@ inline int64_t visible_groups(int64_t r, int64_t S, int64_t nkg, bool causal, in
 
 template <typename scalar_t>
 void block_scores_impl(const at::Tensor& q, const at::Tensor& k, int64_t S, int64_t block_size, bool causal,
-                       int64_t q_offset, at::Tensor& out) {
+                       int64_t q_offset, double softmax_scale, at::Tensor& out) {
   const int64_t B = q.size(0), Lq = q.size(1), Hq = q.size(2), D = q.size(3);
   const int64_t Lk = k.size(1), Hkv = k.size(2);
   const int64_t group = Hq / Hkv;
@@ -50,7 +50,7 @@ void block_scores_impl(const at::Tensor& q, const at::Tensor& k, int64_t S, int6
   const int64_t ksb = k.stride(0), ksl = k.stride(1), ksh = k.stride(2);
   const scalar_t* qp = q.data_ptr<scalar_t>();
   const scalar_t* kp = k.data_ptr<scalar_t>();
-  const float scale = static_cast<float>(1.0 / (std::sqrt(static_cast<double>(D)) * static_cast<double>(S)));
+  const float scale = static_cast<float>(softmax_scale / static_cast<double>(S));
 
   // Regrouped keys: kr[b, hk, j, i*D + d] = K[b, jS+i, hk, d] (0 past Lk).
   std::vector<float> kr(static_cast<size_t>(B * Hkv * nkg * SD));
@@ -141,7 +141,7 @@ void block_scores_impl(const at::Tensor& q, const at::Tensor& k, int64_t S, int6
 }  // namespace
 
 at::Tensor xattn_block_scores_cpu(const at::Tensor& q, const at::Tensor& k, int64_t stride, int64_t block_size,
-                                  bool causal, int64_t q_offset) {
+                                  bool causal, int64_t q_offset, std::optional<double> softmax_scale) {
   TORCH_CHECK(q.dim() == 4, "q must be (batch, seqlen_q, heads_q, head_dim); got shape ", q.sizes());
   TORCH_CHECK(k.dim() == 4, "k must be (batch, seqlen_k, heads_kv, head_dim); got shape ", k.sizes());
   TORCH_CHECK(q.size(0) == k.size(0), "k batch ", k.size(0), " must equal q batch ", q.size(0));
@@ -162,12 +162,14 @@ at::Tensor xattn_block_scores_cpu(const at::Tensor& q, const at::Tensor& k, int6
   TORCH_CHECK(stride >= 1, "stride must be >= 1; got ", stride);
   TORCH_CHECK(block_size >= 1 && block_size % stride == 0, "block_size=", block_size,
               " must be a positive multiple of stride=", stride);
+  const double scale = softmax_scale.has_value() ? *softmax_scale : 1.0 / std::sqrt(static_cast<double>(q.size(3)));
+  TORCH_CHECK(std::isfinite(scale) && scale > 0, "softmax_scale must be positive and finite; got ", scale);
   const int64_t nqb = (q.size(1) + block_size - 1) / block_size;
   const int64_t nkb = (k.size(1) + block_size - 1) / block_size;
   auto out = at::zeros({q.size(0), q.size(2), nqb, nkb}, q.options().dtype(at::kFloat));
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "xattn_block_scores", [&] {
-    block_scores_impl<scalar_t>(q, k, stride, block_size, causal, q_offset, out);
+    block_scores_impl<scalar_t>(q, k, stride, block_size, causal, q_offset, scale, out);
   });
   return out;
 }

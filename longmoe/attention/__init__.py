@@ -11,7 +11,7 @@ from longmoe.attention.flash_attention import (
     flash_attention_forward,
     flash_attention_ref,
 )
-from longmoe.attention.hf import register_hf_attention, set_xattention_thresholds, xattention_sdpa
+from longmoe.attention.hf import register_hf_attention, set_xattention_thresholds
 from longmoe.attention.merge import (
     merge_attention_partials,
     merge_attention_partials_,
@@ -22,6 +22,7 @@ from longmoe.attention.xattention import (
     xattention,
     xattention_estimate,
     xattention_estimate_ref,
+    xattention_sdpa,
 )
 from longmoe.attention.xattention_calibrate import (
     calibrate_thresholds,

@@ -1,5 +1,5 @@
-"""Drop-ins: Hugging Face ``attn_implementation="longmoe_xattention"`` / ``"longmoe_dense"``, and an
-SDPA-shaped XAttention function.
+"""Drop-ins: Hugging Face ``attn_implementation="longmoe_xattention"`` / ``"longmoe_dense"``. (The
+SDPA-shaped ``xattention_sdpa``, which is not Hugging Face code, lives in :mod:`longmoe.attention.xattention`.)
 
 The dense name is ``longmoe_dense``, not ``longmoe_flash``: transformers 5.x treats every implementation
 whose name contains "flash" as a flash-attention kernel (``utils.generic.is_flash_attention_requested`` is a
@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import torch
 
+from longmoe.attention._masks import resolve_mask
 from longmoe.attention.flash_attention import flash_attention
-from longmoe.attention.xattention import xattention
+from longmoe.attention.xattention import HEAD_SELECTIONS, SELECTIONS, xattention
 
 __all__ = [
     "HF_ATTENTION_NAMES",
@@ -36,67 +37,17 @@ __all__ = [
     "set_xattention_thresholds",
     "hf_xattention_forward",
     "hf_flash_attention_forward",
-    "xattention_sdpa",
 ]
 
 HF_ATTENTION_NAMES: tuple[str, ...] = ("longmoe_xattention", "longmoe_dense")
-_ATTR = (
-    "longmoe_xattention"  # module attribute: {"threshold": float | (heads_q,) tensor, "stride", "block_size"}
-)
-_DEFAULTS = {"threshold": 0.9, "stride": 8, "block_size": 128}
-
-
-# ----------------------------------------------------------------------------------------------------
-# masks
-# ----------------------------------------------------------------------------------------------------
-def _resolve_mask(
-    mask: torch.Tensor | None, lq: int, lk: int, causal_default: bool, who: str, top_left: bool = False
-) -> tuple[bool | str, int]:
-    """Turn an attention mask into (causal, number of leading keys to keep), or raise.
-
-    mask: None, or bool / additive float (batch|1, heads|1, seqlen_q, seqlen_k). Recognised: all visible
-    (non-causal) and the bottom-right causal pattern, each optionally followed by key columns no query sees.
-    """
-    if mask is None:
-        return causal_default, lk
-    if not isinstance(mask, torch.Tensor):
-        raise NotImplementedError(f"{who}: attention_mask of type {type(mask).__name__} is not supported")
-    if mask.dim() != 4 or tuple(mask.shape[-2:]) != (lq, lk):
-        raise NotImplementedError(
-            f"{who}: attention_mask must be 4-D (batch, heads, {lq}, {lk}); got shape {tuple(mask.shape)}"
-        )
-    if mask.dtype == torch.bool:
-        allowed = mask
-    else:
-        allowed = mask == 0
-        blocked = torch.isneginf(mask) | (mask <= torch.finfo(mask.dtype).min / 2)
-        if not bool((allowed | blocked).all()):
-            raise NotImplementedError(
-                f"{who}: additive attention biases (values other than 0 / -inf) are not supported"
-            )
-    first = allowed[:1, :1]
-    if not bool((allowed == first).all()):
-        raise NotImplementedError(
-            f"{who}: the attention mask differs between sequences or heads (padding or packed sequences); "
-            "only the plain causal mask is supported - use attn_implementation='sdpa' for padded batches"
-        )
-    a = first[0, 0]
-    cols = a.any(0).nonzero()
-    if cols.numel() == 0:
-        raise NotImplementedError(f"{who}: the attention mask hides every key")
-    n = int(cols[-1]) + 1  # keys after the last visible one (a static cache's empty slots) are cropped
-    a = a[:, :n]
-    if bool(a.all()):
-        return False, n
-    causal = torch.ones(lq, n, dtype=torch.bool, device=a.device).tril(diagonal=n - lq)
-    if torch.equal(a, causal):
-        return True, n
-    if top_left and lq > n and torch.equal(a, torch.ones(lq, n, dtype=torch.bool, device=a.device).tril()):
-        return "top_left", n  # SDPA's causal with more queries than keys (see xattention_sdpa)
-    raise NotImplementedError(
-        f"{who}: only the causal mask (bottom-right aligned) or no mask is supported; got a custom 4-D mask "
-        "(padding, sliding window or packed sequences) - use attn_implementation='sdpa' for those"
-    )
+_ATTR = "longmoe_xattention"  # module attribute: {"threshold", "stride", "block_size", "selection", "head_selection"}
+_DEFAULTS = {
+    "threshold": 0.9,
+    "stride": 8,
+    "block_size": 128,
+    "selection": "paper",
+    "head_selection": "group",
+}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -112,7 +63,7 @@ def _hf_prepare(module, query, key, value, attention_mask, dropout, kwargs, who)
     is_causal = kwargs.get("is_causal")
     is_causal = getattr(module, "is_causal", True) if is_causal is None else bool(is_causal)
     lq, lk = query.shape[2], key.shape[2]
-    causal, n = _resolve_mask(attention_mask, lq, lk, is_causal and lq > 1, who)
+    causal, n = resolve_mask(attention_mask, lq, lk, is_causal and lq > 1, who)
     if attention_mask is None and causal and lk > lq:
         # transformers passes no mask with more keys than queries (q > 1) only for a prefill into an empty
         # static cache (SDPA's top-left `is_causal` then holds): the keys past seqlen_q are empty slots.
@@ -147,8 +98,10 @@ def hf_xattention_forward(
     thr = cfg["threshold"]
     if isinstance(thr, torch.Tensor):
         thr = thr.to(q.device)
+    # softmax_scale: the model's `scaling`, used by the estimate as well as the attention.
     out = xattention(q, k, v, threshold=thr, stride=cfg["stride"], block_size=cfg["block_size"],
-                     causal=causal, softmax_scale=scaling)  # fmt: skip
+                     causal=causal, softmax_scale=scaling, selection=cfg["selection"],
+                     head_selection=cfg["head_selection"])  # fmt: skip
     return out, None
 
 
@@ -195,13 +148,20 @@ def set_xattention_thresholds(
     *,
     stride: int | None = None,
     block_size: int | None = None,
+    selection: str | None = None,
+    head_selection: str | None = None,
 ) -> None:
-    """Set XAttention thresholds (and optionally stride / block size) on every attention module of ``model``.
+    """Set XAttention thresholds (and optionally stride, block size, selection rule ``"paper"`` / ``"ranked"``
+    and GQA ``head_selection`` ``"group"`` / ``"head"``) on every attention module of ``model``.
 
     thresholds: one float or (heads_q,) tensor for every layer, or a dict keyed by attention-module name
     (``"model.layers.0.self_attn"``, as :func:`~longmoe.attention.xattention_calibrate.load_thresholds`
     returns), by layer index (int), or ``"default"`` for the layers not named. Values are in (0, 1].
     """
+    if selection is not None and selection not in SELECTIONS:
+        raise ValueError(f"selection must be one of {SELECTIONS}; got {selection!r}")
+    if head_selection is not None and head_selection not in HEAD_SELECTIONS:
+        raise ValueError(f"head_selection must be one of {HEAD_SELECTIONS}; got {head_selection!r}")
     modules = _attention_modules(model)
     if not modules:
         raise ValueError(
@@ -248,63 +208,8 @@ def set_xattention_thresholds(
             cfg["stride"] = stride
         if block_size is not None:
             cfg["block_size"] = block_size
+        if selection is not None:
+            cfg["selection"] = selection
+        if head_selection is not None:
+            cfg["head_selection"] = head_selection
         setattr(mod, _ATTR, cfg)
-
-
-# ----------------------------------------------------------------------------------------------------
-# SDPA-shaped function
-# ----------------------------------------------------------------------------------------------------
-def xattention_sdpa(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attn_mask: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-    is_causal: bool = False,
-    scale: float | None = None,
-    enable_gqa: bool = False,
-    *,
-    threshold: float | torch.Tensor = 0.9,
-    stride: int = 8,
-    block_size: int = 128,
-) -> torch.Tensor:
-    """XAttention with ``torch.nn.functional.scaled_dot_product_attention``'s signature and layout.
-
-    query: (batch, heads_q, seqlen_q, head_dim); key, value: (batch, heads_kv, seqlen_k, head_dim), heads_kv
-    < heads_q only with ``enable_gqa`` (as SDPA). Returns (batch, heads_q, seqlen_q, head_dim).
-    ``is_causal`` is SDPA's top-left aligned causal mask: with seqlen_q <= seqlen_k keys past seqlen_q are
-    invisible and cropped; with seqlen_q > seqlen_k the queries from seqlen_k on see every key and run as a
-    second, non-causal call. ``attn_mask`` may be the causal pattern or all-visible (see the module
-    docstring); anything else, and ``dropout_p > 0``, raise ``NotImplementedError``.
-    """
-    if dropout_p:
-        raise NotImplementedError(f"xattention_sdpa: dropout is not supported; got dropout_p={dropout_p}")
-    for name, t in (("query", query), ("key", key), ("value", value)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"{name} must be a 4-D tensor (batch, heads, seqlen, head_dim)")
-    hq, hkv = query.shape[1], key.shape[1]
-    if hq != hkv and not enable_gqa:
-        raise ValueError(f"query heads {hq} != key heads {hkv}: pass enable_gqa=True for GQA (as SDPA)")
-    if attn_mask is not None and is_causal:
-        raise ValueError("xattention_sdpa: give attn_mask or is_causal, not both (as SDPA)")
-    lq, lk = query.shape[2], key.shape[2]
-    kw = dict(threshold=threshold, stride=stride, block_size=block_size, softmax_scale=scale)
-    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
-    if attn_mask is not None:
-        if attn_mask.dim() < 4:  # SDPA broadcasts (seqlen_q, seqlen_k) masks
-            attn_mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
-        causal, n = _resolve_mask(attn_mask, lq, lk, False, "xattention_sdpa", top_left=True)
-        k, v, lk = k[:, :n], v[:, :n], n
-        if causal == "top_left":
-            is_causal = True
-        else:
-            return xattention(q, k, v, causal=causal, **kw).transpose(1, 2)
-    if not is_causal:
-        out = xattention(q, k, v, causal=False, **kw)
-    elif lq <= lk:  # top-left causal: key j visible to query i iff j <= i, so keys >= seqlen_q are never seen
-        out = xattention(q, k[:, :lq], v[:, :lq], causal=True, **kw)
-    else:  # queries 0..lk-1 causal on a square; the rest see every key
-        head = xattention(q[:, :lk], k, v, causal=True, **kw)
-        tail = xattention(q[:, lk:], k, v, causal=False, **kw)
-        out = torch.cat([head, tail], dim=1)
-    return out.transpose(1, 2)

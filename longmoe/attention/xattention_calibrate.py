@@ -37,12 +37,16 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from longmoe.attention.xattention import _visible_tiles, xattention_estimate
+from longmoe.attention.xattention import (
+    _forced_blocks,
+    _selection_order,
+    _visible_tiles,
+    xattention_estimate,
+)
 
 __all__ = ["true_block_mass", "calibrate_thresholds", "save_thresholds", "load_thresholds"]
 
 _BISECT_STEPS = 20  # resolution 2^-20 in τ; each step is a compare + masked sum over pre-sorted tiles
-_FLOOR_TAU = 2.0**-30  # below any τ the bisection visits: the estimator's mask here is the always-kept set
 _FORMAT = "longmoe.xattention_thresholds"
 _VERSION = 1
 
@@ -54,17 +58,17 @@ _VERSION = 1
 def true_block_mass(
     q: torch.Tensor,
     k: torch.Tensor,
-    causal: bool = True,
-    block_size: int = 128,
     *,
+    causal: bool = False,
+    block_size: int = 128,
     softmax_scale: float | None = None,
     q_offset: int | None = None,
 ) -> torch.Tensor:
     """Dense attention probability mass per (query block, key block) tile, each block row a distribution.
 
     q: (batch, seqlen_q, heads_q, head_dim); k: (batch, seqlen_k, heads_kv, head_dim), GQA by indexing the
-    KV head (no repeat). Queries sit at ``q_offset .. q_offset + seqlen_q - 1`` (default ``seqlen_k -
-    seqlen_q``, bottom-right as the attention core). Returns (batch, heads_q, ceil(seqlen_q/block_size),
+    KV head (no repeat). ``causal`` defaults to False (as SDPA's ``is_causal``). Queries sit at ``q_offset
+    .. q_offset + seqlen_q - 1`` (default ``seqlen_k - seqlen_q``, bottom-right as the attention core). Returns (batch, heads_q, ceil(seqlen_q/block_size),
     ceil(seqlen_k/block_size)) fp32 (fp64 for fp64 inputs): the summed softmax probabilities of the tile's
     (query, key) pairs divided by the number of the block's queries that see a key, so a row sums to 1 (0
     for a block none of whose queries sees a key). Computed one query block at a time: memory is
@@ -138,23 +142,26 @@ def _check_pair(i: int, pair) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class _Sample:
-    """One sample's τ-independent tensors, tiles in descending score order: (B, H, nqb, nkb) each."""
+    """One sample's τ-independent tensors, tiles in the selection rule's candidate order: (B, H, nqb, nkb)."""
 
     __slots__ = ("before", "total", "positive", "floor", "mass", "visible", "row_weight", "n_visible")
 
-    def __init__(self, q, k, stride, block_size, causal):
-        scores, floor = xattention_estimate(
-            q, k, stride=stride, block_size=block_size, threshold=_FLOOR_TAU, causal=causal
-        )
-        # Selection arithmetic in the estimator's own dtype (its cumsum and τ * total), so the kept set here is
-        # the estimator's bit for bit; the bisection's τ is evaluated after rounding to that dtype, and the
-        # float32 τ returned is one that was evaluated.
-        sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
-        self.before = torch.cumsum(sorted_scores, dim=-1) - sorted_scores
-        self.total = sorted_scores.sum(-1, keepdim=True)
+    def __init__(self, q, k, stride, block_size, causal, selection, head_selection, softmax_scale):
+        scores, _ = xattention_estimate(
+            q, k, stride=stride, block_size=block_size, threshold=1.0, causal=causal,
+            softmax_scale=softmax_scale, selection=selection, head_selection=head_selection,
+        )  # fmt: skip
+        # The estimator's own selection arithmetic (_selection_order, τ * total in the scores' dtype), so the
+        # kept set here is the estimator's bit for bit; the bisection's τ is evaluated after rounding to that
+        # dtype, and the float32 τ returned is one that was evaluated.
+        off = k.shape[1] - q.shape[1]
+        forced = _forced_blocks(scores.shape, causal, off, q.shape[1], block_size, scores.device)
+        sorted_scores, order, self.before = _selection_order(scores, forced, selection)
+        self.total = scores.sum(-1, keepdim=True)
         self.positive = sorted_scores > 0
-        self.floor = floor.gather(-1, order)  # the always-kept tiles (sink, diagonal, top block)
-        self.mass = true_block_mass(q, k, causal, block_size).double().gather(-1, order)
+        self.floor = forced.expand_as(scores).gather(-1, order)  # the always-kept tiles (sink, diagonal)
+        mass = true_block_mass(q, k, causal=causal, block_size=block_size, softmax_scale=softmax_scale)
+        self.mass = mass.double().gather(-1, order)
         lq, lk = q.shape[1], k.shape[1]
         vis = _visible_tiles(lq, lk, block_size, causal, q.device)
         self.visible = vis.expand_as(scores).gather(-1, order)
@@ -189,7 +196,10 @@ def calibrate_thresholds(
     density_budget: float | None = None,
     stride: int = 8,
     block_size: int = 128,
-    causal: bool = True,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    selection: str = "paper",
+    head_selection: str = "group",
     grid: Sequence[float] | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-head XAttention thresholds from sample inputs (see the module docstring for the search).
@@ -201,12 +211,13 @@ def calibrate_thresholds(
             head's true attention mass on every calibration sequence (worst sequence, not the mean).
         density_budget: in (0, 1]: largest τ per head whose mean density over the sequences is at most
             this. Exactly one of ``target_mass`` and ``density_budget``.
-        stride, block_size, causal: the estimator settings the thresholds will be used with.
+        stride, block_size, causal, softmax_scale, selection, head_selection: the estimator settings the
+            thresholds will be used with (``causal`` defaults to False, as SDPA's ``is_causal``).
         grid: None for bisection (resolution 2^-20), or candidate τ values in (0, 1] to choose from.
 
     Returns:
         (heads_q,) float32 thresholds in (0, 1]. A head that cannot reach ``target_mass`` even at τ = 1
-        gets 1.0, and a head whose always-kept tiles (sink, diagonal, top block) exceed ``density_budget``
+        gets 1.0, and a head whose always-kept tiles (sink, diagonal; with ``"ranked"`` the top block) exceed ``density_budget``
         gets the smallest τ searched; both cases warn.
     """
     if (target_mass is None) == (density_budget is None):
@@ -235,7 +246,7 @@ def calibrate_thresholds(
             heads = q.shape[2]
         elif q.shape[2] != heads:
             raise ValueError(f"samples[{i}] has heads_q={q.shape[2]}; samples[0] has heads_q={heads}")
-        prepared.append(_Sample(q, k, stride, block_size, causal))
+        prepared.append(_Sample(q, k, stride, block_size, causal, selection, head_selection, softmax_scale))
     if not prepared:
         raise ValueError("samples must hold at least one (q, k) pair; got none")
     device = prepared[0].before.device

@@ -153,13 +153,21 @@ def _xattn_block_scores_kernel(
 
 
 def xattn_block_scores_triton(
-    q: torch.Tensor, k: torch.Tensor, stride: int, block_size: int, causal: bool, q_offset: int
+    q: torch.Tensor,
+    k: torch.Tensor,
+    stride: int,
+    block_size: int,
+    causal: bool,
+    q_offset: int,
+    *,
+    softmax_scale: float | None = None,
 ) -> torch.Tensor:
     """Per-query-head block scores (batch, nheads, cdiv(seqlen_q, block_size), cdiv(seqlen_k, block_size)) fp32.
 
     q: (batch, seqlen_q, nheads, headdim); k: (batch, seqlen_k, nheads_kv, headdim); ``q_offset`` is the
-    absolute position of the first query (resolved by the caller; may be negative). Arguments are checked
-    by ``longmoe.attention.xattention_estimate``.
+    absolute position of the first query (resolved by the caller; may be negative); ``softmax_scale`` the
+    attention's logit scale (default ``1/sqrt(headdim)``), the antidiagonal sums are scaled by
+    ``softmax_scale / stride``. Arguments are checked by ``longmoe.attention.xattention_estimate``.
     """
     interpreted = q.device.type == "cpu"
     if interpreted and not _INTERPRETED:
@@ -176,7 +184,8 @@ def xattn_block_scores_triton(
     if out.numel() == 0:
         return out
     r = block_size // stride
-    scale_log2 = _LOG2E / (math.sqrt(d) * stride)
+    scale = 1.0 / math.sqrt(d) if softmax_scale is None else float(softmax_scale)
+    scale_log2 = _LOG2E * scale / stride
     _xattn_block_scores_kernel[(nqb, b * hq)](
         q, k, out,
         q.stride(0), q.stride(1), q.stride(2),

@@ -60,15 +60,16 @@ def test_estimator_matches_direct_definition(shape, causal):
 def test_chunked_prefill_rows_equal_full_estimate():
     """The last query chunk, estimated on its own (q_offset = Lk - Lq), equals those rows of the whole."""
     q, k = torch.randn(2, 256, 4, 16), torch.randn(2, 256, 2, 16)
-    full, full_mask = xattention_estimate_ref(q, k, stride=8, block_size=64, threshold=0.9)
-    part, part_mask = xattention_estimate_ref(q[:, 128:], k, stride=8, block_size=64, threshold=0.9)
+    full, full_mask = xattention_estimate_ref(q, k, stride=8, block_size=64, threshold=0.9, causal=True)
+    part, part_mask = xattention_estimate_ref(q[:, 128:], k, stride=8, block_size=64, threshold=0.9,
+                                              causal=True)  # fmt: skip
     torch.testing.assert_close(part, full[:, :, 2:], rtol=1e-5, atol=1e-6)
     assert torch.equal(part_mask, full_mask[:, :, 2:])
 
 
 def test_selection_rules():
     q, k = torch.randn(1, 512, 2, 16), torch.randn(1, 512, 2, 16)
-    scores, mask = xattention_estimate_ref(q, k, stride=8, block_size=64, threshold=0.5)
+    scores, mask = xattention_estimate_ref(q, k, stride=8, block_size=64, threshold=0.5, causal=True)
     nb = mask.shape[-1]
     for qb in range(nb):
         assert mask[0, :, qb, 0].all() and mask[0, :, qb, qb].all()  # sink and diagonal
@@ -77,7 +78,9 @@ def test_selection_rules():
         kept = (row * mask[0, :, qb]).sum(-1)
         assert (kept >= 0.5 - 1e-6).all()  # at least the threshold's share of the row
     # per-head thresholds: a tighter head keeps no more blocks than a looser one
-    _, per_head = xattention_estimate_ref(q, k, stride=8, block_size=64, threshold=torch.tensor([0.3, 1.0]))
+    _, per_head = xattention_estimate_ref(
+        q, k, stride=8, block_size=64, threshold=torch.tensor([0.3, 1.0]), causal=True
+    )
     assert per_head[0, 0].sum() <= per_head[0, 1].sum()
 
 
@@ -108,9 +111,9 @@ def test_needle_is_selected_and_row_matches_dense():
     needle_key, query = 300, 900  # key block 4 (of 64-token blocks), query block 14
     k[0, needle_key] = torch.randn(h, d) * 3
     q[0, query - 7 : query + 1] = k[0, needle_key] * 3  # a stride group that strongly matches the needle
-    _, mask = xattention_estimate_ref(q, k, stride=8, block_size=64, threshold=0.9)
+    _, mask = xattention_estimate_ref(q, k, stride=8, block_size=64, threshold=0.9, causal=True)
     assert mask[0, :, query // 64, needle_key // 64].all()
-    out, density = xattention(q, k, v, threshold=0.9, block_size=64, return_density=True)
+    out, density = xattention(q, k, v, threshold=0.9, block_size=64, causal=True, return_density=True)
     ref = flash_attention(q, k, v, causal=True)
     torch.testing.assert_close(out[0, query], ref[0, query], rtol=1e-3, atol=1e-3)
     assert density < 1.0
@@ -120,7 +123,7 @@ def test_fully_masked_rows_are_zero_without_nan():
     q, k, v = (torch.randn(1, 128, 2, 16, requires_grad=True) for _ in range(3))
     mask = torch.ones(1, 2, 2, 2, dtype=torch.bool)
     mask[:, :, 1] = False  # the second query block sees nothing
-    out, lse = block_sparse_attention(q, k, v, mask, block_size=64, causal=False, return_lse=True)
+    out, lse = block_sparse_attention(q, k, v, block_mask=mask, block_size=64, causal=False, return_lse=True)
     out.sum().backward()
     assert (out[:, 64:] == 0).all() and torch.isneginf(lse[:, :, 64:]).all()
     assert not any(torch.isnan(t).any() for t in (out, q.grad, k.grad, v.grad))
@@ -138,6 +141,6 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match=r"threshold tensor must have shape \(heads_q,\)"):
         xattention_estimate_ref(q, k, threshold=torch.tensor([0.5, 0.6, 0.7]))
     with pytest.raises(ValueError, match="block_mask must be"):
-        block_sparse_attention(q, k, k, torch.ones(1, 2, 2, 2, dtype=torch.bool), block_size=64)
+        block_sparse_attention(q, k, k, block_mask=torch.ones(1, 2, 2, 2, dtype=torch.bool), block_size=64)
     with pytest.raises(TypeError, match="block_mask must be a bool tensor"):
-        block_sparse_attention(q, k, k, torch.ones(1, 2, 1, 1), block_size=64)
+        block_sparse_attention(q, k, k, block_mask=torch.ones(1, 2, 1, 1), block_size=64)

@@ -55,7 +55,7 @@ def structured_qk(seed: int, batch: int = 2, group: int = 1):
 def kept_mass_and_density(q, k, tau):
     """(batch, heads) fraction of true attention mass in the estimator's kept tiles, and the density."""
     _, mask = xattention_estimate(q, k, stride=S, block_size=BS, threshold=tau, causal=True)
-    mass = true_block_mass(q, k, True, BS)
+    mass = true_block_mass(q, k, causal=True, block_size=BS)
     vis = torch.ones(L // BS, L // BS, dtype=torch.bool).tril()
     kept = (mass * mask).sum(-1).mean(-1)  # every block holds BS real queries: rows weigh the same
     density = (mask & vis).sum((-1, -2)).double() / vis.sum()
@@ -78,14 +78,14 @@ def test_true_block_mass_matches_dense(lq, lk, hq, hkv, causal):
         torch.nn.functional.pad(torch.ones(lq, dtype=torch.float64), (0, nqb * bs - lq)).view(nqb, bs).sum(-1)
     )
     want = p.view(2, hq, nqb, bs, nkb, bs).sum((3, 5)) / rows[:, None]
-    got = true_block_mass(q, k, causal, bs)
+    got = true_block_mass(q, k, causal=causal, block_size=bs)
     torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
     torch.testing.assert_close(got.sum(-1), torch.ones_like(got[..., 0]), atol=1e-12, rtol=0)
 
 
 def test_target_mass_held_out_and_ordering():
     calib = [structured_qk(seed) for seed in range(3)]
-    tau = calibrate_thresholds(calib, target_mass=0.9, stride=S, block_size=BS)
+    tau = calibrate_thresholds(calib, target_mass=0.9, stride=S, block_size=BS, causal=True)
     assert tau.shape == (3,) and bool(((tau > 0) & (tau <= 1)).all())
     # Worst calibration sequence meets the target; one bisection step lower does not (minimality).
     for q, k in calib:
@@ -108,20 +108,20 @@ def test_target_mass_held_out_and_ordering():
 
 def test_target_mass_gqa_and_grid():
     calib = [structured_qk(seed, group=2) for seed in range(2)]
-    tau = calibrate_thresholds(calib, target_mass=0.8, stride=S, block_size=BS)
+    tau = calibrate_thresholds(calib, target_mass=0.8, stride=S, block_size=BS, causal=True)
     assert tau.shape == (6,)
     kept, _ = kept_mass_and_density(*structured_qk(50, group=2), tau)
     assert bool((kept >= 0.78).all()), kept
     # Grid search picks the smallest grid value at or above the bisection's answer.
     grid = [0.1 * i for i in range(1, 11)]
-    tau_grid = calibrate_thresholds(calib, target_mass=0.8, stride=S, block_size=BS, grid=grid)
+    tau_grid = calibrate_thresholds(calib, target_mass=0.8, stride=S, block_size=BS, causal=True, grid=grid)
     want = torch.tensor([min(g for g in grid if g >= t - 1e-6) for t in tau.tolist()])
     torch.testing.assert_close(tau_grid, want.float())
 
 
 def test_density_budget():
     calib = [structured_qk(seed) for seed in range(3)]
-    tau = calibrate_thresholds(calib, density_budget=0.5, stride=S, block_size=BS)
+    tau = calibrate_thresholds(calib, density_budget=0.5, stride=S, block_size=BS, causal=True)
     mean = torch.stack([kept_mass_and_density(q, k, tau)[1] for q, k in calib]).mean((0, 1))
     assert bool((mean <= 0.5 + 1e-9).all()), mean
     # Maximal: a step higher breaks the budget for heads below 1.0.
@@ -130,9 +130,9 @@ def test_density_budget():
     assert bool((mean_hi[tau < 1] > 0.5).all())
     held = torch.stack([kept_mass_and_density(*structured_qk(s), tau)[1] for s in (200, 201)]).mean((0, 1))
     assert bool((held <= 0.5 + 0.05).all()), held
-    # A budget below the always-kept tiles (sink + diagonal + top block) warns and returns the smallest τ.
+    # A budget below the always-kept tiles (sink + diagonal) warns and returns the smallest τ.
     with pytest.warns(UserWarning, match="density_budget"):
-        low = calibrate_thresholds(calib, density_budget=0.05, stride=S, block_size=BS)
+        low = calibrate_thresholds(calib, density_budget=0.05, stride=S, block_size=BS, causal=True)
     assert bool((low > 0).all())
 
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from longmoe.attention.hf import register_hf_attention, set_xattention_thresholds, xattention_sdpa  # noqa: E402
+from longmoe.attention.hf import register_hf_attention, set_xattention_thresholds  # noqa: E402
+from longmoe.attention.xattention import xattention_sdpa
 
 # fp32 logits of O(1) through 2 layers: our kernels and SDPA differ only in summation order (measured 2.4e-7);
 # 1e-5 is ~80 ulp, far below any mask or scale bug (those move logits by O(1e-2)).

@@ -139,19 +139,19 @@ def test_estimator_masks_match_reference(case, per_head, backend):
 def test_default_backend_on_cpu_is_native_and_fp64_takes_reference():
     case = NATIVE_CASES[0]
     q, k = _inputs(case, torch.bfloat16)
-    scores, mask = xattention_estimate(q, k, stride=8, block_size=64)
+    scores, mask = xattention_estimate(q, k, stride=8, block_size=64, causal=True)
     per_head = torch.ops.longmoe.xattn_block_scores(q, k, 8, 64, True, 0)
     torch.testing.assert_close(scores, per_head.view(3, 2, 4, 2, 2).mean(2).repeat_interleave(4, 1))
     q64, k64 = q.double(), k.double()
-    s_nat, m_nat = xattention_estimate(q64, k64, stride=8, block_size=64, backend="native")
-    s_ref, m_ref = xattention_estimate_ref(q64, k64, stride=8, block_size=64)
+    s_nat, m_nat = xattention_estimate(q64, k64, stride=8, block_size=64, causal=True, backend="native")
+    s_ref, m_ref = xattention_estimate_ref(q64, k64, stride=8, block_size=64, causal=True)
     assert s_nat.dtype == torch.float64 and torch.equal(s_nat, s_ref) and torch.equal(m_nat, m_ref)
 
 
 @needs_native
 def test_xattention_backend_keyword():
     q, k, v = torch.randn(1, 150, 4, 32), torch.randn(1, 150, 2, 32), torch.randn(1, 150, 2, 32)
-    kw = dict(threshold=0.9, stride=8, block_size=32, return_density=True)
+    kw = dict(threshold=0.9, stride=8, block_size=32, causal=True, return_density=True)
     out_n, dens_n = xattention(q, k, v, backend="native", **kw)
     out_r, dens_r = xattention(q, k, v, backend="reference", **kw)
     assert dens_n == dens_r
