@@ -64,6 +64,7 @@ import torch
 from longmoe.attention._masks import resolve_mask
 from longmoe.attention.flash_attention import flash_attention
 from longmoe.runtime.backend import select_backend
+from longmoe.runtime.dtypes import accumulation_dtype
 from longmoe.runtime.native import register_fake
 
 __all__ = [
@@ -147,7 +148,7 @@ def _block_scores_ref(
     """
     b, lq, hq, d = q.shape
     lk, hkv = k.shape[1], k.shape[2]
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(q.dtype)
     s = stride
     scale = (1.0 / math.sqrt(d) if softmax_scale is None else float(softmax_scale)) / s
     nqb, nkb = -(-lq // block_size), -(-lk // block_size)

@@ -43,6 +43,7 @@ from longmoe.attention.xattention import (
     _visible_tiles,
     xattention_estimate,
 )
+from longmoe.runtime.dtypes import accumulation_dtype
 
 __all__ = ["true_block_mass", "calibrate_thresholds", "save_thresholds", "load_thresholds"]
 
@@ -87,7 +88,7 @@ def true_block_mass(
     if not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be a positive int; got {block_size!r}")
     off = lk - lq if q_offset is None else q_offset
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(q.dtype)
     scale = 1.0 / math.sqrt(d) if softmax_scale is None else float(softmax_scale)
     g = hq // hkv
     nqb, nkb = -(-lq // block_size), -(-lk // block_size)

@@ -49,7 +49,7 @@ def _flash_attn_fwd_kernel(
     stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
     stride_ob, stride_om, stride_oh,
     stride_cb, stride_ch, stride_cm, stride_ib, stride_ih, stride_im,
-    heads_q, group_size, seqlen_q, seqlen_k, qk_scale,
+    heads_q, q_per_kv, seqlen_q, seqlen_k, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_BLOCK: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -58,7 +58,7 @@ def _flash_attn_fwd_kernel(
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // heads_q).to(tl.int64)
     off_h = (pid_bh % heads_q).to(tl.int64)
-    off_hk = off_h // group_size
+    off_hk = off_h // q_per_kv
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -163,7 +163,7 @@ def _flash_attn_bwd_dkdv_kernel(
     stride_dob, stride_dom, stride_doh, stride_dkb, stride_dkn, stride_dkh,
     stride_dvb, stride_dvn, stride_dvh,
     stride_cb, stride_ch, stride_cn, stride_ib, stride_ih, stride_in,
-    heads_q, heads_kv, group_size, seqlen_q, seqlen_k, sm_scale, qk_scale,
+    heads_q, heads_kv, q_per_kv, seqlen_q, seqlen_k, sm_scale, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_BLOCK: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -198,8 +198,8 @@ def _flash_attn_bwd_dkdv_kernel(
         # First query row that sees key start_n, rounded down to a tile.
         lo = (tl.maximum(start_n - (seqlen_k - seqlen_q), 0) // BLOCK_M) * BLOCK_M
     # The q heads of this kv head's GQA group are summed here, in registers: no atomics, no fp32 buffers.
-    for g in range(0, group_size):
-        off_h = off_hk * group_size + g
+    for g in range(0, q_per_kv):
+        off_h = off_hk * q_per_kv + g
         Qh = Q + off_b * stride_qb + off_h * stride_qh
         DOh = DO + off_b * stride_dob + off_h * stride_doh
         Lseh = Lse + (off_b * heads_q + off_h) * seqlen_q
@@ -252,7 +252,7 @@ def _flash_attn_bwd_dq_kernel(
     stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
     stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh,
     stride_cb, stride_ch, stride_cm, stride_ib, stride_ih, stride_im,
-    heads_q, group_size, seqlen_q, seqlen_k, sm_scale, qk_scale,
+    heads_q, q_per_kv, seqlen_q, seqlen_k, sm_scale, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_BLOCK: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -261,7 +261,7 @@ def _flash_attn_bwd_dq_kernel(
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // heads_q).to(tl.int64)
     off_h = (pid_bh % heads_q).to(tl.int64)
-    off_hk = off_h // group_size
+    off_hk = off_h // q_per_kv
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -524,7 +524,7 @@ def flash_attention_backward_triton(
     has_mask = block_mask is not None
     mask_block = block_size if has_mask else 16
     cfg = _launch_config(q, seqlen_q, seqlen_k, block_size if has_mask else None, backward=True)
-    group_size = heads_q // heads_kv
+    q_per_kv = heads_q // heads_kv
     qk_scale = softmax_scale * _LOG2E
     consts = dict(MASK_BLOCK=mask_block, CAUSAL=bool(causal), HAS_MASK=has_mask, **cfg)
 
@@ -544,13 +544,13 @@ def flash_attention_backward_triton(
         q, k, v, dout, lse, delta, dk, dv, q_lists[0], q_lists[1],
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3], *dk.stride()[:3],
         *dv.stride()[:3], *q_lists[2:],
-        heads_q, heads_kv, group_size, seqlen_q, seqlen_k, softmax_scale, qk_scale, **consts,
+        heads_q, heads_kv, q_per_kv, seqlen_q, seqlen_k, softmax_scale, qk_scale, **consts,
     )  # fmt: skip
 
     kv_lists = _mask_args(block_mask, causal, seqlen_q, seqlen_k, block_size, False, q.device)
     _flash_attn_bwd_dq_kernel[(triton.cdiv(seqlen_q, cfg["BLOCK_M"]), batch * heads_q)](
         q, k, v, dout, lse, delta, dq, kv_lists[0], kv_lists[1],
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3], *dq.stride()[:3],
-        *kv_lists[2:], heads_q, group_size, seqlen_q, seqlen_k, softmax_scale, qk_scale, **consts,
+        *kv_lists[2:], heads_q, q_per_kv, seqlen_q, seqlen_k, softmax_scale, qk_scale, **consts,
     )  # fmt: skip
     return dq, dk, dv

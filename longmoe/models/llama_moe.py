@@ -22,6 +22,7 @@ from torch import nn
 
 from longmoe.attention import flash_attention
 from longmoe.moe import MoEConfig, MoELayer
+from longmoe.runtime.dtypes import accumulation_dtype
 
 __all__ = ["LlamaMoEConfig", "LlamaMoE", "CoreAttention", "rotary"]
 
@@ -78,7 +79,7 @@ class LlamaMoEConfig:
 def rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
     """Rotate-half RoPE. x: (batch, seqlen, heads, head_dim); positions: (seqlen,) global token indices.
     Angles in fp32 (fp64 for fp64 x); returns x's dtype."""
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(x.dtype)
     d = x.shape[-1]
     inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, dtype=acc, device=x.device) / d)
     ang = positions.to(acc)[:, None] * inv_freq[None, :]
