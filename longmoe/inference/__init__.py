@@ -3,7 +3,7 @@ causal LMs (sequence-parallel prefill, TokenRing-style decoding). Needs ``transf
 
 from longmoe.inference.cache import ShardedKVCache, balanced_owner
 from longmoe.inference.decode import DecodeError, decode_bytes, sharded_decode_attention
-from longmoe.inference.generate import SHARDED_ATTENTION_NAME, generate, register_sharded_attention
+from longmoe.inference.generation import SHARDED_ATTENTION_NAME, generate, register_sharded_attention
 
 __all__ = [
     "ShardedKVCache",

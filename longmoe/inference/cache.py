@@ -5,7 +5,7 @@ Every rank of the group holds one shard of every layer's K/V, for every sequence
 * **Prefill** writes, on each rank, the K/V of the prompt tokens the zigzag or contiguous layout gave that
   rank (the same tokens its sequence-parallel attention computed), so prefill adds no communication.
 * **Decode (balanced append).** Every rank computes the new token's K/V (the non-attention part of a
-  decode step is replicated, see :mod:`longmoe.inference.generate`); only the token's *owner* stores it.
+  decode step is replicated, see :mod:`longmoe.inference.generation`); only the token's *owner* stores it.
   The owner of sequence ``b``'s next token is the rank holding the fewest of ``b``'s tokens, ties broken
   to the lowest rank. Every rank keeps the same ``(batch, world)`` table of token counts, so every rank
   knows the owner without communicating, and shards stay balanced within one token (the layouts
@@ -88,7 +88,9 @@ class ShardedKVCache(Cache):
         row ``src`` of the incoming K/V, ``rows[b] = (src, start, stop)``; ``counts[b][r]`` is what every
         rank will hold of ``b`` afterwards (from the layout)."""
         if len(rows) != self.batch or len(counts) != self.batch:
-            raise ValueError(f"plan_prefill: expected {self.batch} sequences; got {len(rows)} and {len(counts)}")
+            raise ValueError(
+                f"plan_prefill: expected {self.batch} sequences; got {len(rows)} and {len(counts)}"
+            )
         if any(len(c) != self.world for c in counts):
             raise ValueError(f"plan_prefill: counts must have {self.world} entries per sequence")
         if any(sum(c) for c in self.counts):
@@ -159,9 +161,7 @@ class ShardedKVCache(Cache):
     def _layer(self, idx: int, like: torch.Tensor, capacity: int) -> _Layer:
         if self.layers[idx] is None:
             shape = (self.batch, max(capacity, 1), like.shape[2], like.shape[3])
-            self.layers[idx] = _Layer(
-                like.new_empty(shape), like.new_empty(shape), [0] * self.batch
-            )
+            self.layers[idx] = _Layer(like.new_empty(shape), like.new_empty(shape), [0] * self.batch)
         layer = self.layers[idx]
         self._reserve(layer, capacity)
         return layer

@@ -90,7 +90,9 @@ def sharded_decode_attention(
             f"k {tuple(k.shape)} and v {tuple(v.shape)} must be (batch={q.shape[0]}, max_length, heads_kv, head_dim)"
         )
     if len(lengths) != q.shape[0] or any(not 0 <= n <= k.shape[1] for n in lengths):
-        raise ValueError(f"lengths={lengths} must give 0..{k.shape[1]} valid rows for each of {q.shape[0]} sequences")
+        raise ValueError(
+            f"lengths={lengths} must give 0..{k.shape[1]} valid rows for each of {q.shape[0]} sequences"
+        )
     batch, _, hq, d = q.shape
     outs, lses = [], []
     for b, n in enumerate(lengths):  # per-sequence lengths: no padded keys reach the kernel

@@ -32,9 +32,16 @@ def tiny_llama(seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=HQ * D, intermediate_size=96, num_hidden_layers=LAYERS,
-                      num_attention_heads=HQ, num_key_value_heads=HKV, max_position_embeddings=256,
-                      initializer_range=0.1)  # fmt: skip  (0.1: peaked logits, context-dependent greedy tokens)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=HQ * D,
+        intermediate_size=96,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HQ,
+        num_key_value_heads=HKV,
+        max_position_embeddings=256,
+        initializer_range=0.1,
+    )  # fmt: skip  (0.1: peaked logits, context-dependent greedy tokens)
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -45,7 +52,7 @@ def hf_greedy(model, prompt: torch.Tensor, new: int) -> list[int]:
     # prompt tokens equal to the pad id.
     out = model.generate(prompt[None], attention_mask=torch.ones_like(prompt[None]), max_new_tokens=new,
                          min_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0)  # fmt: skip
-    return out[0, prompt.numel():].tolist()
+    return out[0, prompt.numel() :].tolist()
 
 
 def greedy_ref(model, prompt: torch.Tensor, new: int) -> list[int]:
@@ -95,7 +102,14 @@ def _check_case(rank, world, cfg, seed):
     cache, stats = ShardedKVCache(len(prompts)), CommStats()
     if "error" in cfg:
         with pytest.raises(ValueError, match=cfg["error"].replace("(", r"\(")):
-            generate(model, ids, attention_mask=mask, max_new_tokens=NEW, layout=cfg["layout"], algorithm=cfg["alg"])
+            generate(
+                model,
+                ids,
+                attention_mask=mask,
+                max_new_tokens=NEW,
+                layout=cfg["layout"],
+                algorithm=cfg["alg"],
+            )
         return
     out = generate(model, ids, attention_mask=mask, max_new_tokens=NEW, layout=cfg["layout"],
                    algorithm=cfg["alg"], cache=cache, stats=stats, timeout_s=30)  # fmt: skip
@@ -121,7 +135,9 @@ def _check_case(rank, world, cfg, seed):
     want = decode_bytes(world=world, batch=len(prompts), heads_q=HQ, heads_kv=HKV, head_dim=D, context=0,
                         layers=LAYERS)["token_ring"]  # fmt: skip
     got = stats.bytes_sent.get("decode_allgather", 0)
-    assert got == want * NEW, f"rank {rank}: decode sent {got} bytes for {NEW} tokens, expected {want} per token"
+    assert got == want * NEW, (
+        f"rank {rank}: decode sent {got} bytes for {NEW} tokens, expected {want} per token"
+    )
 
 
 def _sampled(rank, world):
@@ -131,7 +147,9 @@ def _sampled(rank, world):
     gathered = [torch.empty_like(out) for _ in range(world)]
     dist.all_gather(gathered, out)
     for r, theirs in enumerate(gathered):
-        assert torch.equal(out, theirs), f"rank {rank}: sampled {out.tolist()}, rank {r} sampled {theirs.tolist()}"
+        assert torch.equal(out, theirs), (
+            f"rank {rank}: sampled {out.tolist()}, rank {r} sampled {theirs.tolist()}"
+        )
     return out[:, ids.shape[1] :].tolist()
 
 

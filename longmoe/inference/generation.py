@@ -107,7 +107,9 @@ def _check_model(model) -> list:
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     for attr in ("sliding_window", "attn_logit_softcapping"):
         if getattr(text, attr, None) is not None:
-            raise ValueError(f"model {name}: {attr}={getattr(text, attr)!r} is not supported by sharded decoding")
+            raise ValueError(
+                f"model {name}: {attr}={getattr(text, attr)!r} is not supported by sharded decoding"
+            )
     if any(t != "full_attention" for t in (getattr(text, "layer_types", None) or [])):
         raise ValueError(f"model {name}: layer_types={text.layer_types} - only full attention is supported")
     return mods
