@@ -33,3 +33,12 @@ def test_demo_small():
     assert "every rank matches single-process attention" in r.stdout
     for alg in ("token_ring", "kv_ring", "ulysses"):
         assert alg in r.stdout
+
+
+def test_generate_long_matches_single_process():
+    r = run("examples/generate_long.py", "--world-size", "2", "--prompt-bytes", "512", "--new-tokens", "4",
+            "--train-steps", "2")  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "OK: 2-rank greedy tokens equal one process's" in r.stdout
+    assert "bytes sent per decoded token per rank" in r.stdout and "KV cache" in r.stdout
+
