@@ -161,8 +161,7 @@ def _run_all(rank, world):
             failures.append(None)
         except Exception as exc:
             failures.append(f"rank {rank}: {type(exc).__name__}: {exc}")
-    extra = [_sampled] + ([_bad_inputs] if world == 2 else [])  # bad inputs ride on world 2's spawn
-    for fn in extra:
+    for fn in extras(world):
         try:
             fn(rank, world)
             failures.append(None)
@@ -174,7 +173,7 @@ def _run_all(rank, world):
 @functools.cache
 def _failures(world: int) -> list[list[str]]:
     per_rank = spawn(_run_all, world, timeout_s=300)
-    n = len(cases(world)) + (2 if world == 2 else 1)
+    n = len(cases(world)) + len(extras(world))
     assert all(len(r) == n for r in per_rank)
     return [[r[i] for r in per_rank if r[i] is not None] for i in range(n)]
 
@@ -192,7 +191,7 @@ def test_greedy_equals_single_process_hf(world, case):
 
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_seeded_sampling_identical_on_every_rank(world):
-    failures = _failures(world)[len(cases(world))]
+    failures = _failures(world)[len(cases(world)) + extras(world).index(_sampled)]
     assert not failures, "\n".join(failures)
 
 
@@ -219,7 +218,37 @@ def _bad_inputs(rank, world):
 
 
 def test_bad_inputs_raise_on_every_rank():
-    failures = _failures(2)[-1]
+    failures = _failures(2)[len(cases(2)) + extras(2).index(_bad_inputs)]
+    assert not failures, "\n".join(failures)
+
+
+def _mixtral(rank, world):
+    """Mixtral-style MoE: HF's sparse MoE blocks, then longmoe's MoE layers in their place."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from longmoe.moe.hf import replace_hf_moe_blocks
+
+    torch.manual_seed(0)
+    cfg = MixtralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                        initializer_range=0.3, sliding_window=None)  # fmt: skip
+    model = MixtralForCausalLM(cfg).eval()
+    prompt = torch.randint(0, VOCAB, (19,), generator=torch.Generator().manual_seed(0))
+    for what in ("HF MoE blocks", "longmoe MoE layers"):
+        if what == "longmoe MoE layers":
+            replace_hf_moe_blocks(model)
+        got = generate(model, prompt[None], max_new_tokens=NEW, timeout_s=30)[0, prompt.numel() :].tolist()
+        want = greedy_ref(model, prompt, NEW)
+        assert got == want, f"rank {rank}: Mixtral with {what}: generated {got}, single-process {want}"
+
+
+def extras(world: int) -> list:
+    """Checks run in the same spawn after the cases (bad inputs and Mixtral ride on world 2's)."""
+    return [_sampled] + ([_bad_inputs, _mixtral] if world == 2 else [])
+
+
+def test_mixtral_style_moe_equals_single_process():
+    failures = _failures(2)[len(cases(2)) + extras(2).index(_mixtral)]
     assert not failures, "\n".join(failures)
 
 
