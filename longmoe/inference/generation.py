@@ -21,6 +21,7 @@ prefill. Greedy output is token-for-token HF ``generate``'s in fp32 (tests compa
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 
 import torch
@@ -143,9 +144,10 @@ def _prefill_plan(lengths, world, rank, layout, algorithm):
             doc_of.append(b)
     positions = [[] for _ in lengths]
     counts = [[0] * world for _ in lengths]
+    bounds = cu.tolist()
     for r in range(world):
         for g in shard.global_index(r):
-            d = int(torch.searchsorted(cu, torch.tensor(g), right=True)) - 1
+            d = bisect.bisect_right(bounds, g) - 1
             counts[doc_of[d]][r] += 1
             if r == rank:
                 positions[doc_of[d]].append(g - starts[d])
