@@ -118,6 +118,108 @@ def measure(rank, world, args):
     return rows
 
 
+def measure_decode_attention(rank, world, args):
+    """Decode attention alone over a filled cache (random K/V; no prefill): where single-process attention
+    over the cache dominates. Per token: one query, ``--attn-layers`` layers. Returns rows for rank 0."""
+    from common import timeit
+
+    from longmoe.attention.flash_attention import flash_attention_forward
+    from longmoe.inference import decode_bytes
+    from longmoe.inference.decode import sharded_decode_attention
+    from longmoe.runtime import CommStats
+
+    torch.set_num_threads(args.threads_per_rank)
+    g = torch.Generator().manual_seed(rank)
+    hq, hkv, d, layers = args.attn_heads_q, args.attn_heads_kv, args.attn_head_dim, args.attn_layers
+    rows = []
+    for context in args.decode_contexts:
+        n = context // world
+        kv = [
+            (torch.randn(1, n, hkv, d, generator=g), torch.randn(1, n, hkv, d, generator=g))
+            for _ in range(layers)
+        ]
+        q = torch.randn(1, 1, hq, d, generator=torch.Generator().manual_seed(0))
+        stats = CommStats()
+
+        def step(decoder, kv=kv):
+            for k, v in kv:
+                if decoder == "token_ring":
+                    sharded_decode_attention(q, k, v, [n], stats=stats, timeout_s=600)
+                elif world == 1:
+                    flash_attention_forward(q, k, v)
+                else:
+                    naive_decode_attention(q, k, v, [n], stats=stats, timeout_s=600)
+
+        for decoder in ("token_ring", "naive_kv_gather"):
+            if world > 1:
+                dist.barrier()
+            stats.reset()
+            sec = timeit(lambda decoder=decoder: step(decoder), args.repeats)  # noqa: B023 (kv bound per context)
+            t = torch.tensor([sec], dtype=torch.float64)
+            if world > 1:
+                dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            sent = stats.bytes_sent.get("decode_allgather", 0) / (args.repeats + 1)
+            rows.append(dict(world=world, context=context, decoder=decoder, attn_ms=1e3 * t.item(),
+                             bytes_per_token=sent, cache_mib_per_rank=layers * n * 2 * hkv * d * 4 / 2**20,
+                             bytes_model=decode_bytes(world=world, batch=1, heads_q=hq, heads_kv=hkv, head_dim=d,
+                                                      context=context, layers=layers)[decoder]))  # fmt: skip
+        del kv
+    return rows
+
+
+def decode_attention_sweep(args):
+    from longmoe.runtime import spawn
+
+    rows = []
+    for world in args.worlds:
+        rows += (
+            measure_decode_attention(0, 1, args)
+            if world == 1
+            else spawn(measure_decode_attention, world, args, timeout_s=3000)[0]
+        )
+    base = {(r["context"], r["decoder"]): r for r in rows if r["world"] == 1}
+    meta = run_metadata(layers=args.attn_layers, heads_q=args.attn_heads_q, heads_kv=args.attn_heads_kv,
+                        head_dim=args.attn_head_dim, repeats=args.repeats)  # fmt: skip
+    for r in rows:
+        r["latency_vs_p1"] = r["attn_ms"] / base[(r["context"], "token_ring")]["attn_ms"]
+        r.update(meta)
+    path = write_csv(rows, args.out.with_name(args.out.stem + "_decode_attention.csv"))
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"Decode attention only, {args.attn_layers} layer(s) Hq={args.attn_heads_q} "
+                        f"Hkv={args.attn_heads_kv} D={args.attn_head_dim} fp32, ratio vs P=1 in this run")  # fmt: skip
+    for col in ("P", "context", "decoder", "ms/token", "x P=1", "bytes/token/rank", "cache MiB/rank"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(str(r["world"]), str(r["context"]), r["decoder"], f"{r['attn_ms']:.2f}",
+                      f"{r['latency_vs_p1']:.2f}", f"{r['bytes_per_token']:.0f}", f"{r['cache_mib_per_rank']:.0f}")  # fmt: skip
+    Console().print(table)
+    print(f"wrote {path}")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for decoder, style in (("token_ring", "-o"), ("naive_kv_gather", "--s")):
+        for world in args.worlds:
+            pts = [r for r in rows if r["world"] == world and r["decoder"] == decoder]
+            xs = [r["context"] for r in pts]
+            axes[0].plot(xs, [r["attn_ms"] for r in pts], style, label=f"{decoder} P={world}")
+            if world > 1:
+                axes[1].plot(xs, [r["bytes_per_token"] for r in pts], style, label=f"{decoder} P={world}")
+    for ax, title in zip(axes, ("decode attention ms/token", "bytes/token/rank"), strict=True):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("context tokens")
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path.with_suffix(".png"), dpi=110)
+    print(f"wrote {path.with_suffix('.png')}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
@@ -132,7 +234,24 @@ def main():
     # 256 tokens in 0.95 s against 0.07 s with 1 thread (OpenMP threads spinning against other jobs).
     ap.add_argument("--threads-per-rank", type=int, default=1)
     ap.add_argument("--out", type=Path, default=RESULTS / "inference.csv")
+    ap.add_argument(
+        "--decode-contexts",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also time decode attention alone over a filled cache of these lengths (e.g. 16384 65536)",
+    )
+    ap.add_argument("--decode-only", action="store_true", help="only the decode-attention sweep")
+    ap.add_argument("--attn-layers", type=int, default=1)
+    ap.add_argument("--attn-heads-q", type=int, default=32)
+    ap.add_argument("--attn-heads-kv", type=int, default=4)
+    ap.add_argument("--attn-head-dim", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
+    if args.decode_contexts:
+        decode_attention_sweep(args)
+    if args.decode_only:
+        return
 
     from longmoe.runtime import spawn
 

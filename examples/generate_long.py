@@ -111,7 +111,7 @@ def main() -> int:
     ap.add_argument("--world-size", type=int, default=2, help="local ranks to spawn (ignored under torchrun)")
     ap.add_argument("--prompt-bytes", type=int, default=16384)
     ap.add_argument("--new-tokens", type=int, default=48)
-    ap.add_argument("--train-steps", type=int, default=150)
+    ap.add_argument("--train-steps", type=int, default=600)
     ap.add_argument("--train-seqlen", type=int, default=256)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--hidden", type=int, default=128)
