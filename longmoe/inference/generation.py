@@ -16,7 +16,9 @@
    every rank draws the same token without communicating.
 
 Only the first token of a prompt is never prefilled (L_b - 1 tokens are), so a one-token prompt skips
-prefill. Greedy output is token-for-token HF ``generate``'s in fp32 (tests compare them).
+prefill. Greedy output equals single-process greedy decoding token for token in fp32 (tests: HF ``generate``
+on one process; a cache-free greedy loop at P = 2, 3, 4). The logits differ from one process's by rounding
+(the LSE merge sums in another order), so a near-tie between two tokens could in principle flip.
 """
 
 from __future__ import annotations
