@@ -2,7 +2,8 @@
 
 Subpackages: ``longmoe.runtime`` (native loader, backends, process groups, launcher, exchanger),
 ``longmoe.attention`` (attention core with LSE, merge), ``longmoe.kernels`` (Triton GPU kernels),
-``longmoe.parallel`` (sequence parallelism: TokenRing, KV ring, Ulysses), ``longmoe.moe`` (Mixture of Experts).
+``longmoe.parallel`` (sequence parallelism: TokenRing, KV ring, Ulysses), ``longmoe.moe`` (Mixture of Experts),
+``longmoe.inference`` (sharded KV cache and ``longmoe.generate``; imported on use, it needs transformers).
 """
 
 from longmoe import attention, moe, parallel, runtime
@@ -20,4 +21,13 @@ __all__ = [
     "flash_attention",
     "flash_attention_backward",
     "merge_attention_partials",
+    "generate",
 ]
+
+
+def generate(model, input_ids, **kwargs):
+    """Generate with a Hugging Face causal LM across the ranks of a group: see
+    :func:`longmoe.inference.generate` (imported lazily: it needs ``transformers``)."""
+    from longmoe.inference import generate as _generate
+
+    return _generate(model, input_ids, **kwargs)

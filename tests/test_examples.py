@@ -42,3 +42,12 @@ def test_train_long_moe_expert_parallel_matches_one_process():
             "--steps", "3", "--seqlen", "192", "--quiet", "--png", "/tmp/longmoe_test_train.png")  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
     assert "OK: max relative loss difference" in r.stdout and "standard library" in r.stdout
+
+
+def test_generate_long_matches_single_process():
+    r = run("examples/generate_long.py", "--world-size", "2", "--prompt-bytes", "512", "--new-tokens", "4",
+            "--train-steps", "2")  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "OK: 2-rank greedy tokens equal one process's" in r.stdout
+    assert "bytes sent per decoded token per rank" in r.stdout and "KV cache" in r.stdout
+

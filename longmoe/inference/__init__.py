@@ -1,0 +1,17 @@
+"""Inference across ranks: a sharded KV cache, decode attention over it, and ``generate`` for Hugging Face
+causal LMs (sequence-parallel prefill, TokenRing-style decoding). Needs ``transformers``."""
+
+from longmoe.inference.cache import ShardedKVCache, balanced_owner
+from longmoe.inference.decode import DecodeError, decode_bytes, sharded_decode_attention
+from longmoe.inference.generation import SHARDED_ATTENTION_NAME, generate, register_sharded_attention
+
+__all__ = [
+    "ShardedKVCache",
+    "balanced_owner",
+    "DecodeError",
+    "decode_bytes",
+    "sharded_decode_attention",
+    "generate",
+    "register_sharded_attention",
+    "SHARDED_ATTENTION_NAME",
+]

@@ -1,0 +1,327 @@
+"""``longmoe.generate``: a Hugging Face causal LM across the ranks of a sequence-parallel group.
+
+1. **Prefill** of the first ``L_b - 1`` prompt tokens of each sequence ``b``: every rank runs the model on
+   its layout shard of the prompts (token ids and their global positions, so RoPE is exact) with the
+   attention implementation ``"longmoe_sharded"``, which runs :func:`sequence_parallel_attention`
+   (TokenRing, KV ring, Ulysses or ``auto``) and writes each rank's K/V shard into the
+   :class:`ShardedKVCache` - no communication beyond the attention's own. Prompts of equal length that the
+   layout divides run as a batch; otherwise they are packed as documents (``cu_seqlens``; rings only),
+   which shards any length, also shorter than the group (a rank may hold no token of a sequence).
+2. **Decode**: the last prompt token, then each generated token, runs through the model on every rank
+   (replicated projections, MLP, head: (B, 1) tokens). Attention is :func:`sharded_decode_attention`:
+   local partial over the shard, one all-gather of ``(B, Hq, D + 1)`` fp32 per layer, exact merge in rank
+   order. The new K/V go to the rank with the fewest tokens of that sequence (balanced append).
+3. The next token is chosen on every rank from identical logits: greedy ``argmax`` (ties to the lowest id,
+   as ``torch.argmax``), or sampling from a ``torch.Generator`` seeded with ``seed`` on every rank, so
+   every rank draws the same token without communicating.
+
+Only the first token of a prompt is never prefilled (L_b - 1 tokens are), so a one-token prompt skips
+prefill. Greedy output equals single-process greedy decoding token for token in fp32 (tests: HF ``generate``
+on one process; a cache-free greedy loop at P = 2, 3, 4). The logits differ from one process's by rounding
+(the LSE merge sums in another order), so a near-tie between two tokens could in principle flip.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+
+import torch
+import torch.distributed as dist
+
+from longmoe.inference.cache import ShardedKVCache
+from longmoe.inference.decode import DecodeContext, sharded_decode_attention
+from longmoe.parallel.api import ALGORITHM_CHOICES, sequence_parallel_attention
+from longmoe.parallel.layout import LAYOUTS, ShardLayout, check_layout, shard_positions
+from longmoe.runtime.collectives import check_same_across_ranks
+from longmoe.runtime.distributed import group_key, world_and_rank
+from longmoe.runtime.exchanger import CommStats
+
+__all__ = ["generate", "register_sharded_attention", "SHARDED_ATTENTION_NAME"]
+
+SHARDED_ATTENTION_NAME = "longmoe_sharded"
+_CTX_ATTR = "_longmoe_decode_ctx"
+
+
+# ------------------------------------------------------------------------------------- HF attention
+def _no_mask(*args, **kwargs):
+    """Mask builder for ``longmoe_sharded``: the attention knows its mask (causal prefill over shards,
+    full visibility of the cache in decode), so transformers builds none."""
+    return None
+
+
+def hf_sharded_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention function for :func:`generate`.
+
+    query: (batch, heads_q, seqlen_q, head_dim); key, value: (batch, heads_kv, seqlen_k, head_dim) - the
+    local prompt shard in prefill, this rank's cache shard in decode. Returns ((batch, seqlen_q, heads_q,
+    head_dim), None).
+    """
+    ctx: DecodeContext | None = getattr(module, _CTX_ATTR, None)
+    if ctx is None:
+        raise RuntimeError(
+            f"attn_implementation={SHARDED_ATTENTION_NAME!r} runs only inside longmoe.generate (it needs the "
+            "sharded cache and the group)"
+        )
+    if dropout and module.training:
+        raise NotImplementedError(f"{SHARDED_ATTENTION_NAME}: dropout is not supported")
+    q = query.transpose(1, 2)
+    k = key.transpose(1, 2)
+    v = value.transpose(1, 2)
+    if ctx.phase == "prefill":
+        out = sequence_parallel_attention(
+            q, k, v, group=ctx.group, causal=True, softmax_scale=scaling, layout=ctx.layout,
+            algorithm=ctx.algorithm, cu_seqlens=ctx.cu_seqlens, timeout_s=ctx.timeout_s, stats=ctx.stats,
+        )  # fmt: skip
+        return out, None
+    out = sharded_decode_attention(
+        q, k, v, ctx.cache.layer_lengths(module.layer_idx), group=ctx.group, softmax_scale=scaling,
+        timeout_s=ctx.timeout_s, step=ctx.step, layer=module.layer_idx, stats=ctx.stats,
+    )  # fmt: skip
+    return out, None
+
+
+def register_sharded_attention() -> None:
+    """Register ``"longmoe_sharded"`` with transformers' attention and mask interfaces (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(SHARDED_ATTENTION_NAME, hf_sharded_attention)
+    AttentionMaskInterface.register(SHARDED_ATTENTION_NAME, _no_mask)
+
+
+def _attention_modules(model) -> list:
+    return [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "num_key_value_groups")]
+
+
+def _check_model(model) -> list:
+    name = type(model).__name__
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(model, "set_attn_implementation"):
+        raise TypeError(f"model ({name}) is not a Hugging Face PreTrainedModel; expected a causal LM")
+    if not getattr(model, "_can_set_attn_implementation", lambda: False)():
+        raise ValueError(
+            f"model {name}: its attention does not go through transformers' AttentionInterface, so longmoe "
+            "cannot shard it; supported: Llama-style and Mixtral-style causal LMs"
+        )
+    mods = _attention_modules(model)
+    if not mods:
+        raise ValueError(f"model {name} has no attention modules with layer_idx and num_key_value_groups")
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for attr in ("sliding_window", "attn_logit_softcapping"):
+        if getattr(text, attr, None) is not None:
+            raise ValueError(
+                f"model {name}: {attr}={getattr(text, attr)!r} is not supported by sharded decoding"
+            )
+    if any(t != "full_attention" for t in (getattr(text, "layer_types", None) or [])):
+        raise ValueError(f"model {name}: layer_types={text.layer_types} - only full attention is supported")
+    return mods
+
+
+# ----------------------------------------------------------------------------------------- prefill
+def _prefill_plan(lengths, world, rank, layout, algorithm):
+    """Local prompt tokens of this rank. Returns (mode, cu_seqlens or None, per-sequence global positions
+    on this rank, per-rank counts). mode: "batch" (equal lengths the layout divides) or "packed"."""
+    parts = 2 * world if layout == "zigzag" else world
+    equal = len(set(lengths)) == 1
+    if equal and lengths[0] > 0 and lengths[0] % parts == 0:
+        pos = shard_positions(lengths[0], rank, world, layout).tolist()
+        each = lengths[0] // world
+        return "batch", None, [pos] * len(lengths), [[each] * world for _ in lengths]
+    if algorithm == "ulysses":
+        raise ValueError(
+            f"algorithm='ulysses' needs prompts of equal length divisible by {parts} (layout={layout!r}, world "
+            f"{world}) after the last prompt token is held back for decoding; got prefill lengths {lengths}. Use "
+            "'token_ring', 'kv_ring' or 'auto'"
+        )
+    docs = [n for n in lengths if n > 0]
+    if not docs:
+        return "none", None, [[] for _ in lengths], [[0] * world for _ in lengths]
+    cu = torch.tensor([0, *torch.tensor(docs).cumsum(0).tolist()], dtype=torch.int64)
+    shard = ShardLayout.make(world, layout, cu_seqlens=cu)
+    starts, doc_of = [], []
+    for b, n in enumerate(lengths):
+        if n > 0:
+            starts.append(int(cu[len(starts)]))
+            doc_of.append(b)
+    positions = [[] for _ in lengths]
+    counts = [[0] * world for _ in lengths]
+    bounds = cu.tolist()
+    for r in range(world):
+        for g in shard.global_index(r):
+            d = bisect.bisect_right(bounds, g) - 1
+            counts[doc_of[d]][r] += 1
+            if r == rank:
+                positions[doc_of[d]].append(g - starts[d])
+    return "packed", cu, positions, counts
+
+
+def _prefill(model, ids, lengths, cache, ctx, world, rank, layout, algorithm):
+    """Run the sequence-parallel prefill of ``lengths[b]`` leading tokens of each row ``ids[b]``."""
+    mode, cu, positions, counts = _prefill_plan(lengths, world, rank, layout, algorithm)
+    if mode == "none":
+        cache.plan_prefill([(0, 0, 0)] * len(lengths), counts)
+        return
+    if mode == "batch":
+        pos = torch.tensor(positions[0], dtype=torch.int64)
+        local_ids = ids[:, pos]
+        position_ids = pos.unsqueeze(0).expand(len(lengths), -1)
+        rows = [(b, 0, len(positions[0])) for b in range(len(lengths))]
+    else:
+        flat_ids, flat_pos, rows = [], [], []
+        for b, pos in enumerate(positions):
+            rows.append((0, len(flat_pos), len(flat_pos) + len(pos)))
+            flat_ids.extend(int(ids[b, p]) for p in pos)
+            flat_pos.extend(pos)
+        local_ids = torch.tensor([flat_ids], dtype=torch.int64)
+        position_ids = torch.tensor([flat_pos], dtype=torch.int64)
+    cache.plan_prefill(rows, counts)
+    ctx.phase, ctx.cu_seqlens = "prefill", cu
+    model(input_ids=local_ids.to(ids.device), position_ids=position_ids.to(ids.device), past_key_values=cache,
+          use_cache=True, logits_to_keep=1)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------- generate
+def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None, gen) -> torch.Tensor:
+    """logits: (batch, vocab) fp32 -> (batch,) int64."""
+    if not do_sample:
+        return logits.argmax(dim=-1)  # first maximum: ties go to the lowest token id
+    scores = logits / temperature
+    if top_k is not None and top_k < scores.shape[-1]:
+        kth = torch.topk(scores, top_k, dim=-1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return torch.multinomial(probs, 1, generator=gen)[:, 0]
+
+
+@contextlib.contextmanager
+def _sharded_attention(model, mods, ctx):
+    register_sharded_attention()
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(SHARDED_ATTENTION_NAME)
+    for m in mods:
+        setattr(m, _CTX_ATTR, ctx)
+    try:
+        yield
+    finally:
+        for m in mods:
+            with contextlib.suppress(AttributeError):
+                delattr(m, _CTX_ATTR)
+        model.set_attn_implementation(previous)
+
+
+@torch.no_grad()
+def generate(
+    model,
+    input_ids: torch.Tensor,
+    *,
+    group: dist.ProcessGroup | None = None,
+    max_new_tokens: int,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    seed: int = 0,
+    attention_mask: torch.Tensor | None = None,
+    layout: str = "zigzag",
+    algorithm: str = "auto",
+    cache: ShardedKVCache | None = None,
+    timeout_s: float = 60.0,
+    stats: CommStats | None = None,
+    timings: dict | None = None,
+) -> torch.Tensor:
+    """Generate ``max_new_tokens`` tokens per sequence with a Hugging Face causal LM over ``group``.
+
+    Every rank of ``group`` calls it with the same model weights and arguments. input_ids: (batch, seqlen)
+    int64; with ``attention_mask`` (batch, seqlen) of 0/1, prompts are left-padded as for HF ``generate``
+    (each row's 1s must be a suffix). Returns (batch, seqlen + max_new_tokens) int64: the prompts (padding
+    kept) followed by the new tokens, identical on every rank. No EOS stopping.
+
+    ``layout``/``algorithm`` choose the prefill's sharding and sequence-parallel attention (``"auto"``: the
+    cost model). ``cache``: an empty :class:`ShardedKVCache` for this batch and group (default: a new one);
+    it holds the sharded K/V afterwards. ``stats`` receives the bytes moved (prefill and decode);
+    ``timings`` (a dict) receives ``prefill_s`` and ``decode_s`` (per-token list). Every wait is bounded by
+    ``timeout_s`` and raises naming the rank and the token step.
+    """
+    import time
+
+    mods = _check_model(model)
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.int64:
+        got = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(f"input_ids must be a (batch, seqlen) int64 tensor; got {got}")
+    batch, seqlen = input_ids.shape
+    if batch < 1 or seqlen < 1:
+        raise ValueError(f"input_ids has shape {(batch, seqlen)}; expected at least one token per sequence")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r}; expected an int >= 0")
+    if do_sample and not temperature > 0:
+        raise ValueError(f"temperature={temperature!r}; expected > 0 when sampling")
+    check_layout(layout)
+    if algorithm not in ALGORITHM_CHOICES:
+        raise ValueError(f"algorithm={algorithm!r}; expected one of {ALGORITHM_CHOICES}")
+    if attention_mask is None:
+        lengths = [seqlen] * batch
+    else:
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask shape {tuple(attention_mask.shape)} must equal input_ids shape {tuple(input_ids.shape)}"
+            )
+        m = attention_mask.to(torch.int64)
+        lengths = m.sum(1).tolist()
+        for b, n in enumerate(lengths):
+            if n < 1 or not bool((m[b, seqlen - n :] == 1).all()):
+                raise ValueError(
+                    f"attention_mask row {b} must be left padding (0s then at least one 1); got {m[b].tolist()}"
+                )
+    world, rank = world_and_rank(group)
+    if cache is None:
+        cache = ShardedKVCache(batch, group=group)
+    else:
+        if not isinstance(cache, ShardedKVCache):
+            raise TypeError(f"cache must be a ShardedKVCache; got {type(cache).__name__}")
+        if cache.group_id != group_key(group) or cache.world != world:
+            raise ValueError(
+                f"cache was built for a different process group (size {cache.world}, key {cache.group_id}) than "
+                f"generate's group (size {world}, key {group_key(group)}); build it with the same group"
+            )
+        if cache.batch != batch or cache.get_seq_length() != 0:
+            raise ValueError(
+                f"cache must be empty and for batch {batch}; got batch {cache.batch} holding {cache.global_lengths()}"
+            )
+    ranks = dist.get_process_group_ranks(group or dist.group.WORLD) if world > 1 else [0]
+    fields = {
+        "group size": world, "group's first global rank": ranks[0], "batch": batch, "seqlen": seqlen,
+        "max_new_tokens": max_new_tokens, "do_sample": int(do_sample), "seed": seed,
+        "layout": LAYOUTS.index(layout), "algorithm": ALGORITHM_CHOICES.index(algorithm),
+        "input_ids checksum": int((input_ids * torch.arange(1, seqlen + 1)).sum()) % (1 << 61),
+        "prompt lengths checksum": sum((i + 1) * n for i, n in enumerate(lengths)),
+    }  # fmt: skip
+    check_same_across_ranks(fields, group, what="longmoe.generate arguments", timeout_s=timeout_s)
+
+    ids = torch.stack([input_ids[b, seqlen - n :].new_zeros(seqlen).index_copy(
+        0, torch.arange(n), input_ids[b, seqlen - n :]) for b, n in enumerate(lengths)])  # fmt: skip
+    ctx = DecodeContext(cache=cache, group=group, layout=layout, algorithm=algorithm, timeout_s=timeout_s,
+                        stats=stats)  # fmt: skip
+    gen = torch.Generator().manual_seed(seed)
+    new_tokens = []
+    decode_s = []
+    with _sharded_attention(model, mods, ctx):
+        t0 = time.perf_counter()
+        _prefill(model, ids, [n - 1 for n in lengths], cache, ctx, world, rank, layout, algorithm)
+        if timings is not None:
+            timings["prefill_s"] = time.perf_counter() - t0
+        ctx.phase, ctx.cu_seqlens = "decode", None
+        token = torch.tensor([int(ids[b, n - 1]) for b, n in enumerate(lengths)], dtype=torch.int64)
+        for step in range(max_new_tokens):
+            t1 = time.perf_counter()
+            ctx.step = step
+            position = torch.tensor(cache.global_lengths(), dtype=torch.int64).unsqueeze(1)  # (B, 1)
+            cache.plan_decode()
+            out = model(input_ids=token.unsqueeze(1).to(input_ids.device), position_ids=position.to(input_ids.device),
+                        past_key_values=cache, use_cache=True)  # fmt: skip
+            token = _pick(out.logits[:, -1].float(), do_sample, temperature, top_k, gen)
+            new_tokens.append(token)
+            decode_s.append(time.perf_counter() - t1)
+    if timings is not None:
+        timings["decode_s"] = decode_s
+    new = torch.stack(new_tokens, dim=1) if new_tokens else input_ids.new_zeros(batch, 0)
+    return torch.cat([input_ids, new.to(input_ids.device)], dim=1)
