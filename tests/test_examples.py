@@ -50,4 +50,3 @@ def test_generate_long_matches_single_process():
     assert r.returncode == 0, r.stdout + r.stderr
     assert "OK: 2-rank greedy tokens equal one process's" in r.stdout
     assert "bytes sent per decoded token per rank" in r.stdout and "KV cache" in r.stdout
-

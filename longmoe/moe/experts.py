@@ -122,7 +122,9 @@ def grouped_linear(
     offs: optional (num_experts,) int32 cumulative counts on x's device. Returns (num_rows, out).
     """
     # _grouped_mm needs 16-byte-aligned row strides: widths such as 3 fp32 (after slimming) take the loop.
-    aligned = (x.shape[1] * x.element_size()) % 16 == 0 and (weight.shape[1] * weight.element_size()) % 16 == 0
+    aligned = (x.shape[1] * x.element_size()) % 16 == 0 and (
+        weight.shape[1] * weight.element_size()
+    ) % 16 == 0
     grouped = aligned and grouped_mm_available(x.device.type, x.dtype) and x.dtype == weight.dtype
     if grouped and offs is None:
         offs = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
