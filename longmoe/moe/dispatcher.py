@@ -19,6 +19,7 @@ for the process group's timeout (``init_from_env(timeout_s=...)``, ``spawn(timeo
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -89,7 +90,7 @@ class AllToAllDispatcher:
         recv_host = recv.cpu()
         output_splits = recv_host.sum(1).tolist()
         rows = all_to_all(x, output_splits, input_splits, self.group, what="MoE token rows")
-        self.bytes_sent += (sum(input_splits) - input_splits[self.rank]) * x[0].numel() * x.element_size()
+        self.bytes_sent += (sum(input_splits) - input_splits[self.rank]) * math.prod(x.shape[1:]) * x.element_size()
         regroup = None
         if self.num_local_experts > 1 and self.ep_size > 1:
             local_ids = torch.arange(self.num_local_experts, device=x.device).repeat(self.ep_size)
@@ -105,5 +106,5 @@ class AllToAllDispatcher:
         if state.regroup is not None:
             y = moe_unpermute(y, state.regroup, backend=self.backend)  # exact inverse (unit weights, top_k=1)
         off_rank = sum(state.output_splits) - state.output_splits[self.rank]
-        self.bytes_sent += off_rank * (y.numel() // max(y.shape[0], 1)) * y.element_size()
+        self.bytes_sent += off_rank * math.prod(y.shape[1:]) * y.element_size()
         return all_to_all(y, state.input_splits, state.output_splits, self.group, what="MoE expert outputs")

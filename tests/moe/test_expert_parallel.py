@@ -111,9 +111,14 @@ def _case(rank: int, world: int, num_experts: int, top_k: int, capacity_factor: 
     if sizes[rank]:
         torch.testing.assert_close(ep.router.weight.grad, ref.router.weight.grad, **TOL)
 
-    # Aux-loss-free balancing: counts all-reduced, every rank ends with the bias of the global counts.
+    # Aux-loss-free balancing: the slots every rank's experts kept (after capacity, as Megatron-core counts
+    # them), all-reduced; every rank ends with the bias of the global counts.
     load = ep.update_expert_bias(group)
-    assert torch.equal(load, aux_ref.routed_tokens_per_expert.float())
+    kept = aux.tokens_per_expert.float().clone()
+    dist.all_reduce(kept, group=group)
+    assert torch.equal(load, kept)
+    if capacity_factor is None:
+        assert torch.equal(load, aux_ref.routed_tokens_per_expert.float())  # dropless: kept == routed
     biases = [torch.empty_like(ep.router.expert_bias) for _ in range(world)]
     dist.all_gather(biases, ep.router.expert_bias)
     assert all(torch.equal(b, biases[0]) for b in biases)
