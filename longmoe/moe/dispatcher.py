@@ -90,7 +90,9 @@ class AllToAllDispatcher:
         recv_host = recv.cpu()
         output_splits = recv_host.sum(1).tolist()
         rows = all_to_all(x, output_splits, input_splits, self.group, what="MoE token rows")
-        self.bytes_sent += (sum(input_splits) - input_splits[self.rank]) * math.prod(x.shape[1:]) * x.element_size()
+        self.bytes_sent += (
+            (sum(input_splits) - input_splits[self.rank]) * math.prod(x.shape[1:]) * x.element_size()
+        )
         regroup = None
         if self.num_local_experts > 1 and self.ep_size > 1:
             local_ids = torch.arange(self.num_local_experts, device=x.device).repeat(self.ep_size)
