@@ -194,14 +194,20 @@ def group_key(group: dist.ProcessGroup | None) -> int:
 
 
 def group_device(group: dist.ProcessGroup | None) -> torch.device:
-    """The device a collective's tensors must be on for ``group``: the current CUDA device for an NCCL-only
-    group, the CPU for gloo (and for a ``"cpu:gloo,cuda:nccl"`` group, whose metadata collectives then
-    stay off the GPU). The CPU without an initialised process group."""
+    """The device a collective's tensors must be on for ``group``: this process's current accelerator
+    device for an NCCL-only group (no device type is named here: ``torch.accelerator`` says which), the
+    CPU for gloo (and for a ``"cpu:gloo,cuda:nccl"`` group, whose metadata collectives then stay off the
+    accelerator). The CPU without an initialised process group."""
     if not (dist.is_available() and dist.is_initialized()):
         return torch.device("cpu")
     backend = str(dist.get_backend(_resolve(group))).lower()
     if "nccl" in backend and "gloo" not in backend:
-        return torch.device("cuda", torch.cuda.current_device())
+        accel = torch.accelerator.current_accelerator()
+        if accel is None:
+            raise RuntimeError(
+                f"group_device: the group's backend is {backend!r} but this process has no accelerator"
+            )
+        return torch.device(accel.type, torch.accelerator.current_device_index())
     return torch.device("cpu")
 
 

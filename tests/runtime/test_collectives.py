@@ -22,10 +22,15 @@ from longmoe.runtime import (
 def test_group_device_follows_the_backend(monkeypatch):
     assert group_device(None) == torch.device("cpu")  # no process group: CPU
     monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(distributed.torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(distributed.torch.accelerator, "current_accelerator", lambda: torch.device("cuda"))
+    monkeypatch.setattr(distributed.torch.accelerator, "current_device_index", lambda: 3)
     for backend, want in (("gloo", "cpu"), ("nccl", "cuda:3"), ("cpu:gloo,cuda:nccl", "cpu")):
         monkeypatch.setattr(distributed.dist, "get_backend", lambda g=None, b=backend: b)
         assert group_device(None) == torch.device(want), backend
+    monkeypatch.setattr(distributed.torch.accelerator, "current_accelerator", lambda: None)
+    monkeypatch.setattr(distributed.dist, "get_backend", lambda g=None: "nccl")
+    with pytest.raises(RuntimeError, match="'nccl' but this process has no accelerator"):
+        group_device(None)
 
 
 def test_cross_rank_check_puts_its_tensors_on_the_group_device(monkeypatch):
