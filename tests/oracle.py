@@ -13,6 +13,8 @@ so the bound says: at most twice PyTorch's own rounding error, plus a small floo
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from longmoe.attention import flash_attention_backward_ref, flash_attention_ref
@@ -95,3 +97,59 @@ def attention_oracle(q, k, v, dout, **kw):
     os_, ls = flash_attention_ref(qs, ks, vs, upcast=False, **kw)
     gs = flash_attention_backward_ref(dout, qs, ks, vs, os_, ls, upcast=False, **kw)
     return oracle, (os_, ls, *gs)
+
+
+def xattention_scores64(q, k, stride, block_size, causal, q_offset=None):
+    """XAttention block scores in fp64, by definition (Python loops, no library code).
+
+    q: (batch, seqlen_q, heads_q, head_dim); k: (batch, seqlen_k, heads_kv, head_dim). Returns fp64
+    (batch, heads_q, ceil(seqlen_q/block_size), ceil(seqlen_k/block_size)): every stride x stride tile's
+    antidiagonal sum of q k^T / (sqrt(head_dim) * stride), causal on the stride grid (``q_offset`` default
+    seqlen_k - seqlen_q), softmax per query group, summed over block sub-grids, averaged over the block's
+    (real) query groups and over the query heads of a KV group. Small shapes only.
+    """
+    b, lq, hq, d = q.shape
+    lk, hkv = k.shape[1], k.shape[2]
+    off = lk - lq if q_offset is None else q_offset
+    s, g = stride, hq // hkv
+    nq, nk = -(-lq // s), -(-lk // s)
+    out = torch.zeros(b, hq, -(-lq // block_size), -(-lk // block_size), dtype=torch.float64)
+    for bb in range(b):
+        for h in range(hq):
+            full = q[bb, :, h].double() @ k[bb, :, h // g].double().T  # (lq, lk)
+            anti = torch.full((nq, nk), float("-inf"), dtype=torch.float64)
+            for r in range(nq):
+                for j in range(nk):
+                    if j * s >= lk or (causal and j * s > off + r * s + s - 1):
+                        continue
+                    tot = 0.0
+                    for i in range(s):
+                        qi, kj = r * s + s - 1 - i, j * s + i
+                        if qi < lq and kj < lk:
+                            tot += full[qi, kj].item()
+                    anti[r, j] = tot / (math.sqrt(d) * s)
+            p = torch.softmax(anti, -1).nan_to_num(0.0)
+            rb = block_size // s
+            for qb in range(out.shape[2]):
+                for kb in range(out.shape[3]):
+                    rows = p[qb * rb : (qb + 1) * rb]  # the block's real query groups only
+                    out[bb, h, qb, kb] = rows[:, kb * rb : (kb + 1) * rb].sum() / rows.shape[0]
+    if g > 1:
+        out = out.view(b, hkv, g, *out.shape[2:]).mean(2).repeat_interleave(g, 1)
+    return out
+
+
+def near_tie_rows(scores: torch.Tensor, tau: torch.Tensor, eps: float) -> torch.Tensor:
+    """Rows whose ranked selection could flip under a score perturbation of ``eps``: the first dropped block
+    nearly reaches the threshold, the last kept one nearly misses it, or the two boundary blocks nearly tie.
+
+    scores: (..., n_blocks); tau: broadcastable to (..., 1). Returns bool (...)."""
+    s, _ = torch.sort(scores, dim=-1, descending=True)
+    total = s.sum(-1, keepdim=True).clamp(min=1e-30)
+    frac = (torch.cumsum(s, -1) - s) / total  # mass before each sorted block
+    kept = ((frac < tau) & (s > 0)).sum(-1, keepdim=True)  # boundary index c
+    last = (kept - 1).clamp(min=0)
+    first_out = kept.clamp(max=s.shape[-1] - 1)
+    gap = s.gather(-1, last) - s.gather(-1, first_out)
+    near = ((frac.gather(-1, first_out) - tau).abs() < eps) | ((tau - frac.gather(-1, last)).abs() < eps)
+    return (near | (gap.abs() < eps)).squeeze(-1)

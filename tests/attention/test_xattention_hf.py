@@ -5,8 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from longmoe.attention import flash_attention_ref
 from longmoe.attention.hf import register_hf_attention, set_xattention_thresholds  # noqa: E402
-from longmoe.attention.xattention import xattention_sdpa
+from longmoe.attention.xattention import xattention_estimate, xattention_sdpa
+from tests.oracle import assert_within_oracle, attention64, max_err
 
 # fp32 logits of O(1) through 2 layers: our kernels and SDPA differ only in summation order (measured 2.4e-7);
 # 1e-5 is ~80 ulp, far below any mask or scale bug (those move logits by O(1e-2)).
@@ -50,19 +52,56 @@ def test_xattention_threshold_one_equals_sdpa_and_generates():
     assert torch.equal(ours.generate(prompt, **kw), ref.generate(prompt, **kw))
 
 
+def _replay_attention(masks, oracle):
+    """A transformers attention function that replays the block masks ``masks`` recorded from our run, one
+    per call in order, as plain masked attention: the fp64 oracle (tests/oracle.py) or the library's
+    same-dtype reference (``flash_attention_ref(upcast=False)``). Causal (bottom-right), GQA by index."""
+
+    def attend(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (b, s, h, d)
+        mask, block_size = masks.pop(0)
+        kw = dict(causal=True, softmax_scale=scaling, block_mask=mask, block_size=block_size)
+        out = attention64(q, k, v, **kw)[0] if oracle else flash_attention_ref(q, k, v, upcast=False, **kw)[0]
+        return out.to(query.dtype), None
+
+    return attend
+
+
 @torch.no_grad()
-def test_xattention_sparse_close_to_dense():
+def test_xattention_sparse_equals_masked_reference(monkeypatch):
+    """The drop-in's sparse logits equal plain masked attention with the same block masks (replayed per
+    layer), within the fp32 reference's own error of the fp64 oracle; and tiles really were dropped."""
+    from transformers import AttentionInterface
+
+    import longmoe.attention.hf as hf
+
     # Random init gives near-uniform attention, where τ = 0.9 keeps every tile; scaling the q/k projections
-    # by 8 makes attention peaked, so selection really drops tiles. Measured relative error at τ = 0.9:
-    # 0.044 (0.012 at 0.95); the bound 0.1 leaves room for seeds while catching a wrong mask (O(1)).
+    # by 8 makes attention peaked, so selection really drops tiles.
     ref, ours, ids = _models("longmoe_xattention", qk_gain=8.0)
-    dense = ref(ids).logits
     per_layer = {"model.layers.0.self_attn": torch.full((4,), 0.9), 1: torch.full((4,), 0.9)}
     set_xattention_thresholds(ours, per_layer, stride=4, block_size=16)
+    recorded, real = [], hf.xattention
+
+    def recording(q, k, v, **kw):
+        est = {n: kw[n] for n in ("stride", "block_size", "threshold", "causal", "softmax_scale", "selection",
+                                  "head_selection")}  # fmt: skip
+        recorded.append((xattention_estimate(q, k, **est)[1], kw["block_size"]))
+        return real(q, k, v, **kw)
+
+    monkeypatch.setattr(hf, "xattention", recording)
     out = ours(ids).logits
-    assert torch.isfinite(out).all()
-    rel = float((out - dense).norm() / dense.norm())
-    assert 1e-4 < rel < 0.1, rel
+    assert len(recorded) == 2 and all(not bool(m.all()) for m, _ in recorded), "no tile was dropped"
+    for name, oracle in (("longmoe_test_replay64", True), ("longmoe_test_replay32", False)):
+        AttentionInterface.register(name, _replay_attention(list(recorded), oracle))
+    ref.config._attn_implementation = "longmoe_test_replay32"
+    same = ref(ids).logits
+    ref.double().config._attn_implementation = "longmoe_test_replay64"
+    oracle = ref(ids).logits
+    assert_within_oracle("sparse logits", out, same, oracle, torch.float32)
+    # The masks matter: the sparse logits differ from dense attention by far more than that bound.
+    ref.config._attn_implementation = "sdpa"
+    dense = ref(ids).logits
+    assert max_err(out, dense) > 100 * (2 * max_err(same, oracle) + 1e-5)
 
 
 @torch.no_grad()

@@ -13,7 +13,7 @@ from longmoe.attention.xattention import (
     xattention_estimate_ref,
 )
 from longmoe.runtime import native_available
-from tests.oracle import assert_within_oracle
+from tests.oracle import assert_within_oracle, near_tie_rows
 
 # The suite runs on a `make venv` build, which has the extension (tests/test_attention_core.py asserts it);
 # these marks only matter for a LONGMOE_SKIP_NATIVE=1 install, where there are no C++ ops to test.
@@ -84,20 +84,6 @@ def test_triton_block_scores(case, dtype):
     _check_scores(ours, q, k, case)
 
 
-def _near_tie_rows(scores: torch.Tensor, tau: torch.Tensor, eps: float) -> torch.Tensor:
-    """Rows whose selection could flip under a score perturbation of ``eps``: the first dropped block nearly
-    reaches the threshold, the last kept one nearly misses it, or the two boundary blocks nearly tie."""
-    s, _ = torch.sort(scores, dim=-1, descending=True)
-    total = s.sum(-1, keepdim=True).clamp(min=1e-30)
-    frac = (torch.cumsum(s, -1) - s) / total  # mass before each sorted block
-    kept = ((frac < tau) & (s > 0)).sum(-1, keepdim=True)  # boundary index c
-    last = (kept - 1).clamp(min=0)
-    first_out = kept.clamp(max=s.shape[-1] - 1)
-    gap = s.gather(-1, last) - s.gather(-1, first_out)
-    near = ((frac.gather(-1, first_out) - tau).abs() < eps) | ((tau - frac.gather(-1, last)).abs() < eps)
-    return (near | (gap.abs() < eps)).squeeze(-1)
-
-
 @pytest.mark.parametrize("per_head", [False, True], ids=["tau", "tau_per_head"])
 @pytest.mark.parametrize(
     "case,backend",
@@ -126,7 +112,7 @@ def test_estimator_masks_match_reference(case, per_head, backend):
     tau_rows = tau_rows.expand(*s64.shape[:3], 1)
     # eps: 10x the score error bound, far above fp32 rounding and far below a real selection bug.
     eps = 10 * (2 * (s32.double() - s64).abs().max().item() + 1e-5)
-    clear = ~_near_tie_rows(s64, tau_rows, eps)
+    clear = ~near_tie_rows(s64, tau_rows, eps)
     assert clear.float().mean() > 0.8, "test inputs are too tie-prone to say anything"
     assert torch.equal(mask[clear], m64[clear])
     # Every row keeps at least its threshold's share of the fp64 mass (up to eps), ties or not.
