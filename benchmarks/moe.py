@@ -288,7 +288,7 @@ def _ep_rank(rank: int, world: int, cfg_kw: dict, dtype_name: str, tokens: int, 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", type=parse_shape, nargs="+", default=[parse_shape(s) for s in DEFAULT_SHAPES])
-    ap.add_argument("--tokens", type=int, nargs="+", default=[512, 2048, 8192])
+    ap.add_argument("--tokens", type=int, nargs="+", default=[2048, 8192, 512])
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "bfloat16"])
     ap.add_argument("--capacity-factor", type=float, default=1.25, help="extra provider; 0 to skip")
@@ -305,7 +305,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     cf = args.capacity_factor or None
     rows, splits = [], {}
-    points = [(d, s, t) for d in args.dtype for s in args.shapes for t in args.tokens]
+    # Token counts outermost, in the order given: a sweep stopped early has every shape at the first counts.
+    points = [(d, s, t) for d in args.dtype for t in args.tokens for s in args.shapes]
     for dtype_name, (experts, top_k, ffn), tokens in track(points, description="MoE sweep", console=console):
         dtype = getattr(torch, dtype_name)
         cfg_kw = dict(hidden_size=args.hidden, ffn_hidden_size=ffn, num_experts=experts, top_k=top_k)
@@ -369,6 +370,7 @@ def main() -> None:
                 f"{rows[-1]['ratio_vs_hf']:.2f}x hf"
             )
         write_csv(rows, args.out)  # after every point: a long sweep keeps what it measured
+        plot(rows, splits, args.out.with_suffix(".png"))
 
     table = Table(title=f"MoE layer, CPU ({rows[0]['machine']}, {args.threads} thread(s), H={args.hidden})")
     for col in (
@@ -402,7 +404,6 @@ def main() -> None:
         split_table.add_row(dtype_name, shape, name, str(tokens), *(f"{split[s] * 1e3:.1f}" for s in STAGES))
     console.print(split_table)
     console.print(f"CSV: {args.out}")
-    plot(rows, splits, args.out.with_suffix(".png"))
     console.print(f"Plot: {args.out.with_suffix('.png')}")
 
 
