@@ -1,4 +1,4 @@
-"""Hugging Face interop: MoE blocks of Mixtral-, Qwen2-MoE- and PhiMoE-style models into :class:`MoELayer` and back.
+"""Hugging Face interop: MoE blocks of Mixtral-, Qwen2-MoE-, OLMoE- and PhiMoE-style models into :class:`MoELayer` and back.
 
 Written against transformers 5.x, whose experts are fused 3-D parameters: ``experts.gate_up_proj
 (E, 2 * ffn, H)`` (gate rows first) and ``experts.down_proj (E, H, ffn)`` - the same layout as
@@ -11,6 +11,8 @@ family             router                      MoEConfig
 ``qwen2_moe``      ``gate.weight``             softmax, ``normalize_topk = norm_topk_prob``, shared
                                                expert (``gate_proj``/``up_proj``/``down_proj``) with a
                                                sigmoid ``shared_expert_gate``
+``olmoe``          ``gate.weight``             softmax, ``normalize_topk = norm_topk_prob`` (fine-grained:
+                                               64 experts, top-8, narrow experts; no shared expert)
 ``phimoe``         ``router.weight``           ``sparsemixer`` top-2, ``sparsemixer_eps =
                                                router_jitter_noise``
 =================  ==========================  =====================================================
@@ -42,15 +44,16 @@ __all__ = [
     "replace_hf_moe_blocks",
 ]
 
-HF_MOE_FAMILIES: tuple[str, ...] = ("mixtral", "qwen2_moe", "phimoe")
+HF_MOE_FAMILIES: tuple[str, ...] = ("mixtral", "qwen2_moe", "olmoe", "phimoe")
 """``model_type`` values of the supported Hugging Face configs."""
 
 _BLOCK_CLASSES = {
     "MixtralSparseMoeBlock": "mixtral",
     "Qwen2MoeSparseMoeBlock": "qwen2_moe",
+    "OlmoeSparseMoeBlock": "olmoe",
     "PhimoeSparseMoeBlock": "phimoe",
 }
-_ROUTER = {"mixtral": "gate", "qwen2_moe": "gate", "phimoe": "router"}
+_ROUTER = {"mixtral": "gate", "qwen2_moe": "gate", "olmoe": "gate", "phimoe": "router"}
 
 
 def _family(hf_config) -> str:
@@ -83,6 +86,12 @@ def moe_config_from_hf(hf_config, **overrides) -> MoEConfig:
             normalize_topk=bool(hf_config.norm_topk_prob),
             shared_expert_ffn_hidden_size=hf_config.shared_expert_intermediate_size,
             shared_expert_gate=True,
+        )
+    elif family == "olmoe":
+        kw.update(
+            ffn_hidden_size=hf_config.intermediate_size,
+            num_experts=hf_config.num_experts,
+            normalize_topk=bool(hf_config.norm_topk_prob),
         )
     else:
         kw.update(
@@ -163,7 +172,7 @@ class HFMoEBlock(nn.Module):
 def replace_hf_moe_blocks(
     model: nn.Module, *, backend: str | None = None, **overrides
 ) -> dict[str, HFMoEBlock]:
-    """Swap every Mixtral/Qwen2-MoE/PhiMoE sparse MoE block inside ``model`` for an :class:`HFMoEBlock` with the
+    """Swap every Mixtral/Qwen2-MoE/OLMoE/PhiMoE sparse MoE block inside ``model`` for an :class:`HFMoEBlock` with the
     same weights. ``overrides`` go to :func:`moe_config_from_hf`. Returns the new blocks by module path."""
     hf_config = getattr(model, "config", None)
     if hf_config is None:

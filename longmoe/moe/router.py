@@ -27,6 +27,7 @@ __all__ = [
     "RouterOutput",
     "TopKRouter",
     "topk_routing",
+    "topk_lowest_index",
     "sparsemixer_routing",
     "expert_capacity",
     "apply_capacity",
@@ -59,6 +60,28 @@ def sparsemixer_routing(logits: torch.Tensor, eps: float) -> tuple[torch.Tensor,
     return torch.cat((p1, p2), dim=-1), torch.cat((ind1, ind2), dim=-1)
 
 
+def topk_lowest_index(key: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` largest entries of every row, ordered by value (descending); equal values are
+    ordered, and selected, by the lower index. key: (num_tokens, n); returns (num_tokens, k) int64.
+
+    ``torch.topk`` leaves ties to the implementation (on this CPU it does not pick the lower index for 2 <= k
+    among 8-256 tied experts, and CUDA differs), so the router would route tied tokens differently on
+    different devices. This is the rule of a stable descending sort, at the cost of a top-(k+1), two sorts
+    of (num_tokens, k) and, only for the rows whose k-th and (k+1)-th values tie, a sort of those rows.
+    """
+    n = key.shape[-1]
+    if k >= n:
+        return torch.sort(key, dim=-1, descending=True, stable=True).indices[:, :k]
+    vals, ids = torch.topk(key, k + 1, dim=-1)
+    cut = (vals[:, k - 1] == vals[:, k]).nonzero().squeeze(1)  # a tie across the cut (rare for real scores)
+    ids = ids[:, :k]
+    if cut.numel():
+        ids = ids.index_put((cut,), torch.sort(key[cut], dim=-1, descending=True, stable=True).indices[:, :k])
+    ids = ids.sort(dim=-1).values  # then a stable sort by value: ties in index order
+    order = torch.sort(key.gather(-1, ids), dim=-1, descending=True, stable=True).indices
+    return ids.gather(-1, order)
+
+
 def topk_routing(
     logits: torch.Tensor,
     *,
@@ -80,7 +103,8 @@ def topk_routing(
 
     Returns:
         ``(probs, expert_ids, scores)``: probs (num_tokens, top_k) gating weights in logits' dtype,
-        expert_ids (num_tokens, top_k) int64, scores (num_tokens, num_experts) the distribution the balancing
+        expert_ids (num_tokens, top_k) int64 (by score, descending; ties go to the lower expert index, see
+        :func:`topk_lowest_index`), scores (num_tokens, num_experts) the distribution the balancing
         loss and the entropy use (softmax probabilities; sigmoid scores normalised per token).
     """
     if score_function == "sparsemixer":
@@ -92,11 +116,9 @@ def topk_routing(
         scores = torch.sigmoid(logits)
     else:
         raise ValueError(f"score_function={score_function!r}: expected 'softmax', 'sigmoid' or 'sparsemixer'")
-    if expert_bias is None:
-        top, ids = torch.topk(scores, top_k, dim=-1)
-    else:
-        _, ids = torch.topk(scores.detach() + expert_bias.to(scores.dtype), top_k, dim=-1)
-        top = scores.gather(-1, ids)
+    key = scores.detach() if expert_bias is None else scores.detach() + expert_bias.to(scores.dtype)
+    ids = topk_lowest_index(key, top_k)  # ties: the lower expert index, on every device
+    top = scores.gather(-1, ids)
     if normalize_topk:
         # The floor only matters for sigmoid scores that all underflow to 0 (softmax top-k sums are > 0).
         top = top / top.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(top.dtype).tiny)

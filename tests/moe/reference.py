@@ -30,11 +30,13 @@ def _mlp(x, fc1, fc2, activation, width, ffn):
 
 
 def moe_loop_reference(
-    cfg: MoEConfig, params: dict[str, torch.Tensor], x: torch.Tensor
+    cfg: MoEConfig, params: dict[str, torch.Tensor], x: torch.Tensor, keep: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dropless MoE forward, one token at a time.
+    """MoE forward, one token at a time; dropless unless ``keep`` says which slots survive capacity.
 
-    cfg: the layer's config; params: :func:`clone_params` output; x: (num_tokens, hidden) in the params' dtype.
+    cfg: the layer's config; params: :func:`clone_params` output; x: (num_tokens, hidden) in the params' dtype;
+    keep: None or (num_tokens, top_k) bool, slot ``j`` of token ``t`` in top-k order (score descending): a
+    dropped slot adds nothing and the kept weights are not renormalised (capacity drops, as the router's).
     Returns ``(out (num_tokens, hidden), expert_ids (num_tokens, top_k))``.
     """
     ct = torch.float64 if x.dtype == torch.float64 else torch.float32  # router scores in fp32 (fp64 oracle)
@@ -51,6 +53,8 @@ def moe_loop_reference(
             top = top / top.sum()
         acc = torch.zeros(x.shape[1], dtype=ct)
         for j in range(cfg.top_k):
+            if keep is not None and not bool(keep[t, j]):
+                continue
             e = int(ids[j])
             y = _mlp(xt, fc1[e], fc2[e], cfg.activation, widths[e], cfg.ffn_hidden_size)
             acc = acc + top[j] * y.to(ct)

@@ -156,6 +156,19 @@ def test_expert_parallel_matches_single_process(world):
     assert spawn(_ep_fn, world, timeout_s=150.0) == ["ok"] * world
 
 
+def _ep_fine_fn(rank: int, world: int) -> str:
+    # Fine-grained: 64 experts, top-8, 32 or 16 local experts per rank, most of them empty at these token
+    # counts (and the last one always); dropless and with capacity drops.
+    _case(rank, world, num_experts=64, top_k=8, capacity_factor=None)
+    _case(rank, world, num_experts=64, top_k=8, capacity_factor=1.25)
+    return "ok"
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_expert_parallel_fine_grained(world):
+    assert spawn(_ep_fine_fn, world, timeout_s=150.0) == ["ok"] * world
+
+
 def _hang_fn(rank: int, world: int) -> None:
     """Rank 1 never joins the exchange: rank 0's all-to-all must fail by the group timeout, not hang."""
     import datetime

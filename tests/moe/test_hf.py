@@ -1,4 +1,4 @@
-"""Hugging Face interop: Mixtral, Qwen2-MoE and PhiMoE blocks (small configs, no download) into MoELayer and back.
+"""Hugging Face interop: Mixtral, Qwen2-MoE, OLMoE and PhiMoE blocks (small configs, no download) into MoELayer and back.
 
 The Hugging Face block in fp64 is the oracle; the tolerance rule compares our fp32 layer with the Hugging
 Face block in fp32 (``err(ours32, hf64) <= 2 * err(hf32, hf64) + atol``). The Hugging Face experts run their
@@ -40,6 +40,9 @@ FAMILIES = {
         norm_topk_prob=False,
         **COMMON,
     ),  # fmt: skip
+    "olmoe": lambda: transformers.OlmoeConfig(
+        intermediate_size=8, num_experts=16, num_experts_per_tok=8, norm_topk_prob=False, **COMMON
+    ),  # fine-grained: many narrow experts, top-8
     "phimoe": lambda: transformers.PhimoeConfig(
         intermediate_size=48, num_local_experts=4, num_experts_per_tok=2, **COMMON
     ),
@@ -60,7 +63,7 @@ def test_block_round_trip(family):
     block64, block32 = hf64.model.layers[0].mlp, hf32.model.layers[0].mlp
     layer = moe_layer_from_hf(block32, hf32.config)
     assert isinstance(layer, MoELayer) and not layer.training
-    assert layer.config.num_experts == (6 if family == "qwen2_moe" else 4)
+    assert layer.config.num_experts == {"qwen2_moe": 6, "olmoe": 16}.get(family, 4)
     assert (layer.shared_expert is not None) == (family == "qwen2_moe")
 
     x = torch.randn(2, 13, 32, dtype=torch.float64)
@@ -68,7 +71,7 @@ def test_block_round_trip(family):
         oracle = block64(x)
         same = block32(x.float())
         ours, aux = layer(x.float())
-    assert aux.tokens_per_expert.sum() == 2 * 13 * 2
+    assert aux.tokens_per_expert.sum() == 2 * 13 * layer.config.top_k
     assert_within_oracle(f"{family} block", ours, same, oracle, torch.float32)
 
     # ...and back: a freshly initialised block that receives the layer's weights is the original block.

@@ -83,6 +83,53 @@ def test_dropless_matches_per_token_loop(name, dtype, backend):
             assert bool((ours["dexperts.linear_fc2"][e, :, w:] == 0).all())
 
 
+@pytest.mark.parametrize("capacity_factor", [None, 1.25])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fine_grained_empty_experts_and_capacity(capacity_factor, dtype):
+    """64 narrow experts, top-8 (OLMoE's regime), four experts that never win a slot, dropless and with
+    capacity 1.25 (slots dropped by probability): output and every gradient against the per-token loop in
+    fp64, which drops the same slots."""
+    cfg = MoEConfig(
+        hidden_size=32, ffn_hidden_size=8, num_experts=64, top_k=8, capacity_factor=capacity_factor
+    )
+    layer = _layer(cfg, dtype, router_scale=40.0)
+    with torch.no_grad():  # experts 60..63: logit -5 * mean(x) * sqrt(H) with inputs of mean 2: never picked
+        layer.router.weight[60:] = -5.0 / cfg.hidden_size**0.5
+    tokens = 41
+    x = (torch.randn(tokens, cfg.hidden_size) + 2.0).to(dtype)
+    g = torch.randn(tokens, cfg.hidden_size).to(dtype)
+    with torch.no_grad():
+        route = layer.router(x)
+    keep = route.expert_ids >= 0
+    xs = x.detach().clone().requires_grad_(True)
+    layer.zero_grad(set_to_none=True)
+    out, aux = layer(xs)
+    (out * g).sum().backward()
+    ours = {"out": out.detach(), "dx": xs.grad, **{f"d{k}": p.grad for k, p in layer.named_parameters()}}
+    assert bool((aux.tokens_per_expert[60:] == 0).all()) and bool((aux.tokens_per_expert[:60] > 0).any())
+    dropped = int(aux.dropped_tokens)
+    assert int(aux.tokens_per_expert.sum()) == tokens * 8 - dropped
+    assert (dropped > 0) == (capacity_factor is not None), dropped
+    assert int((~keep).sum()) == dropped
+
+    def loop(dt):
+        params = clone_params(layer, dt)
+        xr = x.detach().to(dt).clone().requires_grad_(True)
+        o, ids = moe_loop_reference(cfg, params, xr, keep=keep)
+        (o * g.to(dt)).sum().backward()
+        return {"out": o.detach(), "dx": xr.grad, **{f"d{k}": p.grad for k, p in params.items()}}, ids
+
+    oracle, ids64 = loop(torch.float64)
+    same, _ = loop(dtype)
+    assert torch.equal(torch.where(keep, route.expert_ids, -1), torch.where(keep, ids64, -1)), (
+        "routing differs"
+    )
+    for key, want in oracle.items():
+        assert_within_oracle(
+            f"E=64 top-8 cf={capacity_factor} {key}", ours[key].float(), same[key].float(), want, dtype
+        )
+
+
 def test_one_expert_top1_equals_dense_mlp():
     """Degeneracy (megablocks): one expert, top-1: the router weight is 1 and the layer is that expert's MLP."""
     cfg = MoEConfig(hidden_size=48, ffn_hidden_size=40, num_experts=1, top_k=1)

@@ -37,8 +37,9 @@ DTYPES["triton"] = (torch.float32, torch.float16, torch.float64) + (
 )
 
 # (num_tokens, top_k, num_experts, hidden): odd sizes, top_k 1..3, a token count of 0, a hidden size that is
-# not a multiple of any vector width, and more experts than slots (some experts get zero tokens).
-SHAPES = [(97, 2, 8, 33), (0, 2, 4, 8), (13, 1, 3, 16), (5, 3, 16, 24)]
+# not a multiple of any vector width, more experts than slots (some experts get zero tokens), and the
+# fine-grained regime (256 experts, top-8: most experts empty, eight rows per token in the Triton kernels).
+SHAPES = [(97, 2, 8, 33), (0, 2, 4, 8), (13, 1, 3, 16), (5, 3, 16, 24), (23, 8, 256, 40)]
 
 
 def _expert_ids(tokens, top_k, experts, drop_frac=0.2, seed=0):
