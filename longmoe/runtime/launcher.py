@@ -85,11 +85,15 @@ def _worker(
     env: dict[str, str],
     conn,
     stack_path: str | None,
+    netns: str | None = None,
 ) -> None:
-    """Body of one rank's process: environment, process group, ``fn``, report through ``conn``."""
+    """Body of one rank's process: network namespace, environment, process group, ``fn``, report through
+    ``conn``."""
     stack_file = None
     phase = "init"
     try:
+        if netns is not None:  # before any socket exists: gloo's threads start later and inherit it
+            _enter_netns(netns)
         if stack_path is not None:
             stack_file = open(stack_path, "w")  # noqa: SIM115  (kept open for faulthandler until exit)
             faulthandler.register(signal.SIGUSR1, file=stack_file, all_threads=True)
@@ -128,6 +132,23 @@ def _worker(
         if stack_file is not None:
             faulthandler.unregister(signal.SIGUSR1)
             stack_file.close()
+
+
+_CLONE_NEWNET = 0x40000000
+
+
+def _enter_netns(name: str) -> None:
+    """Move this process's main thread into the named network namespace (``/run/netns/<name>``)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(f"/run/netns/{name}", os.O_RDONLY)
+    try:
+        if libc.setns(fd, _CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns into network namespace {name!r} failed: {os.strerror(err)}")
+    finally:
+        os.close(fd)
 
 
 def _describe_exit(code: int | None) -> str:
@@ -187,6 +208,9 @@ def spawn(
     dist_backend: str | None = "gloo",
     timeout_s: float = 120.0,
     env: dict[str, str] | None = None,
+    netns: list[str] | None = None,
+    master_addr: str = "127.0.0.1",
+    rank_env: list[dict[str, str]] | None = None,
 ) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` local processes; return the results by rank.
 
@@ -201,6 +225,10 @@ def spawn(
         timeout_s: limit for the whole run (start-up included) and the process group's collective timeout.
         env: extra environment variables for every rank. ``OMP_NUM_THREADS`` (and ``torch`` threads)
             default to ``max(1, cpu_count // world_size)`` so that ranks do not oversubscribe the CPU.
+        netns: one network namespace name per rank (``/run/netns/<name>``, as ``ip netns add`` makes);
+            each rank enters its own before it opens any socket (``longmoe.runtime.netem`` builds them).
+        master_addr: ``MASTER_ADDR`` of every rank (rank 0's address; with ``netns``, in its namespace).
+        rank_env: extra environment per rank (``GLOO_SOCKET_IFNAME`` of each namespace), applied last.
 
     Returns:
         ``[result_of_rank_0, ..., result_of_rank_{world_size-1}]``.
@@ -213,6 +241,9 @@ def spawn(
         raise ValueError(f"spawn(world_size={world_size!r}): expected an int >= 1")
     if not (isinstance(timeout_s, (int, float)) and math.isfinite(timeout_s) and timeout_s > 0):
         raise ValueError(f"spawn(timeout_s={timeout_s!r}): expected a finite number of seconds > 0")
+    for what, value in (("netns", netns), ("rank_env", rank_env)):
+        if value is not None and len(value) != world_size:
+            raise ValueError(f"spawn({what}={value!r}): expected one entry per rank ({world_size})")
     if env is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
         raise TypeError(f"spawn(env={env!r}): expected a dict of str -> str")
     try:
@@ -226,7 +257,18 @@ def spawn(
     deadline = time.monotonic() + timeout_s
     for attempt in range(_PORT_ATTEMPTS):
         try:
-            return _spawn_once(fn, world_size, args, dist_backend, timeout_s, deadline, env or {})
+            return _spawn_once(
+                fn,
+                world_size,
+                args,
+                dist_backend,
+                timeout_s,
+                deadline,
+                env or {},
+                netns,
+                master_addr,
+                rank_env,
+            )
         except SpawnError as err:
             init_failure = err.failures.get(0, "")
             port_taken = "EADDRINUSE" in init_failure or "ddress already in use" in init_failure
@@ -243,6 +285,9 @@ def _spawn_once(
     timeout_s: float,
     deadline: float,
     user_env: dict[str, str],
+    netns: list[str] | None = None,
+    master_addr: str = "127.0.0.1",
+    rank_env: list[dict[str, str]] | None = None,
 ) -> list[Any]:
     ctx = mp.get_context("spawn")
     port = free_port()
@@ -261,16 +306,30 @@ def _spawn_once(
                     "LOCAL_RANK": str(rank),
                     "LOCAL_WORLD_SIZE": str(world_size),
                     "GROUP_RANK": "0",
-                    "MASTER_ADDR": "127.0.0.1",
+                    "MASTER_ADDR": master_addr,
                     "MASTER_PORT": str(port),
                     "OMP_NUM_THREADS": str(threads),
                 }
                 env.update(user_env)
+                if rank_env is not None:
+                    env.update(rank_env[rank])
                 stack_path = os.path.join(tmp, f"rank{rank}.stack") if _HAS_STACK_DUMP else None
                 reader, writer = ctx.Pipe(duplex=False)
                 proc = ctx.Process(
                     target=_worker,
-                    args=(fn, rank, world_size, args, port, dist_backend, timeout_s, env, writer, stack_path),
+                    args=(
+                        fn,
+                        rank,
+                        world_size,
+                        args,
+                        port,
+                        dist_backend,
+                        timeout_s,
+                        env,
+                        writer,
+                        stack_path,
+                        None if netns is None else netns[rank],
+                    ),
                     name=f"longmoe-rank{rank}",
                     daemon=False,
                 )
