@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from longmoe.attention import flash_attention
+from longmoe.attention import XAttentionConfig, flash_attention
 from longmoe.moe import MoEConfig, MoELayer
 from longmoe.parallel import sequence_parallel_attention
 
@@ -160,6 +160,20 @@ def _causal(attn_mask_type) -> bool:
     )
 
 
+def _check_attention(algorithm: str, sparse) -> None:
+    if algorithm not in _ALGORITHMS:
+        raise ValueError(f"attention={algorithm!r}: expected one of {_ALGORITHMS}")
+    if sparse is None:
+        return
+    if not isinstance(sparse, XAttentionConfig):
+        raise TypeError(f"sparse={sparse!r}: expected a longmoe.attention.XAttentionConfig or None")
+    if algorithm not in ("auto", "ulysses"):
+        raise ValueError(
+            f"attention={algorithm!r} with sparse: block-sparse attention across CP ranks runs under Ulysses only; "
+            "expected 'auto' or 'ulysses'"
+        )
+
+
 def _core_attention_class():
     MegatronModule = _megatron()
 
@@ -169,17 +183,18 @@ def _core_attention_class():
         forward: query (s_local, b, heads_q, d), key/value (s_local, b, heads_kv, d) in Megatron's
         zigzag CP shards -> (s_local, b, heads_q * d). ``algorithm``: ``"auto"`` (the cost model's
         cheapest), ``"token_ring"``, ``"kv_ring"`` or ``"ulysses"``. With one CP rank it is plain
-        :func:`longmoe.attention.flash_attention`. Packed sequences (``packed_seq_params`` in the ``thd``
+        :func:`longmoe.attention.flash_attention`. ``sparse`` (a :class:`~longmoe.attention.XAttentionConfig`)
+        makes it XAttention block-sparse: Ulysses across CP ranks (``algorithm`` ``"auto"`` or ``"ulysses"``),
+        plain :func:`~longmoe.attention.xattention` on one. Packed sequences (``packed_seq_params`` in the ``thd``
         format, one sample) map to ``cu_seqlens``; attention dropout, explicit masks and mask types other
         than causal / no-mask raise.
         """
 
         def __init__(self, config, layer_number, attn_mask_type, attention_type, attention_dropout=None,
                      softmax_scale=None, cp_comm_type=None, pg_collection=None, *, algorithm="auto",
-                     timeout_s=120.0):  # fmt: skip
+                     timeout_s=120.0, sparse=None):  # fmt: skip
             super().__init__(config=config)
-            if algorithm not in _ALGORITHMS:
-                raise ValueError(f"algorithm={algorithm!r}: expected one of {_ALGORITHMS}")
+            _check_attention(algorithm, sparse)
             dropout = config.attention_dropout if attention_dropout is None else attention_dropout
             if dropout:
                 raise ValueError(
@@ -202,6 +217,7 @@ def _core_attention_class():
             self.softmax_scale = softmax_scale
             self.algorithm = algorithm
             self.timeout_s = timeout_s
+            self.sparse = sparse
 
         def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                     packed_seq_params=None):  # fmt: skip
@@ -228,11 +244,14 @@ def _core_attention_class():
                     raise ValueError(
                         "packed_seq_params with one CP rank: use longmoe.attention.flash_attention per doc"
                     )
-                out = flash_attention(q, k, v, causal=causal, softmax_scale=self.softmax_scale)
+                if self.sparse is not None:
+                    out = self.sparse(q, k, v, causal=causal, softmax_scale=self.softmax_scale)
+                else:
+                    out = flash_attention(q, k, v, causal=causal, softmax_scale=self.softmax_scale)
             else:
                 out = sequence_parallel_attention(
                     q, k, v, group=self.group, causal=causal, softmax_scale=self.softmax_scale, layout="zigzag",
-                    algorithm=self.algorithm, timeout_s=self.timeout_s, cu_seqlens=cu,
+                    algorithm=self.algorithm, timeout_s=self.timeout_s, cu_seqlens=cu, sparse=self.sparse,
                 )  # fmt: skip
             s, b = query.shape[0], query.shape[1]
             return out.transpose(0, 1).reshape(s, b, -1)
@@ -325,17 +344,19 @@ def gpt_layer_spec(
     normalization: str = "RMSNorm",
     qk_layernorm: bool = False,
     timeout_s: float = 120.0,
+    sparse: XAttentionConfig | None = None,
 ):
     """A megatron-core GPT transformer-layer ``ModuleSpec``: ``get_gpt_layer_local_spec`` with
     ``core_attention`` = :class:`SequenceParallelCoreAttention` (``attention``: ``"auto"``, ``"token_ring"``,
     ``"kv_ring"`` or ``"ulysses"``) and, with ``moe``, ``mlp`` = :class:`LongmoeMoE` (the config's
-    ``num_moe_experts`` must be set). ``normalization``/``qk_layernorm`` as Megatron's spec."""
+    ``num_moe_experts`` must be set). ``normalization``/``qk_layernorm`` as Megatron's spec. ``sparse`` (a
+    :class:`~longmoe.attention.XAttentionConfig`): XAttention block-sparse core attention (Ulysses across CP
+    ranks, so ``attention`` must be ``"auto"`` or ``"ulysses"``)."""
     _megatron()
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec  # noqa: PLC0415
     from megatron.core.transformer.spec_utils import ModuleSpec  # noqa: PLC0415
 
-    if attention not in _ALGORITHMS:
-        raise ValueError(f"attention={attention!r}: expected one of {_ALGORITHMS}")
+    _check_attention(attention, sparse)
     spec = get_gpt_layer_local_spec(normalization=normalization, qk_layernorm=qk_layernorm)
     sub = spec.submodules
     attn = sub.self_attention.submodules
@@ -343,7 +364,7 @@ def gpt_layer_spec(
         attn,
         core_attention=ModuleSpec(
             module=__getattr__("SequenceParallelCoreAttention"),
-            params={"algorithm": attention, "timeout_s": timeout_s},
+            params={"algorithm": attention, "timeout_s": timeout_s, "sparse": sparse},
         ),  # fmt: skip
     )
     self_attention = ModuleSpec(module=sub.self_attention.module, params=dict(sub.self_attention.params),

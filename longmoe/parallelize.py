@@ -25,12 +25,15 @@ from :func:`shard_batch`; padding masks are not supported across shards).
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from longmoe.attention import XAttentionConfig
+from longmoe.attention.xattention import HEAD_SELECTIONS, SELECTIONS
 from longmoe.moe import MoELayer
 from longmoe.parallel import (
     ALGORITHM_CHOICES,
@@ -73,6 +76,10 @@ class ParallelConfig:
     """How sequences are sharded: ``"zigzag"`` (balanced causal work) or ``"contiguous"``."""
     timeout_s: float = 120.0
     """Bound on every wait of the sequence-parallel attention and of the setup checks."""
+    sparse: XAttentionConfig | None = None
+    """XAttention block-sparse attention (:class:`~longmoe.attention.XAttentionConfig`) in every attention
+    layer: whole sequences per rank under Ulysses (``algorithm`` ``"auto"`` or ``"ulysses"``), plain
+    :func:`~longmoe.attention.xattention` with ``sequence_parallel_size=1``. None: dense attention."""
 
     def __post_init__(self):
         for name in ("sequence_parallel_size", "expert_parallel_size"):
@@ -87,6 +94,16 @@ class ParallelConfig:
             raise ValueError(f"ParallelConfig.layout={self.layout!r}: expected one of {LAYOUTS}")
         if not self.timeout_s > 0:
             raise ValueError(f"ParallelConfig.timeout_s={self.timeout_s!r}: expected seconds > 0")
+        if self.sparse is not None:
+            if not isinstance(self.sparse, XAttentionConfig):
+                raise TypeError(
+                    f"ParallelConfig.sparse={self.sparse!r}: expected a longmoe.attention.XAttentionConfig or None"
+                )
+            if self.algorithm not in ("auto", "ulysses"):
+                raise ValueError(
+                    f"ParallelConfig.algorithm={self.algorithm!r} with sparse: block-sparse attention across "
+                    "sequence shards runs under Ulysses only; expected 'auto' or 'ulysses'"
+                )
 
     def data_parallel_size(self, world_size: int) -> int:
         """``world_size / sequence_parallel_size``, after checking that both sizes divide the world."""
@@ -119,8 +136,10 @@ def build_meshes(config: ParallelConfig) -> ParallelMeshes:
         return ParallelMeshes(None, None, 1, 1)
     fields = dict(sequence_parallel_size=config.sequence_parallel_size,
                   expert_parallel_size=config.expert_parallel_size,
-                  algorithm=ALGORITHM_CHOICES.index(config.algorithm), layout=LAYOUTS.index(config.layout))  # fmt: skip
-    names = dict(algorithm=ALGORITHM_CHOICES, layout=LAYOUTS)
+                  algorithm=ALGORITHM_CHOICES.index(config.algorithm), layout=LAYOUTS.index(config.layout),
+                  **_sparse_fields(config.sparse))  # fmt: skip
+    names = dict(algorithm=ALGORITHM_CHOICES, layout=LAYOUTS, sparse_selection=SELECTIONS,
+                 sparse_head_selection=HEAD_SELECTIONS)  # fmt: skip
     check_same_across_ranks(fields, None, what="ParallelConfig", timeout_s=config.timeout_s,
                             describe=lambda n, v: repr(names[n][v]) if n in names else v)  # fmt: skip
     from torch.distributed.device_mesh import DeviceMesh  # noqa: PLC0415  (only with a process group)
@@ -133,6 +152,16 @@ def build_meshes(config: ParallelConfig) -> ParallelMeshes:
     ep = config.expert_parallel_size
     experts = DeviceMesh(device_type, ranks.view(world // ep, ep), mesh_dim_names=("expert_dp", "ep"))
     return ParallelMeshes(dense, experts, world, dp)
+
+
+def _sparse_fields(sparse: XAttentionConfig | None) -> dict[str, int]:
+    """``ParallelConfig.sparse`` as ints for the cross-rank check (thresholds as a CRC of their fp64 bytes)."""
+    if sparse is None:
+        return dict(sparse=0)
+    tau = torch.as_tensor(sparse.threshold, dtype=torch.float64).flatten()
+    return dict(sparse=1, sparse_threshold_crc=zlib.crc32(tau.numpy().tobytes()), sparse_stride=sparse.stride,
+                sparse_block_size=sparse.block_size, sparse_selection=SELECTIONS.index(sparse.selection),
+                sparse_head_selection=HEAD_SELECTIONS.index(sparse.head_selection))  # fmt: skip
 
 
 def _group(mesh, dim: str):
@@ -187,11 +216,15 @@ def apply_sequence_parallel(model: nn.Module, mesh, config: ParallelConfig, *, s
     :class:`~longmoe.parallel.SequenceParallelAttention`; a Hugging Face model is switched to the
     ``"longmoe_sequence_parallel"`` attention function. The model must then be fed sequence shards and
     their global positions (:func:`shard_batch`). ``stats`` (a :class:`longmoe.runtime.CommStats`) collects
-    the bytes the attention of every layer moves. No-op with ``sequence_parallel_size=1``.
+    the bytes the attention of every layer moves. With ``config.sparse`` every attention becomes XAttention
+    (under Ulysses across shards); otherwise a no-op with ``sequence_parallel_size=1``.
     """
-    if config.sequence_parallel_size == 1 or mesh is None:
-        return model
     from longmoe.models import CoreAttention  # noqa: PLC0415
+
+    if config.sequence_parallel_size == 1 or mesh is None:
+        if config.sparse is not None:
+            _apply_local_sparse(model, config.sparse, CoreAttention)
+        return model
 
     group = _group(mesh, "sp")
     cores = [n for n, m in model.named_modules() if isinstance(m, CoreAttention)]
@@ -199,7 +232,7 @@ def apply_sequence_parallel(model: nn.Module, mesh, config: ParallelConfig, *, s
         parent, attr = _parent(model, name)
         setattr(parent, attr, SequenceParallelAttention(group=group, causal=True, layout=config.layout,
                                                         algorithm=config.algorithm, timeout_s=config.timeout_s,
-                                                        stats=stats))  # fmt: skip
+                                                        stats=stats, sparse=config.sparse))  # fmt: skip
     if cores:
         return model
     hf_config = getattr(model, "config", None)
@@ -212,9 +245,30 @@ def apply_sequence_parallel(model: nn.Module, mesh, config: ParallelConfig, *, s
     for m in model.modules():
         if hasattr(m, "num_key_value_groups"):  # HF attention modules
             m.longmoe_sequence_parallel = dict(group=group, algorithm=config.algorithm, layout=config.layout,
-                                               timeout_s=config.timeout_s, stats=stats)  # fmt: skip
+                                               timeout_s=config.timeout_s, stats=stats, sparse=config.sparse)  # fmt: skip
     model.set_attn_implementation(HF_SEQUENCE_PARALLEL)
     return model
+
+
+def _apply_local_sparse(model: nn.Module, sparse: XAttentionConfig, core_cls) -> None:
+    """Whole sequences on this rank: XAttention in every :class:`~longmoe.models.CoreAttention`, or a Hugging
+    Face model switched to the ``"longmoe_xattention"`` attention function with ``sparse``'s settings."""
+    cores = [m for m in model.modules() if isinstance(m, core_cls)]
+    for m in cores:
+        m.sparse = sparse
+    if cores:
+        return
+    if not hasattr(getattr(model, "config", None), "_attn_implementation"):
+        raise ValueError(
+            f"apply_sequence_parallel: {type(model).__name__} has neither longmoe CoreAttention modules nor a "
+            "Hugging Face attention implementation to switch"
+        )
+    from longmoe.attention.hf import register_hf_attention, set_xattention_thresholds  # noqa: PLC0415
+
+    register_hf_attention()
+    set_xattention_thresholds(model, sparse.threshold, stride=sparse.stride, block_size=sparse.block_size,
+                              selection=sparse.selection, head_selection=sparse.head_selection)  # fmt: skip
+    model.set_attn_implementation("longmoe_xattention")
 
 
 def _hf_sequence_parallel_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from longmoe.attention import XAttentionConfig
 from longmoe.models import LlamaMoE, LlamaMoEConfig
 from longmoe.moe import MoELayer
 from longmoe.parallelize import (
@@ -53,14 +54,19 @@ def _loss(model, tokens, targets, positions=None, tokens_per_replica=None):
     return total / (tokens_per_replica or targets.numel()) + aux
 
 
-def _parity(rank, world, sp, ep, path):
-    config = ParallelConfig(sequence_parallel_size=sp, expert_parallel_size=ep, algorithm="auto")
+def _parity(rank, world, sp, ep, path, sparse=None):
+    config = ParallelConfig(
+        sequence_parallel_size=sp, expert_parallel_size=ep, algorithm="auto", sparse=sparse
+    )
     model = _model()
     ref = copy.deepcopy(model)
+    dense = copy.deepcopy(model)
+    if sparse is not None:  # the one-process model runs XAttention on whole sequences
+        apply_sequence_parallel(ref, None, ParallelConfig(sparse=sparse))
     meshes = parallelize(model, config)
     dp = meshes.dp
     g = torch.Generator().manual_seed(1)
-    seqlen = 4 * sp * 3
+    seqlen = 4 * sp * 3 if sparse is None else 48
     data = torch.randint(0, CFG.vocab_size, (2 * dp, seqlen + 1), generator=g)
     inputs, targets = data[:, :-1], data[:, 1:]
 
@@ -75,6 +81,12 @@ def _parity(rank, world, sp, ep, path):
     ref_loss = _loss(ref, inputs, targets)  # the whole global batch in one process
     ref_loss.backward()
     torch.testing.assert_close(share / dp, ref_loss.detach(), **TOL)
+    if sparse is not None:  # the masks drop tiles: sparse and dense differ far beyond the tolerance
+        with torch.no_grad():
+            gap = abs(float(_loss(dense, inputs, targets)) - float(ref_loss))
+        assert gap > 1e-4, (
+            f"rank {rank}: sparse loss equals the dense one within {gap:.1e}: nothing was dropped"
+        )
 
     ref_params = dict(ref.named_parameters())
     for name, p in model.named_parameters():
@@ -94,6 +106,8 @@ def _parity(rank, world, sp, ep, path):
         dist.barrier()
     fresh = LlamaMoE(CFG).double()
     fresh.load_state_dict(torch.load(path), strict=True)  # strict: every parameter present
+    if sparse is not None:
+        apply_sequence_parallel(fresh, None, ParallelConfig(sparse=sparse))
     with torch.no_grad():
         torch.testing.assert_close(fresh(inputs)[0], ref(inputs)[0], rtol=0, atol=0)
         back = _model()
@@ -120,6 +134,22 @@ def test_plain_path_matches_one_process(world, sp, ep):
             assert spawn(_parity, world, sp, ep, path, timeout_s=300) == [world // sp] * world
 
 
+SPARSE = [(1, 1, 1, "group"), (2, 2, 1, "group"), (4, 2, 2, "group"), (4, 4, 1, "head")]
+
+
+@pytest.mark.parametrize("world,sp,ep,heads", SPARSE, ids=[f"w{w}-sp{s}-ep{e}-{h}" for w, s, e, h in SPARSE])
+def test_plain_path_with_xattention_matches_one_process(world, sp, ep, heads):
+    """XAttention under Ulysses (whole sequences per rank and head group) gives the one-process sparse model's
+    loss and gradients; per-query-head selection where K/V heads are replicated (heads_kv=2 < sp=4)."""
+    sparse = XAttentionConfig(threshold=0.5, stride=2, block_size=4, head_selection=heads)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "full.pt")
+        if world == 1:
+            assert _parity(0, 1, sp, ep, path, sparse) == 1
+        else:
+            assert spawn(_parity, world, sp, ep, path, sparse, timeout_s=300) == [world // sp] * world
+
+
 def _mismatch(rank, world):
     config = ParallelConfig(sequence_parallel_size=2 if rank == 0 else 1, expert_parallel_size=1)
     try:
@@ -129,6 +159,21 @@ def _mismatch(rank, world):
         assert "sequence_parallel_size is" in msg and "on rank" in msg, msg
         return msg
     raise AssertionError(f"rank {rank}: a config that differs across ranks was accepted")
+
+
+def _sparse_mismatch(rank, world):
+    config = ParallelConfig(sparse=XAttentionConfig(threshold=0.9 if rank == 0 else 0.8))
+    try:
+        build_meshes(config)
+    except ValueError as exc:
+        assert "sparse_threshold_crc is" in str(exc) and "on rank" in str(exc), str(exc)
+        return str(exc)
+    raise AssertionError(f"rank {rank}: XAttention settings that differ across ranks were accepted")
+
+
+def test_sparse_settings_that_differ_across_ranks_are_an_error():
+    msgs = spawn(_sparse_mismatch, 2, timeout_s=60)
+    assert "rank 1" in msgs[0] and "rank 0" in msgs[1]
 
 
 def test_config_mismatch_across_ranks_is_an_error_not_a_hang():

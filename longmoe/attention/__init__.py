@@ -18,6 +18,7 @@ from longmoe.attention.merge import (
     merge_attention_partials_ref,
 )
 from longmoe.attention.xattention import (
+    XAttentionConfig,
     block_sparse_attention,
     xattention,
     xattention_estimate,
@@ -44,6 +45,7 @@ __all__ = [
     "merge_attention_partials_",
     "merge_attention_partials_ref",
     "block_sparse_attention",
+    "XAttentionConfig",
     "xattention",
     "xattention_estimate",
     "xattention_estimate_ref",

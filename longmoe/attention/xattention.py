@@ -56,7 +56,9 @@ Conventions: q ``(batch, seqlen_q, heads_q, head_dim)``, k/v ``(batch, seqlen_k,
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -73,6 +75,7 @@ __all__ = [
     "block_sparse_attention",
     "xattention",
     "xattention_sdpa",
+    "XAttentionConfig",
     "SELECTIONS",
     "HEAD_SELECTIONS",
 ]
@@ -427,6 +430,71 @@ def xattention(
     if return_density:
         res = (*res, block_density(mask, q.shape[1], k.shape[1], block_size, causal))
     return res if len(res) > 1 else out
+
+
+@dataclass(frozen=True, kw_only=True)
+class XAttentionConfig:
+    """XAttention settings for the composed paths (``ParallelConfig.sparse``, the sequence-parallel
+    attention's ``sparse=``, ``longmoe.megatron.gpt_layer_spec(sparse=)``). Validated on construction.
+
+    ``threshold``: τ in (0, 1], one float or a (heads_q,) tensor of per-head thresholds (global head
+    indices: under Ulysses each rank applies the slice of its heads, :meth:`for_heads`). The other fields
+    as :func:`xattention`. Calling it runs :func:`xattention` on whole local sequences.
+    """
+
+    threshold: float | torch.Tensor = 0.9
+    stride: int = 8
+    block_size: int = 128
+    selection: Selection = "paper"
+    head_selection: HeadSelection = "group"
+
+    def __post_init__(self):
+        t = self.threshold
+        if isinstance(t, torch.Tensor):
+            if t.dim() > 1:
+                raise ValueError(
+                    f"XAttentionConfig.threshold: expected a float or a (heads_q,) tensor; got shape {tuple(t.shape)}"
+                )
+            bad = (t <= 0) | (t > 1) | torch.isnan(t)
+            if bool(bad.any()):
+                raise ValueError(f"XAttentionConfig.threshold={t.tolist()}: expected values in (0, 1]")
+        elif isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= 1:
+            raise ValueError(
+                f"XAttentionConfig.threshold={t!r}: expected a float in (0, 1] or a (heads_q,) tensor"
+            )
+        if isinstance(self.stride, bool) or not isinstance(self.stride, int) or self.stride < 1:
+            raise ValueError(f"XAttentionConfig.stride={self.stride!r}: expected a positive int")
+        bs = self.block_size
+        if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1 or bs % self.stride:
+            raise ValueError(
+                f"XAttentionConfig.block_size={bs!r}: expected a positive multiple of stride={self.stride}"
+            )
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"XAttentionConfig.selection={self.selection!r}: expected one of {SELECTIONS}")
+        if self.head_selection not in HEAD_SELECTIONS:
+            raise ValueError(
+                f"XAttentionConfig.head_selection={self.head_selection!r}: expected one of {HEAD_SELECTIONS}"
+            )
+
+    def for_heads(self, start: int, stop: int, heads_q: int) -> XAttentionConfig:
+        """The settings for query heads ``start:stop`` of ``heads_q`` (slices a per-head threshold)."""
+        t = self.threshold
+        if not isinstance(t, torch.Tensor) or t.dim() == 0:
+            return self
+        if t.shape[0] != heads_q:
+            raise ValueError(
+                f"XAttentionConfig.threshold has {t.shape[0]} per-head values; the attention has heads_q={heads_q}"
+            )
+        return dataclasses.replace(self, threshold=t[start:stop])
+
+    def __call__(
+        self, q, k, v, *, causal: bool, softmax_scale: float | None = None, return_lse: bool = False
+    ):
+        """q: (batch, seqlen, heads_q, head_dim); k, v: (batch, seqlen, heads_kv, head_dim), whole sequences.
+        Returns out like q (and lse (batch, heads_q, seqlen) fp32 with ``return_lse``)."""
+        return xattention(q, k, v, threshold=self.threshold, stride=self.stride, block_size=self.block_size,
+                          causal=causal, softmax_scale=softmax_scale, selection=self.selection,
+                          head_selection=self.head_selection, return_lse=return_lse)  # fmt: skip
 
 
 def block_density(mask: torch.Tensor, seqlen_q: int, seqlen_k: int, block_size: int, causal: bool) -> float:

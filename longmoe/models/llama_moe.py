@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from longmoe.attention import flash_attention
+from longmoe.attention import XAttentionConfig, flash_attention
 from longmoe.moe import MoEConfig, MoELayer
 from longmoe.runtime.dtypes import accumulation_dtype
 
@@ -90,10 +90,22 @@ def rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tens
 
 class CoreAttention(nn.Module):
     """Causal attention on the full local sequence: ``forward(q, k, v) -> out``, q (batch, seqlen,
-    heads_q, head_dim), k/v (batch, seqlen, heads_kv, head_dim). The module sequence parallelism swaps out."""
+    heads_q, head_dim), k/v (batch, seqlen, heads_kv, head_dim). The module sequence parallelism swaps out.
+    ``sparse`` (a :class:`~longmoe.attention.XAttentionConfig`): XAttention block-sparse instead of dense."""
+
+    def __init__(self, sparse: XAttentionConfig | None = None):
+        super().__init__()
+        if sparse is not None and not isinstance(sparse, XAttentionConfig):
+            raise TypeError(f"sparse={sparse!r}: expected a longmoe.attention.XAttentionConfig or None")
+        self.sparse = sparse
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.sparse is not None:
+            return self.sparse(q, k, v, causal=True)
         return flash_attention(q, k, v, causal=True)
+
+    def extra_repr(self) -> str:
+        return "" if self.sparse is None else f"sparse={self.sparse}"
 
 
 class _Attention(nn.Module):

@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from longmoe.attention import XAttentionConfig
 from longmoe.parallel.cost_model import (
     ALGORITHMS,
     AttentionShape,
@@ -173,6 +174,7 @@ def sequence_parallel_attention(
     cu_seqlens: torch.Tensor | None = None,
     stats: CommStats | None = None,
     check_finite: bool = False,
+    sparse: XAttentionConfig | None = None,
 ):
     """Attention over sequence shards with TokenRing, the KV ring or Ulysses (``"auto"``: the cost model's
     cheapest for these shapes and ``topology``; ``"autotune"``: the fastest when timed once on these shapes,
@@ -183,10 +185,14 @@ def sequence_parallel_attention(
     ``cu_seqlens`` (TokenRing and the KV ring). Returns out like q (and lse (batch, heads_q, seqlen_local)
     fp32 with ``return_lse``); differentiable. ``timeout_s`` bounds every wait of the ring algorithms and
     the entry check; ``stats`` (a :class:`longmoe.runtime.CommStats`) receives the bytes moved;
-    ``check_finite`` raises on every rank if any rank's inputs hold a NaN or infinity.
+    ``check_finite`` raises on every rank if any rank's inputs hold a NaN or infinity. ``sparse`` (a
+    :class:`~longmoe.attention.XAttentionConfig`) makes it XAttention block-sparse: Ulysses only (each rank
+    then holds whole sequences of its heads, so the masks are the single-process ones); ``"auto"`` and
+    ``"autotune"`` pick Ulysses, and a ring algorithm raises (the sparse rings are not built yet).
     """
     check_layout(layout)
     _check_algorithm(algorithm)
+    algorithm = _sparse_algorithm(algorithm, sparse, cu_seqlens)
     if algorithm == "auto":
         algorithm, _ = select_algorithm(
             q, k, group=group, causal=causal, layout=layout, topology=topology, cu_seqlens=cu_seqlens
@@ -212,7 +218,25 @@ def sequence_parallel_attention(
         raise ValueError(
             "algorithm='ulysses' does not take packed documents (cu_seqlens); use 'token_ring' or 'kv_ring'"
         )
-    return ulysses_attention(q, k, v, **kw)
+    return ulysses_attention(q, k, v, sparse=sparse, **kw)
+
+
+def _sparse_algorithm(algorithm: str, sparse: XAttentionConfig | None, cu_seqlens) -> str:
+    """The algorithm that runs ``sparse`` attention: Ulysses (``auto`` / ``autotune`` resolve to it)."""
+    if sparse is None:
+        return algorithm
+    if not isinstance(sparse, XAttentionConfig):
+        raise TypeError(f"sparse={sparse!r}: expected a longmoe.attention.XAttentionConfig or None")
+    if algorithm not in ("auto", "autotune", "ulysses"):
+        raise ValueError(
+            f"algorithm={algorithm!r} with sparse=XAttentionConfig(...): block-sparse attention across sequence "
+            "shards runs under Ulysses only; expected 'ulysses' or 'auto'"
+        )
+    if cu_seqlens is not None:
+        raise ValueError(
+            "sparse=XAttentionConfig(...) does not take packed documents (cu_seqlens); expected None"
+        )
+    return "ulysses"
 
 
 class SequenceParallelAttention(nn.Module):
@@ -222,7 +246,9 @@ class SequenceParallelAttention(nn.Module):
     ``SequenceParallelAttention(causal=True)`` in a model whose activations are sharded along the sequence
     with ``shard_sequence``. ``causal`` defaults to False, as in SDPA and every other longmoe function.
     ``last_algorithm`` records what ``"auto"`` chose; ``stats`` (a :class:`longmoe.runtime.CommStats`, shared
-    by several modules if you like) accumulates the bytes every call moves.
+    by several modules if you like) accumulates the bytes every call moves. ``sparse`` (a
+    :class:`~longmoe.attention.XAttentionConfig`) makes it XAttention block-sparse under Ulysses (see
+    :func:`sequence_parallel_attention`).
     """
 
     def __init__(
@@ -236,10 +262,13 @@ class SequenceParallelAttention(nn.Module):
         topology: Topology | None = None,
         timeout_s: float = 120.0,
         stats: CommStats | None = None,
+        sparse: XAttentionConfig | None = None,
     ):
         super().__init__()
         check_layout(layout)
         _check_algorithm(algorithm)
+        _sparse_algorithm(algorithm, sparse, None)
+        self.sparse = sparse
         self.group, self.causal, self.softmax_scale = group, causal, softmax_scale
         self.layout, self.algorithm, self.topology, self.timeout_s = layout, algorithm, topology, timeout_s
         self.stats = stats
@@ -250,7 +279,7 @@ class SequenceParallelAttention(nn.Module):
     ) -> torch.Tensor:
         """q: (batch, seqlen_local, heads_q, head_dim); k, v: (batch, seqlen_local, heads_kv, head_dim);
         cu_seqlens: global (ndocs + 1,) offsets for packed documents (batch 1)."""
-        alg = self.algorithm
+        alg = _sparse_algorithm(self.algorithm, self.sparse, cu_seqlens)
         if alg == "auto":
             alg, _ = select_algorithm(
                 q, k, group=self.group, causal=self.causal, layout=self.layout, topology=self.topology,
@@ -264,11 +293,12 @@ class SequenceParallelAttention(nn.Module):
         self.last_algorithm = alg
         return sequence_parallel_attention(
             q, k, v, group=self.group, causal=self.causal, softmax_scale=self.softmax_scale, layout=self.layout,
-            algorithm=alg, timeout_s=self.timeout_s, cu_seqlens=cu_seqlens, stats=self.stats,
+            algorithm=alg, timeout_s=self.timeout_s, cu_seqlens=cu_seqlens, stats=self.stats, sparse=self.sparse,
         )  # fmt: skip
 
     def extra_repr(self) -> str:
-        return f"algorithm={self.algorithm!r}, layout={self.layout!r}, causal={self.causal}"
+        sparse = "" if self.sparse is None else f", sparse={self.sparse}"
+        return f"algorithm={self.algorithm!r}, layout={self.layout!r}, causal={self.causal}{sparse}"
 
 
 def sequence_parallel_sdpa(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from longmoe.attention import flash_attention
+from longmoe.attention import XAttentionConfig, flash_attention
 from longmoe.parallel.common import check_sequence_parallel_inputs
 from longmoe.parallel.layout import check_layout, shard_positions
 from longmoe.runtime.collectives import all_to_all
@@ -66,6 +66,7 @@ def ulysses_attention(
     timeout_s: float | None = None,
     stats: CommStats | None = None,
     check_finite: bool = False,
+    sparse: XAttentionConfig | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Ulysses attention over the sequence shards of ``group`` (every rank calls it), with autograd.
 
@@ -74,7 +75,11 @@ def ulysses_attention(
     heads are then replicated, P / heads_kv copies each). Returns out like q, and lse (batch, heads_q,
     seqlen_local) fp32 when ``return_lse``. ``timeout_s`` bounds the entry check; the all-to-alls use the
     process group's timeout. ``stats`` (a :class:`longmoe.runtime.CommStats`) receives the bytes sent to
-    other ranks (forward; the backward's all-to-alls are not counted).
+    other ranks (forward; the backward's all-to-alls are not counted). ``sparse`` (a
+    :class:`~longmoe.attention.XAttentionConfig`) runs XAttention instead of dense attention on the whole
+    sequences of this rank's heads, so the block masks are the single-process ones; per-head thresholds are
+    sliced to this rank's heads. With ``head_selection="group"`` and ``heads_kv < P`` (replicated K/V heads)
+    a GQA group's mask is averaged over the group's query heads on this rank only.
     """
     check_layout(layout)
     world, rank = world_and_rank(group)
@@ -104,7 +109,12 @@ def ulysses_attention(
         # Replicate each KV head P / Hkv times so that head group r of Q meets its own KV head on rank r.
         k = k.repeat_interleave(world // hkv, dim=2)
         v = v.repeat_interleave(world // hkv, dim=2)
+    if sparse is not None and not isinstance(sparse, XAttentionConfig):
+        raise TypeError(f"sparse={sparse!r}: expected a longmoe.attention.XAttentionConfig or None")
     if world == 1:
+        if sparse is not None:
+            sparse.for_heads(0, hq, hq)  # checks a per-head threshold's length
+            return sparse(q, k, v, causal=causal, softmax_scale=softmax_scale, return_lse=return_lse)
         return flash_attention(q, k, v, causal=causal, softmax_scale=softmax_scale, return_lse=return_lse)
     qh, kh, vh = (
         seq_to_heads(t, group, stats=stats) for t in (q, k, v)
@@ -117,7 +127,12 @@ def ulysses_attention(
         )
         order = torch.argsort(gathered)  # natural position t sits at gathered index order[t]
         qh, kh, vh = (t.index_select(1, order) for t in (qh, kh, vh))
-    out, lse = flash_attention(qh, kh, vh, causal=causal, softmax_scale=softmax_scale, return_lse=True)
+    if sparse is not None:
+        per = hq // world
+        local = sparse.for_heads(rank * per, (rank + 1) * per, hq)
+        out, lse = local(qh, kh, vh, causal=causal, softmax_scale=softmax_scale, return_lse=True)
+    else:
+        out, lse = flash_attention(qh, kh, vh, causal=causal, softmax_scale=softmax_scale, return_lse=True)
     if order is not None:
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)

@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from longmoe.attention import XAttentionConfig
 from longmoe.runtime import spawn
 from tests.oracle import ATOL, max_err
 
@@ -51,9 +52,10 @@ def _setup(cp, ep, **overrides):
     ps.destroy_model_parallel()
     ps.initialize_model_parallel(context_parallel_size=cp, expert_model_parallel_size=ep)
     dtype = overrides.pop("dtype", torch.float32)
+    sparse = overrides.pop("sparse", None)
     cfg = _config(dtype, cp, ep, **overrides)
     torch.manual_seed(0)
-    model = GPTModel(config=cfg, transformer_layer_spec=gpt_layer_spec(), vocab_size=VOCAB,
+    model = GPTModel(config=cfg, transformer_layer_spec=gpt_layer_spec(sparse=sparse), vocab_size=VOCAB,
                      max_sequence_length=SEQ, position_embedding_type="rope")  # fmt: skip
     return model
 
@@ -71,12 +73,12 @@ def _step(model, batch):
     return total.detach()
 
 
-def _reference(rank, world):
+def _reference(rank, world, sparse=None):
     """World 1, fp64 and fp32: the unsharded loss, the full state dict and every gradient (the fp64 model
     starts from the fp32 weights)."""
     out, state = [], None
     for dtype in (torch.float32, torch.float64):
-        model = _setup(1, 1, dtype=dtype)
+        model = _setup(1, 1, dtype=dtype, sparse=sparse)
         if state is not None:
             model.load_state_dict({k: v.double() for k, v in state.items()}, strict=False)
         loss = _step(model, _batch())
@@ -91,11 +93,11 @@ def _reference(rank, world):
     return out[1], out[0], state
 
 
-def _sharded(rank, world, cp, ep, state):
+def _sharded(rank, world, cp, ep, state, sparse=None):
     from megatron.core import parallel_state as ps
     from megatron.core.utils import get_batch_on_this_cp_rank
 
-    model = _setup(cp, ep)
+    model = _setup(cp, ep, sparse=sparse)
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected and all(k.endswith("_extra_state") for k in missing), (missing, unexpected)
     batch = get_batch_on_this_cp_rank(_batch())
@@ -112,16 +114,25 @@ def _sharded(rank, world, cp, ep, state):
 
 
 @functools.cache
-def _references():
-    return spawn(_reference, 1, timeout_s=300)[0]
+def _references(sparse=None):
+    return spawn(_reference, 1, sparse, timeout_s=300)[0]
+
+
+# XAttention core attention (Ulysses over CP): 4 key blocks of 8 per sequence, so the masks drop tiles
+SPARSE = XAttentionConfig(threshold=0.5, stride=4, block_size=8)
 
 
 @pytest.mark.parametrize(
-    "world,cp,ep", [(1, 1, 1), (2, 2, 2), (4, 2, 2)], ids=["w1", "w2-cp2-ep2", "w4-cp2-ep2"]
+    "world,cp,ep,sparse",
+    [(1, 1, 1, None), (2, 2, 2, None), (4, 2, 2, None), (1, 1, 1, SPARSE), (2, 2, 2, SPARSE)],
+    ids=["w1", "w2-cp2-ep2", "w4-cp2-ep2", "w1-xattention", "w2-cp2-ep2-xattention"],
 )
-def test_gpt_model_matches_unsharded(world, cp, ep):
-    (loss64, g64), (loss32, g32), state32 = _references()
-    per_rank = spawn(_sharded, world, cp, ep, state32, timeout_s=400)
+def test_gpt_model_matches_unsharded(world, cp, ep, sparse):
+    (loss64, g64), (loss32, g32), state32 = _references(sparse)
+    if sparse is not None:  # the masks matter: the dense model's loss is far from the sparse one
+        (dense64, _), _, _ = _references(None)
+        assert abs(dense64 - loss64) > 1e-3, f"sparse loss {loss64} vs dense {dense64}: nothing was dropped"
+    per_rank = spawn(_sharded, world, cp, ep, state32, sparse, timeout_s=400)
     local = EXPERTS // ep
     for rank, (loss, grads, ep_rank) in enumerate(per_rank):
         bound = 2 * abs(loss32 - loss64) + ATOL[torch.float32]
@@ -262,6 +273,12 @@ def test_spec_rejects_unknown_algorithm_and_attention_options():
 
     with pytest.raises(ValueError, match=r"attention='ring': expected one of"):
         gpt_layer_spec(attention="ring")
+    with pytest.raises(
+        ValueError, match=r"attention='token_ring' with sparse: .*expected 'auto' or 'ulysses'"
+    ):
+        gpt_layer_spec(attention="token_ring", sparse=SPARSE)
+    with pytest.raises(TypeError, match=r"sparse=0.5: expected a longmoe.attention.XAttentionConfig"):
+        gpt_layer_spec(sparse=0.5)
     with pytest.raises(ValueError, match=r"attention_dropout=0.1: .*expected 0.0"):
         SequenceParallelCoreAttention(
             _tc(attention_dropout=0.1), 1, AttnMaskType.causal, "self", pg_collection=object()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from longmoe.attention import XAttentionConfig
 from longmoe.parallel import (
     AttentionShape,
     SequenceParallelAttention,
@@ -71,6 +72,15 @@ CASES = {
     "config sp": (lambda: ParallelConfig(sequence_parallel_size=0), ValueError, ["sequence_parallel_size=0"]),
     "config algorithm": (lambda: ParallelConfig(algorithm="ring"), ValueError, ["algorithm='ring'"]),
     "all_to_all splits": (lambda: all_to_all(torch.zeros(3, 2), [3], [2]), ValueError, ["input_splits=[2]", "3"]),
+    "sparse ring": (lambda: sequence_parallel_attention(q, kv, kv, algorithm="token_ring", sparse=XAttentionConfig()), ValueError, ["algorithm='token_ring'", "sparse", "'ulysses'"]),
+    "sparse module ring": (lambda: SequenceParallelAttention(algorithm="kv_ring", sparse=XAttentionConfig()), ValueError, ["algorithm='kv_ring'", "'ulysses'"]),
+    "sparse packed": (lambda: sequence_parallel_attention(q, kv, kv, sparse=XAttentionConfig(), cu_seqlens=torch.tensor([0, 8])), ValueError, ["sparse", "cu_seqlens", "expected None"]),
+    "sparse type": (lambda: sequence_parallel_attention(q, kv, kv, sparse=dict(threshold=0.9)), TypeError, ["sparse={'threshold': 0.9}", "XAttentionConfig"]),
+    "sparse per-head length": (lambda: ulysses_attention(q, kv, kv, sparse=XAttentionConfig(threshold=torch.full((3,), 0.9))), ValueError, ["3 per-head values", "heads_q=4"]),
+    "sparse threshold": (lambda: XAttentionConfig(threshold=1.5), ValueError, ["XAttentionConfig.threshold=1.5", "(0, 1]"]),
+    "sparse block": (lambda: XAttentionConfig(stride=8, block_size=12), ValueError, ["block_size=12", "multiple of stride=8"]),
+    "config sparse ring": (lambda: ParallelConfig(algorithm="token_ring", sparse=XAttentionConfig()), ValueError, ["algorithm='token_ring'", "Ulysses"]),
+    "config sparse type": (lambda: ParallelConfig(sparse=0.9), TypeError, ["sparse=0.9", "XAttentionConfig"]),
 }  # fmt: skip
 
 
