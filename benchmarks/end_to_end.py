@@ -61,13 +61,12 @@ def _sparse(args, on: bool) -> XAttentionConfig | None:
     return XAttentionConfig(threshold=args.threshold, stride=8, block_size=128) if on else None
 
 
-def _batches(args, dp_rank: int, dp: int):
-    """Every step's global batch (rows, seqlen + 1) from one seeded generator; this replica's rows."""
-    data, _, _ = stdlib_split()
+def _batches(args):
+    """Every step's global batch (rows, seqlen + 1), warm-up included, from one seeded generator."""
+    data = stdlib_split()[0]
     g = torch.Generator().manual_seed(0)
-    per = args.rows // dp
     for _ in range(args.steps + 1):
-        yield windows(data, args.seqlen, args.rows, g)[dp_rank * per : (dp_rank + 1) * per]
+        yield windows(data, args.seqlen, args.rows, g)
 
 
 def _plain_rank(rank: int, world: int, args, sp: int, ep: int, sparse: bool) -> dict:
@@ -82,11 +81,8 @@ def _plain_rank(rank: int, world: int, args, sp: int, ep: int, sparse: bool) -> 
     meshes = parallelize(model, config)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     per_replica = args.rows // meshes.dp * args.seqlen
-    data = stdlib_split()[0]
-    g = torch.Generator().manual_seed(0)
     times, first = [], None
-    for step in range(args.steps + 1):  # step 0: warm-up (auto's measurements, allocator)
-        batch = windows(data, args.seqlen, args.rows, g)
+    for step, batch in enumerate(_batches(args)):  # step 0: warm-up (auto's measurements, allocator)
         first = batch if first is None else first
         tokens, positions = shard_batch(batch[:, :-1], meshes.dense, config)
         targets, _ = shard_batch(batch[:, 1:], meshes.dense, config)
@@ -108,27 +104,16 @@ def _plain_rank(rank: int, world: int, args, sp: int, ep: int, sparse: bool) -> 
 
 
 def _peak_mb() -> float:
-    return (
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**20
-    )  # KiB on Linux: this rank's peak RSS
+    """This rank's peak resident set in MB (ru_maxrss is in KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 @torch.no_grad()
 def _density(model, batch, args) -> float:
     """Kept fraction of the causally visible tiles of the first block's XAttention mask on the first step's
     first sequence (whole sequence, one process, the weights at the end of the run)."""
-    from longmoe.models.llama_moe import rotary  # noqa: PLC0415
-
     layer = model.blocks[0]
-    x = model.embed(batch[:1, :-1])
-    c = layer.attention.cfg
-    d = c.head_dim
-    q, k, _ = layer.attention.qkv(layer.norm1(x)).split(
-        [c.heads_q * d, c.heads_kv * d, c.heads_kv * d], dim=-1
-    )
-    pos = torch.arange(args.seqlen)
-    q = rotary(q.view(1, args.seqlen, c.heads_q, d), pos, c.rope_theta)
-    k = rotary(k.view(1, args.seqlen, c.heads_kv, d), pos, c.rope_theta)
+    q, k, _ = layer.attention.project(layer.norm1(model.embed(batch[:1, :-1])), torch.arange(args.seqlen))
     sp = _sparse(args, True)
     _, mask = xattention_estimate(q, k, stride=sp.stride, block_size=sp.block_size, threshold=sp.threshold,
                                   causal=True)  # fmt: skip
@@ -171,7 +156,9 @@ def _megatron_rank(rank: int, world: int, args, sp: int, ep: int, sparse: bool) 
     expert_dp = ps.get_expert_data_parallel_group()
     per_replica = args.rows // dp * args.seqlen
     times = []
-    for step, rows in enumerate(_batches(args, dp_rank, dp)):
+    per = args.rows // dp
+    for step, global_rows in enumerate(_batches(args)):
+        rows = global_rows[dp_rank * per : (dp_rank + 1) * per]
         batch = get_batch_on_this_cp_rank({
             "tokens": rows[:, :-1], "labels": rows[:, 1:],
             "position_ids": torch.arange(args.seqlen).expand(rows.shape[0], args.seqlen),

@@ -117,14 +117,20 @@ class _Attention(nn.Module):
         self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
         self.core_attention = CoreAttention()
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def project(self, x: torch.Tensor, positions: torch.Tensor):
+        """x (batch, seqlen, hidden), positions (seqlen,) -> q (batch, seqlen, heads_q, head_dim) and k, v
+        (batch, seqlen, heads_kv, head_dim), RoPE applied to q and k."""
         b, s, _ = x.shape
         c, d = self.cfg, self.cfg.head_dim
         q, k, v = self.qkv(x).split([c.heads_q * d, c.heads_kv * d, c.heads_kv * d], dim=-1)
         q = rotary(q.view(b, s, c.heads_q, d), positions, c.rope_theta)
         k = rotary(k.view(b, s, c.heads_kv, d), positions, c.rope_theta)
-        out = self.core_attention(q, k, v.view(b, s, c.heads_kv, d))
-        return self.proj(out.reshape(b, s, c.hidden_size))
+        return q, k, v.view(b, s, c.heads_kv, d)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        out = self.core_attention(*self.project(x, positions))
+        return self.proj(out.reshape(b, s, self.cfg.hidden_size))
 
 
 class _DenseMLP(nn.Module):
