@@ -8,7 +8,8 @@ Modules, each importing only from those above it in this list (and from runtime/
 * ``schedule``: ring schedules as data (``ring_schedule`` -> ``RingStep``s), walked by the rings and the cost model;
 * ``common``: the entry-point checks and the autograd Function the algorithms share;
 * ``token_ring``, ``kv_ring``, ``ulysses``: the algorithms (none imports another);
-* ``cost_model``: pure bytes and time estimates; ``measure``: timing links and kernel calls on a group;
+* ``cost_model``: pure bytes and time estimates, and how a ``Topology`` routes them; ``measure``: timing
+  links and kernel calls on a group; ``planning``: topologies from hardware and predictions for any size;
 * ``api``: ``sequence_parallel_attention``, ``SequenceParallelAttention``, ``sequence_parallel_sdpa``.
 """
 
@@ -28,7 +29,10 @@ from longmoe.parallel.cost_model import (
     choose_algorithm,
     communication_bytes,
     compute_calls,
+    estimate_breakdown,
     estimate_time,
+    link_loads,
+    link_name,
     step_traffic,
 )
 from longmoe.parallel.kv_ring import kv_ring_attention
@@ -42,6 +46,7 @@ from longmoe.parallel.layout import (
     unshard_sequence,
 )
 from longmoe.parallel.measure import measure_topology, profile_compute
+from longmoe.parallel.planning import HARDWARE, AlgorithmPlan, ClusterPlan, hardware_topology, plan_cluster
 from longmoe.parallel.schedule import RingStep, Transfer, ring_schedule
 from longmoe.parallel.token_ring import token_ring_attention
 from longmoe.parallel.ulysses import heads_to_seq, seq_to_heads, ulysses_attention
@@ -49,6 +54,9 @@ from longmoe.runtime.exchanger import CommStats
 
 __all__ = [
     "ALGORITHMS",
+    "HARDWARE",
+    "AlgorithmPlan",
+    "ClusterPlan",
     "ALGORITHM_CHOICES",
     "LAYOUTS",
     "AttentionShape",
@@ -64,10 +72,15 @@ __all__ = [
     "choose_algorithm",
     "communication_bytes",
     "compute_calls",
+    "estimate_breakdown",
     "estimate_time",
+    "hardware_topology",
+    "link_loads",
+    "link_name",
     "heads_to_seq",
     "kv_ring_attention",
     "measure_topology",
+    "plan_cluster",
     "profile_compute",
     "ring_schedule",
     "select_algorithm",

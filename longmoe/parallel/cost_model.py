@@ -37,8 +37,11 @@ __all__ = [
     "ComputeProfile",
     "Topology",
     "communication_bytes",
+    "estimate_breakdown",
     "estimate_time",
     "choose_algorithm",
+    "link_loads",
+    "link_name",
     "compute_calls",
     "step_traffic",
     "ulysses_applies",
@@ -93,15 +96,29 @@ class AttentionShape:
         return torch.finfo(self.partial_dtype or self.dtype).bits // 8
 
 
+Link = tuple
+"""One direction of one physical link, as :meth:`Topology.path` names it: ``("p2p", a, b)`` (mesh),
+``("hop", a, b)`` (ring neighbours), ``("up", r)`` / ``("down", r)`` (a rank's NIC into / out of a switch),
+``("node_up", n, k)`` / ``("node_down", n, k)`` (node ``n``'s ``k``-th link into / out of the fabric)."""
+
+
 @dataclass(kw_only=True, slots=True)
 class Topology:
-    """What the ranks are connected by."""
+    """What the ranks are connected by: every link direction's bandwidth and how messages are routed.
 
-    kind: Literal["mesh", "ring"] = "mesh"
-    """"mesh": every pair of ranks has its own link (NVSwitch, a fully connected node, loopback); "ring":
-    only neighbours are linked, traffic to rank r+s crosses s links."""
+    Inside a node (``kind``): ``"mesh"``, a link per pair of ranks (NVSwitch, loopback); ``"ring"``, links
+    between neighbours only, a message to rank ``r + s`` crossing ``min(s, P - s)`` of them (the shorter way,
+    ties forward: a PCIe/NVLink ring, or the emulated ``ring``); ``"switch"``, one NIC per rank into a
+    switch, so everything a rank sends shares one direction of its NIC (the emulated ``switch``). With
+    ``nodes > 1`` the ranks are split into nodes of consecutive ranks, and traffic between nodes goes over
+    ``inter_node_links`` links per node (None: one per rank, rail-optimised like one NIC per GPU) of
+    ``inter_node_bandwidth`` into a non-blocking fabric; under ``kind="switch"`` it first crosses the
+    rank's NIC (the emulated ``two_nodes``: bridges joined by one shared link).
+    """
+
+    kind: Literal["mesh", "ring", "switch"] = "mesh"
     link_bandwidth: float = 25e9
-    """Bytes per second per link per direction."""
+    """Bytes per second per link per direction (inside a node)."""
     compute_rate: float = 100e12
     """Attention FLOP/s of one rank."""
     latency: float = 10e-6
@@ -111,9 +128,83 @@ class Topology:
     (GPUs), less when the transport itself burns the cores that compute (gloo on CPU). A step costs
     ``max(compute, comm) + (1 - overlap) * min(compute, comm)``."""
     alltoall_bandwidth: float | None = None
-    """Measured bytes per second one rank sends through ``all_to_all_single``; None: derived from ``link_bandwidth`` and ``kind``. Collective implementations differ
-    from point-to-point ones (gloo on CPU: far from a mesh's P-1 parallel links)."""
+    """Measured bytes per second one rank sends through ``all_to_all_single``; None: from the links' loads.
+    Collective implementations differ from point-to-point ones (gloo on CPU: far from a mesh's P-1
+    parallel links)."""
+    nodes: int = 1
+    inter_node_bandwidth: float | None = None
+    """Bytes per second per direction of one link between a node and the fabric (None: ``link_bandwidth``)."""
+    inter_node_links: int | None = None
+    """Links from each node into the fabric (None: one per rank of the node)."""
     notes: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.kind not in ("mesh", "ring", "switch"):
+            raise ValueError(f"kind={self.kind!r} is not one of ('mesh', 'ring', 'switch')")
+        for name in ("link_bandwidth", "compute_rate"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0; got {getattr(self, name)}")
+        if self.nodes < 1 or (self.inter_node_links is not None and self.inter_node_links < 1):
+            raise ValueError(
+                f"nodes={self.nodes} and inter_node_links={self.inter_node_links} must be >= 1 (or None)"
+            )
+
+    def ranks_per_node(self, world: int) -> int:
+        if world % self.nodes:
+            raise ValueError(f"world_size={world} does not split into nodes={self.nodes} equal nodes")
+        return world // self.nodes
+
+    def path(self, src: int, dst: int, world: int) -> tuple[Link, ...]:
+        """The link directions a message from rank ``src`` to rank ``dst`` crosses, in a group of ``world``."""
+        per = self.ranks_per_node(world)
+        ns, nd = src // per, dst // per
+        if ns != nd:
+            links = self.inter_node_links or per
+            hops = ((("node_up", ns, src % per % links)), ("node_down", nd, dst % per % links))
+            return (("up", src), *hops, ("down", dst)) if self.kind == "switch" else hops
+        if self.kind == "mesh":
+            return (("p2p", src, dst),)
+        if self.kind == "switch":
+            return (("up", src), ("down", dst))
+        base, a, b = ns * per, src % per, dst % per  # ring inside the node
+        k = (b - a) % per
+        step = 1 if k <= per // 2 else -1
+        out, r = [], a
+        while r != b:
+            nxt = (r + step) % per
+            out.append(("hop", base + r, base + nxt))
+            r = nxt
+        return tuple(out)
+
+    def capacity(self, link: Link) -> float:
+        """Bytes per second of one link direction."""
+        if link[0] in ("node_up", "node_down"):
+            return self.inter_node_bandwidth or self.link_bandwidth
+        return self.link_bandwidth
+
+    def link_time(self, sends, world: int) -> tuple[float, dict[Link, int]]:
+        """Seconds the busiest link direction needs for ``sends`` ((src, dst, bytes) sent at once), and
+        every link direction's load in bytes."""
+        load: dict[Link, int] = {}
+        for src, dst, nbytes in sends:
+            if nbytes and src != dst:
+                for link in self.path(src, dst, world):
+                    load[link] = load.get(link, 0) + nbytes
+        return max((n / self.capacity(k) for k, n in load.items()), default=0.0), load
+
+
+def link_name(link: Link) -> str:
+    """A readable name of a link direction: "r0->r1", "r2->switch", "switch->r2", "node0->fabric#1"."""
+    kind, *rest = link
+    if kind in ("p2p", "hop"):
+        return f"r{rest[0]}->r{rest[1]}"
+    if kind == "up":
+        return f"r{rest[0]}->switch"
+    if kind == "down":
+        return f"switch->r{rest[0]}"
+    if kind == "node_up":
+        return f"node{rest[0]}->fabric#{rest[1]}"
+    return f"fabric#{rest[1]}->node{rest[0]}"
 
 
 CallKey = tuple[int, int, int, int, bool, bool]
@@ -249,6 +340,52 @@ def communication_bytes(
     return out
 
 
+def ulysses_sends(shape: AttentionShape, backward: bool = False) -> list[tuple[int, int, int]]:
+    """(src, dst, bytes) of every pair in one Ulysses pass (its all-to-alls): each rank sends an equal
+    share of :func:`communication_bytes` to every other rank."""
+    p = shape.world_size
+    if p == 1:
+        return []
+    per_dst = communication_bytes("ulysses", shape, 0, backward=backward)["other"] // (p - 1)
+    return [(s, d, per_dst) for s in range(p) for d in range(p) if d != s]
+
+
+def ring_step_sends(
+    algorithm: str, shape: AttentionShape, backward: bool = False
+) -> list[list[tuple[int, int, int, int]]]:
+    """Per step of a ring pass, (src, dst, bytes, messages) of every rank's sends (all ranks send at once)."""
+    p = shape.world_size
+    scheds = [ring_schedule(algorithm, shape.shard, shape.causal, r, backward=backward) for r in range(p)]
+    return [
+        [
+            (r, t.peer, nbytes, m)
+            for r in range(p)
+            for t, nbytes, m in step_traffic(scheds[r][i], shape, backward)
+        ]
+        for i in range(len(scheds[0]))
+    ]
+
+
+def link_loads(
+    algorithm: str, shape: AttentionShape, topology: Topology, *, backward: bool = False
+) -> dict[Link, int]:
+    """Bytes every link direction carries in one pass of ``algorithm`` (all ranks), routed by ``topology``
+    (what ``tc -s`` counts on an emulated cluster, less framing)."""
+    _check_algorithm(algorithm)
+    p = shape.world_size
+    if algorithm == "ulysses":
+        steps = [ulysses_sends(shape, backward)]
+    elif p == 1:
+        steps = []
+    else:
+        steps = [[(s, d, n) for s, d, n, _ in step] for step in ring_step_sends(algorithm, shape, backward)]
+    total: dict[Link, int] = {}
+    for sends in steps:
+        for link, n in topology.link_time(sends, p)[1].items():
+            total[link] = total.get(link, 0) + n
+    return total
+
+
 def estimate_time(
     algorithm: str,
     shape: AttentionShape,
@@ -259,69 +396,68 @@ def estimate_time(
 ) -> float:
     """Estimated seconds of one forward (or backward) pass (the slowest rank's), with kernel times from
     ``profile`` where it has them, else from ``topology.compute_rate``."""
+    return estimate_breakdown(algorithm, shape, topology, backward=backward, profile=profile)[0]
+
+
+def estimate_breakdown(
+    algorithm: str,
+    shape: AttentionShape,
+    topology: Topology,
+    *,
+    backward: bool = False,
+    profile: ComputeProfile | None = None,
+) -> tuple[float, float, float]:
+    """(pass seconds, compute seconds, exposed communication seconds) of the slowest rank in one pass."""
     p = shape.world_size
-    bw, lat = topology.link_bandwidth, topology.latency
     if p == 1:
-        return sum(
-            _call_time(shape, topology, profile, c) for c in compute_calls("kv_ring", shape, 0, backward)
-        )
+        t = sum(_call_time(shape, topology, profile, c) for c in compute_calls("kv_ring", shape, 0, backward))
+        return t, t, 0.0
     if algorithm == "ulysses":
-        total = sum(communication_bytes("ulysses", shape, 0, backward=backward).values())
         if topology.alltoall_bandwidth is not None:
+            total = sum(communication_bytes("ulysses", shape, 0, backward=backward).values())
             comm = total / topology.alltoall_bandwidth
-        elif topology.kind == "mesh":
-            comm = total / (p - 1) / bw  # each peer link carries 1/(P-1) of it, all in parallel
-        else:  # each destination d is reached over min(d, P-d) links, split between the two directions
-            per_dst = total / (p - 1)
-            load = sum(min(dd, p - dd) * per_dst for dd in range(1, p)) / 2
-            comm = load / bw
+        else:
+            comm = topology.link_time(ulysses_sends(shape, backward), p)[0]
+        comm += 2 * topology.latency * (p - 1)
         (call,) = compute_calls("ulysses", shape, 0, backward)
-        return comm + 2 * lat * (p - 1) + _call_time(shape, topology, profile, call)
+        compute = _call_time(shape, topology, profile, call)
+        return comm + compute, compute, comm  # the all-to-alls run before / after the call: all exposed
     _check_algorithm(algorithm)
-    return max(_ring_time(algorithm, shape, topology, r, backward, profile) for r in range(p))
-
-
-def _link_time(sends: list[tuple[Transfer, int, int]], rank: int, p: int, topology: Topology) -> float:
-    """Seconds the step's sends occupy the busiest link direction. Mesh: each peer has its own link.
-    Ring: only neighbours are linked, a message takes the shorter way round and loads every link on it;
-    every rank sends alike, so a link direction carries the sum of bytes x hops sent that way."""
-    if topology.kind == "mesh":
-        per_peer: dict[int, int] = {}
-        for t, nbytes, _ in sends:
-            per_peer[t.peer] = per_peer.get(t.peer, 0) + nbytes
-        return max(per_peer.values(), default=0) / topology.link_bandwidth
-    load = {"next": 0, "prev": 0}
-    for t, nbytes, _ in sends:
-        offset = (t.peer - rank) % p
-        way, hops = ("next", offset) if offset <= p - offset else ("prev", p - offset)
-        load[way] += nbytes * hops
-    return max(load.values()) / topology.link_bandwidth
+    return _ring_time(algorithm, shape, topology, backward, profile)
 
 
 def _ring_time(
-    algorithm: str, shape: AttentionShape, topology: Topology, rank: int, backward: bool, profile
-) -> float:
-    """Seconds of one pass on ``rank`` for the ring algorithms, walking their schedule: per step
-    ``max(compute, comm) + (1 - overlap) * min(compute, comm) + messages * latency``, where compute
-    includes merging the step's partial results."""
+    algorithm: str, shape: AttentionShape, topology: Topology, backward: bool, profile
+) -> tuple[float, float, float]:
+    """(seconds, compute, exposed communication) of one pass on the slowest rank for the ring algorithms,
+    walking their schedule: a step's communication is the busiest link direction's time for every rank's
+    sends of that step, and costs ``max(compute, comm) + (1 - overlap) * min(compute, comm) + messages *
+    latency`` on each rank, where compute includes merging the step's partial results."""
     p, b, hq, hkv = shape.world_size, shape.batch, shape.heads_q, shape.heads_kv
-    total = 0.0
-    for step in ring_schedule(algorithm, shape.shard, shape.causal, rank, backward=backward):
-        sends = step_traffic(step, shape, backward)
-        comm = _link_time(sends, rank, p, topology)
-        msgs = sum(m for _, nbytes, m in sends if nbytes)
-        compute = sum(
-            _call_time(shape, topology, profile, _call_key(shape, g, backward)) for g in step.compute
-        )
-        if profile is not None and step.index > 0:
-            # forward: every partial after the first is merged into the running output; backward: partial
-            # dQ is added (and, for the KV ring, the travelling fp32 dK/dV accumulators)
-            heads_rows = hq * sum(g.num_q for g in step.compute)
-            if algorithm == "kv_ring" and backward:
-                heads_rows += 2 * hkv * sum(g.num_kv for g in step.compute)
-            compute += profile.merge_per_row * b * heads_rows
-        total += max(compute, comm) + (1.0 - topology.overlap) * min(compute, comm) + msgs * topology.latency
-    return total
+    scheds = [ring_schedule(algorithm, shape.shard, shape.causal, r, backward=backward) for r in range(p)]
+    per_step = ring_step_sends(algorithm, shape, backward)
+    comm = [topology.link_time([(s, d, n) for s, d, n, _ in sends], p)[0] for sends in per_step]
+    worst = (0.0, 0.0, 0.0)
+    for r in range(p):
+        total = busy = 0.0
+        for i, step in enumerate(scheds[r]):
+            msgs = sum(m for src, _, nbytes, m in per_step[i] if src == r and nbytes)
+            compute = sum(
+                _call_time(shape, topology, profile, _call_key(shape, g, backward)) for g in step.compute
+            )
+            if profile is not None and step.index > 0:
+                # forward: every partial after the first is merged into the running output; backward:
+                # partial dQ is added (and, for the KV ring, the travelling fp32 dK/dV accumulators)
+                heads_rows = hq * sum(g.num_q for g in step.compute)
+                if algorithm == "kv_ring" and backward:
+                    heads_rows += 2 * hkv * sum(g.num_kv for g in step.compute)
+                compute += profile.merge_per_row * b * heads_rows
+            c = comm[i]
+            total += max(compute, c) + (1.0 - topology.overlap) * min(compute, c) + msgs * topology.latency
+            busy += compute
+        if total > worst[0]:
+            worst = (total, busy, total - busy)
+    return worst
 
 
 def choose_algorithm(

@@ -56,10 +56,20 @@ def measure_topology(
     exchange hides behind a concurrent attention call, the per-message latency and the all-to-all
     bandwidth; collective.
 
+    ``kind``: "mesh", "ring" or "switch" to state how the ranks are linked (see :class:`Topology`), or
+    "detect" to tell them apart by two more timed patterns (in ``notes``: ``both_ways`` and ``two_hops``,
+    each time over the one-way exchange's): every rank sending to both neighbours at once takes about
+    twice as long through one NIC per rank ("switch") as over separate links; every rank sending two ranks
+    ahead (P >= 4) takes about twice as long on a ring, where each such message crosses two links, as on a
+    mesh. (P = 2 and P = 3 have no such difference: a 3-ring is a full mesh.) On loopback, where the cores
+    rather than links set the pace, "detect" describes the cores (sending both ways costs them twice).
+
     The result is averaged over ranks (all-reduce) so every rank makes the same choice, and cached per
     (group, kind, device). ``device`` (default: the group's device, :func:`group_device`) is where the
     buffers and the timed attention call live.
     """
+    if kind not in ("mesh", "ring", "switch", "detect"):
+        raise ValueError(f"kind={kind!r} is not one of ('mesh', 'ring', 'switch', 'detect')")
     device = group_device(group) if device is None else torch.device(device)
     key = (group_key(group), kind, str(device))
     if key in _MEASURED:
@@ -73,34 +83,39 @@ def measure_topology(
         flash_attention_forward(q, q, q)
         t_compute = min(t_compute, _now(device) - t0)
     rate = 4.0 * 1024 * 1024 * 8 * 128 / t_compute
-    bw, overlap = float("inf"), 1.0
+    bw, overlap, notes = float("inf"), 1.0, {"measured": True}
     if world > 1:
         ex = P2PExchanger(group, timeout_s=60, name="measure_topology")
         buf = torch.empty(nbytes // 4, device=device)
+        buf2 = torch.empty_like(buf)
+        step = iter(range(1 << 30))
 
-        def exchange(step: int, with_compute: bool) -> float:
+        def exchange(offsets=(1,), with_compute: bool = False) -> float:
+            """Seconds for every rank to send ``buf`` to each ``rank + offset`` (and receive from ``rank -
+            offset``) at once."""
             dist.barrier(group=group)  # start together: skew between ranks is not link time
             t0 = _now(device)
-            ex.send_recv(buf, (rank + 1) % world, (rank - 1) % world, step=step)
+            for off, b in zip(offsets, (buf, buf2), strict=False):
+                ex.send_recv(b, (rank + off) % world, (rank - off) % world, step=next(step))
             ex.commit()
             if with_compute:
                 flash_attention_forward(q, q, q)
             ex.wait()
             return _now(device) - t0
 
-        t_comm = min(exchange(i, False) for i in range(repeats + 1))
-        t_both = min(exchange(100 + i, True) for i in range(repeats))
+        t_comm = min(exchange() for _ in range(repeats + 1))
+        t_both = min(exchange(with_compute=True) for _ in range(repeats))
         bw = nbytes / t_comm
         # Fraction of the shorter of the two that ran in the shadow of the other.
         overlap = (t_compute + t_comm - t_both) / min(t_compute, t_comm)
         # Per-message latency: rounds of back-to-back tiny exchanges (median round: on shared cores a rank
         # is sometimes descheduled, and the ring algorithms pay that on every step).
         tiny, n_msgs, rounds = torch.empty(16, device=device), 16, []
-        for r in range(repeats):
+        for _ in range(repeats):
             dist.barrier(group=group)
             t0 = _now(device)
-            for i in range(n_msgs):
-                ex.send_recv(tiny, (rank + 1) % world, (rank - 1) % world, step=200 + r * n_msgs + i)
+            for _ in range(n_msgs):
+                ex.send_recv(tiny, (rank + 1) % world, (rank - 1) % world, step=next(step))
                 ex.commit()
                 ex.wait()
             rounds.append((_now(device) - t0) / n_msgs)
@@ -115,16 +130,25 @@ def measure_topology(
             dist.all_to_all_single(a2a_out, a2a_in, group=group)
             a2a = min(a2a, _now(device) - t0)
         a2a_bw = a2a_in.numel() * 4 * (world - 1) / world / a2a
-        stats = torch.tensor([bw, rate, overlap, latency, a2a_bw], dtype=torch.float64, device=device)
+        both_ways = two_hops = 1.0
+        if kind == "detect" and world >= 3:
+            both_ways = min(exchange((1, -1)) for _ in range(repeats)) / t_comm
+            if world >= 4:
+                two_hops = min(exchange((2,)) for _ in range(repeats)) / t_comm
+        stats = torch.tensor(
+            [bw, rate, overlap, latency, a2a_bw, both_ways, two_hops], dtype=torch.float64, device=device
+        )
         dist.all_reduce(stats, group=group)
-        bw, rate, overlap, latency, a2a_bw = (stats / world).tolist()
+        bw, rate, overlap, latency, a2a_bw, both_ways, two_hops = (stats / world).tolist()
         overlap = min(max(overlap, 0.0), 1.0)
+        if kind == "detect":
+            notes.update(both_ways=both_ways, two_hops=two_hops)
+            kind = "switch" if both_ways > 1.65 else ("ring" if two_hops > 1.5 else "mesh")
     else:
         latency, a2a_bw = 0.0, None
     topo = Topology(
-        kind=kind, link_bandwidth=bw, compute_rate=rate, overlap=overlap, latency=latency,
-        alltoall_bandwidth=a2a_bw,
-        notes={"measured": True},
+        kind="mesh" if kind == "detect" else kind, link_bandwidth=bw, compute_rate=rate, overlap=overlap,
+        latency=latency, alltoall_bandwidth=a2a_bw, notes=notes,
     )  # fmt: skip
     _MEASURED[key] = topo
     return topo

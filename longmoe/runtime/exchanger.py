@@ -342,7 +342,10 @@ class P2PExchanger:
         for s, r in zip(self_sends, self_recvs, strict=True):
             r.tensor.view(-1).copy_(s.tensor.view(-1))
 
-        remote = [op for op in ops if op.peer != self.rank]
+        # Receives first: gloo then has every receive posted before the sends start, and concurrent sends to
+        # two peers run side by side (sends posted first: often one after the other, ~2x the time).
+        remote = [op for op in ops if op.peer != self.rank and op.kind == "recv"]
+        remote += [op for op in ops if op.peer != self.rank and op.kind == "send"]
         works: list[tuple[dist.Work, list[_Op]]] = []
         if remote:
             p2p_ops = [

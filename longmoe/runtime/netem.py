@@ -48,6 +48,8 @@ __all__ = [
     "TOPOLOGIES",
     "EmulatedCluster",
     "LinkDirection",
+    "goodput",
+    "read_tx_bytes",
     "netem_delay_available",
     "netns_unavailable_reason",
     "parse_rate",
@@ -494,11 +496,26 @@ class EmulatedCluster:
 
     # ------------------------------------------------------------------------------------------ launching
     def rank_env(self) -> list[dict[str, str]]:
-        """Per-rank environment for gloo inside the namespaces."""
-        return [
-            {"GLOO_SOCKET_IFNAME": self.ifnames[r], "TP_SOCKET_IFNAME": self.ifnames[r]}
-            for r in range(self.world_size)
-        ]
+        """Per-rank environment inside the namespaces: gloo's interface, the shaped egress devices of the
+        rank's namespace (``LONGMOE_NETEM_LINKS``, JSON ``{dev: "r0->r1"}``, for :func:`read_tx_bytes`) and
+        a fingerprint of the configured links (``LONGMOE_TOPOLOGY_FINGERPRINT``: measured profiles are
+        cached per topology)."""
+        fingerprint = json.dumps(
+            [self.topology, self.world_size, self.rate_bps, self.inter_rate_bps, self.delay_ms,
+             sorted((f"{a}->{b}", str(v)) for (a, b), v in self.rates.items())]
+        )  # fmt: skip
+        out = []
+        for r in range(self.world_size):
+            mine = {link.dev: link.name for link in self.links if link.netns == self.namespaces[r]}
+            out.append(
+                {
+                    "GLOO_SOCKET_IFNAME": self.ifnames[r],
+                    "TP_SOCKET_IFNAME": self.ifnames[r],
+                    "LONGMOE_NETEM_LINKS": json.dumps(mine),
+                    "LONGMOE_TOPOLOGY_FINGERPRINT": fingerprint,
+                }
+            )
+        return out
 
     def spawn(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
         """``launcher.spawn(fn, world_size, *args, **kwargs)`` with rank ``r`` in namespace ``r``."""
@@ -524,6 +541,26 @@ class EmulatedCluster:
             f"{self.topology} of {self.world_size} ranks on {self.subnet} ({', '.join(self.addresses)}); "
             f"delay {self.delay_ms:g} ms; {rates}"
         )
+
+
+def goodput(rate_bps: float) -> float:
+    """Payload bytes per second of a TCP stream on a link of ``rate_bps`` (bit/s on the wire) at MTU 1500:
+    each 1448-byte segment carries 66 bytes of Ethernet, IPv4 and TCP (with timestamps) headers."""
+    return rate_bps / 8 * _MSS / (_MSS + _FRAME)
+
+
+_MSS, _FRAME = 1448, 66
+
+
+def read_tx_bytes() -> dict[str, int]:
+    """Inside a rank of an :class:`EmulatedCluster`: the bytes the kernel sent so far on each of this
+    rank's shaped egress links (``tc -s``), by link name ("r0->r1", "r0->switch"); ``{}`` elsewhere."""
+    links = json.loads(os.environ.get("LONGMOE_NETEM_LINKS", "{}"))
+    out = {}
+    for dev, name in links.items():
+        text = _run(["tc", "-s", "-j", "qdisc", "show", "dev", dev]).stdout
+        out[name] = int(next(q for q in json.loads(text) if q.get("root"))["bytes"])
+    return out
 
 
 # ------------------------------------------------------------------------------------------------- CLI

@@ -203,3 +203,32 @@ def test_exchanger_bytes_match_the_kernel_counters():
             f"rank {r} -> {1 - r}: exchanger counted {sizes[r]} B, kernel {kernel} B in {packets} packets; "
             f"framing bounds [{lo}, {hi}]"
         )
+
+
+def _detect(rank, world):
+    from longmoe.parallel import measure_topology
+    from longmoe.runtime.netem import read_tx_bytes
+
+    topo = measure_topology(kind="detect")
+    return topo.kind, topo.link_bandwidth, dict(topo.notes), read_tx_bytes()
+
+
+@pytest.mark.parametrize(
+    ("topology", "kind"), [("ring", "ring"), ("full_mesh", "mesh"), ("switch", "switch")]
+)
+def test_measure_topology_learns_the_emulated_links(topology, kind):
+    """4 ranks: the measured per-direction bandwidth is the configured one (TCP payload rate) within 15%,
+    and the timed patterns tell a ring (two-hop messages share links) from a full mesh from a switch (a
+    rank's sends to both neighbours share one NIC). Each rank reads its own links' kernel counters."""
+    from longmoe.runtime.netem import goodput
+
+    with EmulatedCluster(world_size=4, topology=topology, rate="400mbit") as c:
+        res = c.spawn(_detect, timeout_s=150)
+        egress = [{link.name for link in c.links if link.netns == c.namespaces[r]} for r in range(4)]
+    want = goodput(parse_rate("400mbit"))
+    for r, (got_kind, bw, notes, tx) in enumerate(res):
+        assert got_kind == kind, f"rank {r}: detected {got_kind!r} for {topology}, timings {notes}"
+        assert abs(bw - want) <= 0.15 * want, (
+            f"{topology}: measured {bw / 1e6:.1f} MB/s, configured {want / 1e6:.1f}"
+        )
+        assert set(tx) == egress[r] and all(v > 0 for v in tx.values()), (r, tx, egress[r])
