@@ -350,20 +350,27 @@ def ulysses_sends(shape: AttentionShape, backward: bool = False) -> list[tuple[i
     return [(s, d, per_dst) for s in range(p) for d in range(p) if d != s]
 
 
+AFTER_COMPUTE: tuple[str, ...] = ("partial", "kv_grad")
+"""Payloads a ring step can only send once its compute is done (TokenRing's partial results, the KV ring's
+updated dK/dV accumulators): they travel during the next step's compute, and the last step's are exposed."""
+
+
 def ring_step_sends(
     algorithm: str, shape: AttentionShape, backward: bool = False
 ) -> list[list[tuple[int, int, int, int]]]:
-    """Per step of a ring pass, (src, dst, bytes, messages) of every rank's sends (all ranks send at once)."""
+    """Per communication window of a ring pass, (src, dst, bytes, messages) of every rank's sends in it (all
+    ranks send at once). Window ``i`` overlaps step ``i``'s compute and carries what step ``i`` sends before
+    computing and what step ``i - 1`` sent after (:data:`AFTER_COMPUTE`); one more window at the end
+    carries the last step's after-compute sends, with nothing to hide behind."""
     p = shape.world_size
     scheds = [ring_schedule(algorithm, shape.shard, shape.causal, r, backward=backward) for r in range(p)]
-    return [
-        [
-            (r, t.peer, nbytes, m)
-            for r in range(p)
-            for t, nbytes, m in step_traffic(scheds[r][i], shape, backward)
-        ]
-        for i in range(len(scheds[0]))
-    ]
+    n = len(scheds[0])
+    windows: list[list[tuple[int, int, int, int]]] = [[] for _ in range(n + 1)]
+    for r in range(p):
+        for i in range(n):
+            for t, nbytes, m in step_traffic(scheds[r][i], shape, backward):
+                windows[i + (t.payload in AFTER_COMPUTE)].append((r, t.peer, nbytes, m))
+    return windows if windows[n] else windows[:n]
 
 
 def link_loads(
@@ -431,27 +438,30 @@ def _ring_time(
 ) -> tuple[float, float, float]:
     """(seconds, compute, exposed communication) of one pass on the slowest rank for the ring algorithms,
     walking their schedule: a step's communication is the busiest link direction's time for every rank's
-    sends of that step, and costs ``max(compute, comm) + (1 - overlap) * min(compute, comm) + messages *
+    sends in that step's window (:func:`ring_step_sends`), and costs ``max(compute, comm) + (1 - overlap) * min(compute, comm) + messages *
     latency`` on each rank, where compute includes merging the step's partial results."""
     p, b, hq, hkv = shape.world_size, shape.batch, shape.heads_q, shape.heads_kv
     scheds = [ring_schedule(algorithm, shape.shard, shape.causal, r, backward=backward) for r in range(p)]
-    per_step = ring_step_sends(algorithm, shape, backward)
-    comm = [topology.link_time([(s, d, n) for s, d, n, _ in sends], p)[0] for sends in per_step]
+    windows = ring_step_sends(algorithm, shape, backward)
+    comm = [topology.link_time([(s, d, n) for s, d, n, _ in sends], p)[0] for sends in windows]
     worst = (0.0, 0.0, 0.0)
     for r in range(p):
         total = busy = 0.0
-        for i, step in enumerate(scheds[r]):
-            msgs = sum(m for src, _, nbytes, m in per_step[i] if src == r and nbytes)
-            compute = sum(
-                _call_time(shape, topology, profile, _call_key(shape, g, backward)) for g in step.compute
-            )
-            if profile is not None and step.index > 0:
-                # forward: every partial after the first is merged into the running output; backward:
-                # partial dQ is added (and, for the KV ring, the travelling fp32 dK/dV accumulators)
-                heads_rows = hq * sum(g.num_q for g in step.compute)
-                if algorithm == "kv_ring" and backward:
-                    heads_rows += 2 * hkv * sum(g.num_kv for g in step.compute)
-                compute += profile.merge_per_row * b * heads_rows
+        for i, sends in enumerate(windows):
+            msgs = sum(m for src, _, nbytes, m in sends if src == r and nbytes)
+            compute = 0.0
+            if i < len(scheds[r]):
+                step = scheds[r][i]
+                compute = sum(
+                    _call_time(shape, topology, profile, _call_key(shape, g, backward)) for g in step.compute
+                )
+                if profile is not None and step.index > 0:
+                    # forward: every partial after the first is merged into the running output; backward:
+                    # partial dQ is added (and, for the KV ring, the travelling fp32 dK/dV accumulators)
+                    heads_rows = hq * sum(g.num_q for g in step.compute)
+                    if algorithm == "kv_ring" and backward:
+                        heads_rows += 2 * hkv * sum(g.num_kv for g in step.compute)
+                    compute += profile.merge_per_row * b * heads_rows
             c = comm[i]
             total += max(compute, c) + (1.0 - topology.overlap) * min(compute, c) + msgs * topology.latency
             busy += compute
