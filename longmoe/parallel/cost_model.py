@@ -218,11 +218,14 @@ class ComputeProfile:
     ``calls`` maps a :data:`CallKey` to seconds; ``merge_per_row`` is the seconds to fold one query row's
     fp32 partial into the running output (forward) or one row of partial dQ (backward) per head. A call
     not in the table is costed at ``flops / rate`` with ``rate`` the measured rate of the nearest
-    measured call (or the topology's ``compute_rate`` when nothing was measured).
+    measured call (or the topology's ``compute_rate`` when nothing was measured). ``alltoall`` maps the
+    bytes of one all-to-all's input tensor to its measured seconds, at the sizes Ulysses moves for this
+    shape (small collectives run below the bandwidth a large one reaches).
     """
 
     calls: dict[CallKey, float] = field(default_factory=dict)
     merge_per_row: float = 0.0
+    alltoall: dict[int, float] = field(default_factory=dict)
 
     def rate(self, shape: AttentionShape) -> float | None:
         """FLOP/s of the largest measured call (None if none)."""
@@ -340,6 +343,14 @@ def communication_bytes(
     return out
 
 
+def ulysses_collectives(shape: AttentionShape) -> tuple[int, int]:
+    """Bytes of the input of Ulysses' query-sized all-to-all (q, out; backward dout, dq) and of its
+    K/V-sized one (k, v; backward dk, dv) on one rank; each pass runs two of each."""
+    hkv_eff = max(shape.heads_kv, shape.world_size) if shape.heads_kv % shape.world_size else shape.heads_kv
+    row = shape.batch * shape.seqlen_local * shape.head_dim * shape.elt
+    return row * shape.heads_q, row * hkv_eff
+
+
 def ulysses_sends(shape: AttentionShape, backward: bool = False) -> list[tuple[int, int, int]]:
     """(src, dst, bytes) of every pair in one Ulysses pass (its all-to-alls): each rank sends an equal
     share of :func:`communication_bytes` to every other rank."""
@@ -420,12 +431,17 @@ def estimate_breakdown(
         t = sum(_call_time(shape, topology, profile, c) for c in compute_calls("kv_ring", shape, 0, backward))
         return t, t, 0.0
     if algorithm == "ulysses":
-        if topology.alltoall_bandwidth is not None:
-            total = sum(communication_bytes("ulysses", shape, 0, backward=backward).values())
-            comm = total / topology.alltoall_bandwidth
+        q_bytes, kv_bytes = ulysses_collectives(shape)
+        if profile is not None and q_bytes in profile.alltoall and kv_bytes in profile.alltoall:
+            # two query-sized (q and out; dout and dq) and two K/V-sized (k and v; dk and dv) collectives
+            comm = 2 * profile.alltoall[q_bytes] + 2 * profile.alltoall[kv_bytes]
         else:
-            comm = topology.link_time(ulysses_sends(shape, backward), p)[0]
-        comm += 2 * topology.latency * (p - 1)
+            if topology.alltoall_bandwidth is not None:
+                total = sum(communication_bytes("ulysses", shape, 0, backward=backward).values())
+                comm = total / topology.alltoall_bandwidth
+            else:
+                comm = topology.link_time(ulysses_sends(shape, backward), p)[0]
+            comm += 4 * topology.latency * (p - 1)
         (call,) = compute_calls("ulysses", shape, 0, backward)
         compute = _call_time(shape, topology, profile, call)
         return comm + compute, compute, comm  # the all-to-alls run before / after the call: all exposed

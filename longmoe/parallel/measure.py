@@ -27,6 +27,8 @@ from longmoe.parallel.cost_model import (
     Topology,
     _call_flops,
     compute_calls,
+    ulysses_applies,
+    ulysses_collectives,
 )
 from longmoe.runtime.distributed import group_device, group_key, world_and_rank
 from longmoe.runtime.exchanger import P2PExchanger
@@ -167,7 +169,7 @@ def profile_compute(
     device: torch.device | str | None = None,
 ) -> ComputeProfile:
     """Time each distinct attention kernel call ``algorithms`` make for ``shape`` (forward, and backward
-    with ``backward``) and the partial merge, on every rank of ``group`` at once (so they contend for the
+    with ``backward``), the partial merge and Ulysses' all-to-alls at their sizes, on every rank of ``group`` at once (so they contend for the
     machine as they will when running); the times are averaged over ranks so every rank makes the same
     choice. Collective; cached per (shape, backward, algorithms, group, device).
 
@@ -222,11 +224,36 @@ def profile_compute(
     t0 = _now(device)
     merge_attention_partials_(acc_o, acc_l, part_o, part_l)
     times.append((_now(device) - t0) / (b * rows * hq))
+    a2a_sizes = []
+    if "ulysses" in algorithms and world > 1 and ulysses_applies(shape):
+        # Ulysses' collectives at their own sizes: the median of three after a warm-up (not the best: a
+        # pass pays their typical time, and on TCP that varies by a fifth from call to call)
+        a2a_sizes = sorted(set(ulysses_collectives(shape)))
+        for nbytes in a2a_sizes:
+            x = torch.empty(world, max(nbytes // world // shape.elt, 1), dtype=dtype, device=device)
+            y = torch.empty_like(x)
+            runs = []
+            for _ in range(4):
+                dist.barrier(group=group)
+                t0 = _now(device)
+                dist.all_to_all_single(y, x, group=group)
+                runs.append(_now(device) - t0)
+            times.append(statistics.median(runs[1:]))
     stats = torch.tensor(times, dtype=torch.float64, device=group_device(group))
     if world > 1:
-        dist.all_reduce(stats, group=group)
-        stats /= world
-    *call_times, merge = stats.tolist()
-    prof = ComputeProfile(calls=dict(zip(ordered, call_times, strict=True)), merge_per_row=merge)
+        n = len(ordered) + 1  # kernel calls and the merge: the ranks' mean; collectives: the slowest rank
+        dist.all_reduce(stats[:n], group=group)
+        stats[:n] /= world
+        if len(stats) > n:
+            slowest = stats[n:].clone()
+            dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=group)
+            stats[n:] = slowest
+    values = stats.tolist()
+    call_times, merge = values[: len(ordered)], values[len(ordered)]
+    prof = ComputeProfile(
+        calls=dict(zip(ordered, call_times, strict=True)),
+        merge_per_row=merge,
+        alltoall=dict(zip(a2a_sizes, values[len(ordered) + 1 :], strict=True)),
+    )
     _PROFILES[cache_key] = prof
     return prof
