@@ -11,6 +11,7 @@ group so every rank makes the same choice, cache per group, and put every tensor
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 
@@ -32,6 +33,7 @@ from longmoe.parallel.cost_model import (
 )
 from longmoe.runtime.distributed import group_device, group_key, world_and_rank
 from longmoe.runtime.exchanger import P2PExchanger
+from longmoe.runtime.profile_cache import ProfileCache, machine_fingerprint
 
 __all__ = ["measure_topology", "profile_compute"]
 
@@ -44,6 +46,49 @@ def _now(device: torch.device) -> float:
 
 
 _MEASURED: dict[tuple, Topology] = {}
+_FINGERPRINTS: dict[tuple, list] = {}
+
+
+def topology_fingerprint(group=None, device: torch.device | str | None = None) -> dict:
+    """What identifies this group's machines and links, for the on-disk profile cache: every rank's
+    :func:`~longmoe.runtime.profile_cache.machine_fingerprint` in rank order, the backend, and
+    ``$LONGMOE_TOPOLOGY_FINGERPRINT`` (set by an emulated cluster from its link configuration). Collective
+    the first time per group."""
+    device = group_device(group) if device is None else torch.device(device)
+    key = (group_key(group), str(device))
+    if key not in _FINGERPRINTS:
+        world, _ = world_and_rank(group)
+        mine = machine_fingerprint(device)
+        ranks = [mine]
+        if world > 1:
+            ranks = [None] * world
+            dist.all_gather_object(ranks, mine, group=group)
+        backend = dist.get_backend(group) if world > 1 else "none"
+        _FINGERPRINTS[key] = [ranks, str(backend), os.environ.get("LONGMOE_TOPOLOGY_FINGERPRINT", "")]
+    ranks, backend, links = _FINGERPRINTS[key]
+    return {"ranks": ranks, "backend": backend, "links": links}
+
+
+def _from_disk(kind: str, key: dict, group, device: torch.device, measure) -> tuple[dict, bool]:
+    """Rank 0 of ``group`` looks ``key`` up in the :class:`ProfileCache` and every rank gets its answer (one
+    broadcast, so all ranks use the same numbers); on a miss every rank runs ``measure()`` (collective) and
+    rank 0 stores what it returns. Returns (value, whether it came from the cache)."""
+    world, rank = world_and_rank(group)
+    cache = ProfileCache()  # rank 0's setting decides; every rank joins the broadcast either way
+    value = cache.get(kind, key) if rank == 0 else None
+    if world > 1:
+        box = [value]
+        src = dist.get_global_rank(group, 0) if group is not None else 0
+        dist.broadcast_object_list(
+            box, src=src, group=group, device=device if device.type == "cuda" else None
+        )
+        value = box[0]
+    if value is not None:
+        return value, True
+    value = measure()
+    if rank == 0:
+        cache.put(kind, key, value)
+    return value, False
 
 
 def measure_topology(
@@ -67,7 +112,8 @@ def measure_topology(
     rather than links set the pace, "detect" describes the cores (sending both ways costs them twice).
 
     The result is averaged over ranks (all-reduce) so every rank makes the same choice, and cached per
-    (group, kind, device). ``device`` (default: the group's device, :func:`group_device`) is where the
+    (group, kind, device) in memory and on disk (:mod:`longmoe.runtime.profile_cache`, keyed by every
+    rank's machine and the links' fingerprint; ``notes["from_cache"]`` says whether it came from there). ``device`` (default: the group's device, :func:`group_device`) is where the
     buffers and the timed attention call live.
     """
     if kind not in ("mesh", "ring", "switch", "detect"):
@@ -76,6 +122,25 @@ def measure_topology(
     key = (group_key(group), kind, str(device))
     if key in _MEASURED:
         return _MEASURED[key]
+    disk_key = {
+        "links": topology_fingerprint(group, device),
+        "kind": kind,
+        "nbytes": nbytes,
+        "repeats": repeats,
+    }
+
+    def measure() -> dict:
+        t = _measure_links(group, nbytes=nbytes, repeats=repeats, kind=kind, device=device)
+        return {f: getattr(t, f) for f in Topology.__slots__}
+
+    value, hit = _from_disk("topology", disk_key, group, device, measure)
+    topo = Topology(**{**value, "notes": {**value["notes"], "from_cache": hit}})
+    _MEASURED[key] = topo
+    return topo
+
+
+def _measure_links(group, *, nbytes: int, repeats: int, kind: str, device: torch.device) -> Topology:
+    """The timings behind :func:`measure_topology` (no caching)."""
     world, rank = world_and_rank(group)
     q = torch.randn(1, 1024, 8, 128, device=device)
     flash_attention_forward(q, q, q)
@@ -152,7 +217,6 @@ def measure_topology(
         kind="mesh" if kind == "detect" else kind, link_bandwidth=bw, compute_rate=rate, overlap=overlap,
         latency=latency, alltoall_bandwidth=a2a_bw, notes=notes,
     )  # fmt: skip
-    _MEASURED[key] = topo
     return topo
 
 
@@ -171,7 +235,8 @@ def profile_compute(
     """Time each distinct attention kernel call ``algorithms`` make for ``shape`` (forward, and backward
     with ``backward``), the partial merge and Ulysses' all-to-alls at their sizes, on every rank of ``group`` at once (so they contend for the
     machine as they will when running); the times are averaged over ranks so every rank makes the same
-    choice. Collective; cached per (shape, backward, algorithms, group, device).
+    choice. Collective; cached per (shape, backward, algorithms, group, device) in memory, and on disk
+    (:mod:`longmoe.runtime.profile_cache`) per (machines, links, shape, dtype), so later processes reuse it.
 
     Costs about one ring pass plus one Ulysses call of compute. With many distinct calls (packed
     documents) only the ``max_calls`` largest are timed; the rest are costed at the largest one's rate.
@@ -184,6 +249,34 @@ def profile_compute(
     )  # fmt: skip
     if cache_key in _PROFILES:
         return _PROFILES[cache_key]
+    disk_key = {
+        "links": topology_fingerprint(group, device), "world": world, "batch": shape.batch,
+        "seqlen_local": shape.seqlen_local, "heads_q": shape.heads_q, "heads_kv": shape.heads_kv,
+        "head_dim": shape.head_dim, "dtype": str(shape.dtype), "causal": shape.causal, "layout": shape.layout,
+        "cu_seqlens": list(shape.cu_seqlens) if shape.cu_seqlens is not None else None, "backward": backward,
+        "algorithms": list(algorithms), "max_calls": max_calls,
+    }  # fmt: skip
+
+    def measure() -> dict:
+        p = _time_calls(
+            shape, group, backward=backward, algorithms=algorithms, max_calls=max_calls, device=device
+        )
+        return {"calls": [[list(k), t] for k, t in p.calls.items()], "merge_per_row": p.merge_per_row,
+                "alltoall": [[n, t] for n, t in p.alltoall.items()]}  # fmt: skip
+
+    value, _ = _from_disk("kernel_calls", disk_key, group, device, measure)
+    prof = ComputeProfile(
+        calls={tuple(k): t for k, t in value["calls"]},
+        merge_per_row=value["merge_per_row"],
+        alltoall={int(n): t for n, t in value["alltoall"]},
+    )
+    _PROFILES[cache_key] = prof
+    return prof
+
+
+def _time_calls(shape, group, *, backward, algorithms, max_calls, device) -> ComputeProfile:
+    """The timings behind :func:`profile_compute` (no caching)."""
+    world, _ = world_and_rank(group)
     keys: set[CallKey] = set()
     for alg in algorithms:
         for r in range(shape.world_size):
@@ -255,5 +348,4 @@ def profile_compute(
         merge_per_row=merge,
         alltoall=dict(zip(a2a_sizes, values[len(ordered) + 1 :], strict=True)),
     )
-    _PROFILES[cache_key] = prof
     return prof
