@@ -114,7 +114,8 @@ def _bench_rank(rank, world, args):
     if args.emulate:
         configured = emulated_topology(
             args.emulate, world, args.rate, inter_rate=args.inter_rate, compute_rate=topo.compute_rate,
-            latency=topo.latency, overlap=topo.overlap, alltoall_bandwidth=topo.alltoall_bandwidth,
+            latency=topo.latency, overlap=topo.overlap, comm_overlap=topo.comm_overlap,
+            alltoall_bandwidth=topo.alltoall_bandwidth,
         )  # fmt: skip
     rows = []
     progress = None
@@ -230,6 +231,7 @@ def _bench_rank(rank, world, args):
             link_GBps=topo.link_bandwidth / 1e9,
             compute_GFLOPs=topo.compute_rate / 1e9,
             overlap=topo.overlap,
+            comm_overlap=topo.comm_overlap if topo.comm_overlap is not None else topo.overlap,
             latency_ms=topo.latency * 1e3,
             alltoall_GBps=(topo.alltoall_bandwidth or 0) / 1e9,
         ),
@@ -335,7 +337,7 @@ def report(rows, accuracy, topo, world, args) -> None:
     )
     table = Table(title=f"Sequence-parallel attention, {world} CPU ranks (gloo), {where}, {args.dtype}, causal zigzag, "
                   f"D={args.head_dim}; measured link {topo['link_GBps']:.3f} GB/s, compute {topo['compute_GFLOPs']:.0f} GFLOP/s per rank, "
-                  f"overlap {topo['overlap']:.2f}, latency {topo['latency_ms']:.2f} ms, all-to-all {topo['alltoall_GBps']:.2f} GB/s")  # fmt: skip
+                  f"overlap {topo['overlap']:.2f} (comm {topo['comm_overlap']:.2f}), latency {topo['latency_ms']:.2f} ms, all-to-all {topo['alltoall_GBps']:.2f} GB/s")  # fmt: skip
     cols = ["heads", "S_local", "mode", "algorithm", "ms/step", "pass ms", "model ms", "compute-only ms",
             "exposed comm ms", "MB sent next/prev/other", "vs ring", "model's pick", "fastest"]  # fmt: skip
     if args.emulate:

@@ -126,7 +126,11 @@ class Topology:
     overlap: float = 1.0
     """Fraction of a step's communication hidden behind its compute: 1.0 when copy engines move the data
     (GPUs), less when the transport itself burns the cores that compute (gloo on CPU). A step costs
-    ``max(compute, comm) + (1 - overlap) * min(compute, comm)``."""
+    ``max(compute, comm) + (1 - overlap) * min(compute, comm)``; with ``comm_overlap`` set, ``overlap`` is
+    the fraction of compute hidden behind longer communication."""
+    comm_overlap: float | None = None
+    """Fraction of a step's communication hidden when it is shorter than the compute (None: ``overlap``).
+    It differs where the transport needs the cores the compute is using (gloo on shared CPU cores)."""
     alltoall_bandwidth: float | None = None
     """Measured bytes per second one rank sends through ``all_to_all_single``; None: from the links' loads.
     Collective implementations differ from point-to-point ones (gloo on CPU: far from a mesh's P-1
@@ -148,6 +152,13 @@ class Topology:
             raise ValueError(
                 f"nodes={self.nodes} and inter_node_links={self.inter_node_links} must be >= 1 (or None)"
             )
+
+    def step_time(self, compute: float, comm: float) -> float:
+        """Seconds of a step whose compute and communication run at once (see ``overlap``)."""
+        if comm >= compute:
+            return comm + (1.0 - self.overlap) * compute
+        hidden = self.overlap if self.comm_overlap is None else self.comm_overlap
+        return compute + (1.0 - hidden) * comm
 
     def ranks_per_node(self, world: int) -> int:
         if world % self.nodes:
@@ -479,7 +490,7 @@ def _ring_time(
                         heads_rows += 2 * hkv * sum(g.num_kv for g in step.compute)
                     compute += profile.merge_per_row * b * heads_rows
             c = comm[i]
-            total += max(compute, c) + (1.0 - topology.overlap) * min(compute, c) + msgs * topology.latency
+            total += topology.step_time(compute, c) + msgs * topology.latency
             busy += compute
         if total > worst[0]:
             worst = (total, busy, total - busy)

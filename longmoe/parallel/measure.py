@@ -150,19 +150,19 @@ def _measure_links(group, *, nbytes: int, repeats: int, kind: str, device: torch
         flash_attention_forward(q, q, q)
         t_compute = min(t_compute, _now(device) - t0)
     rate = 4.0 * 1024 * 1024 * 8 * 128 / t_compute
-    bw, overlap, notes = float("inf"), 1.0, {"measured": True}
+    bw, overlap, comm_overlap, notes = float("inf"), 1.0, None, {"measured": True}
     if world > 1:
         ex = P2PExchanger(group, timeout_s=60, name="measure_topology")
         buf = torch.empty(nbytes // 4, device=device)
         buf2 = torch.empty_like(buf)
         step = iter(range(1 << 30))
 
-        def exchange(offsets=(1,), with_compute: bool = False) -> float:
-            """Seconds for every rank to send ``buf`` to each ``rank + offset`` (and receive from ``rank -
-            offset``) at once."""
+        def exchange(offsets=(1,), with_compute: bool = False, size: int | None = None) -> float:
+            """Seconds for every rank to send ``buf`` (its first ``size`` elements) to each ``rank + offset``
+            (and receive from ``rank - offset``) at once."""
             dist.barrier(group=group)  # start together: skew between ranks is not link time
             t0 = _now(device)
-            for off, b in zip(offsets, (buf, buf2), strict=False):
+            for off, b in zip(offsets, (buf[:size], buf2[:size]), strict=False):
                 ex.send_recv(b, (rank + off) % world, (rank - off) % world, step=next(step))
             ex.commit()
             if with_compute:
@@ -173,8 +173,20 @@ def _measure_links(group, *, nbytes: int, repeats: int, kind: str, device: torch
         t_comm = min(exchange() for _ in range(repeats + 1))
         t_both = min(exchange(with_compute=True) for _ in range(repeats))
         bw = nbytes / t_comm
-        # Fraction of the shorter of the two that ran in the shadow of the other.
-        overlap = (t_compute + t_comm - t_both) / min(t_compute, t_comm)
+        # Fraction of the shorter of the two that ran in the shadow of the other, once with this exchange
+        # and once with one a third as long as the compute: hiding compute behind a long transfer and
+        # hiding a short transfer behind compute are different things when the transport needs the cores.
+        hidden = {t_comm >= t_compute: (t_compute + t_comm - t_both) / min(t_compute, t_comm)}
+        agreed = torch.tensor([bw * t_compute / 3], dtype=torch.float64, device=device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=group)  # every rank must send the same size
+        small = max(int(agreed.item()) // 4, 1)
+        t_small = min(exchange(size=small) for _ in range(repeats))
+        t_small_both = min(exchange(size=small, with_compute=True) for _ in range(repeats))
+        hidden.setdefault(
+            t_small >= t_compute, (t_compute + t_small - t_small_both) / min(t_compute, t_small)
+        )
+        overlap = hidden.get(True, hidden[False])  # compute hidden behind longer communication
+        comm_overlap = hidden.get(False, hidden[True])  # communication hidden behind longer compute
         # Per-message latency: rounds of back-to-back tiny exchanges (median round: on shared cores a rank
         # is sometimes descheduled, and the ring algorithms pay that on every step).
         tiny, n_msgs, rounds = torch.empty(16, device=device), 16, []
@@ -203,11 +215,13 @@ def _measure_links(group, *, nbytes: int, repeats: int, kind: str, device: torch
             if world >= 4:
                 two_hops = min(exchange((2,)) for _ in range(repeats)) / t_comm
         stats = torch.tensor(
-            [bw, rate, overlap, latency, a2a_bw, both_ways, two_hops], dtype=torch.float64, device=device
+            [bw, rate, overlap, latency, a2a_bw, both_ways, two_hops, comm_overlap],
+            dtype=torch.float64,
+            device=device,
         )
         dist.all_reduce(stats, group=group)
-        bw, rate, overlap, latency, a2a_bw, both_ways, two_hops = (stats / world).tolist()
-        overlap = min(max(overlap, 0.0), 1.0)
+        bw, rate, overlap, latency, a2a_bw, both_ways, two_hops, comm_overlap = (stats / world).tolist()
+        overlap, comm_overlap = (min(max(x, 0.0), 1.0) for x in (overlap, comm_overlap))
         if kind == "detect":
             notes.update(both_ways=both_ways, two_hops=two_hops)
             kind = "switch" if both_ways > 1.65 else ("ring" if two_hops > 1.5 else "mesh")
@@ -215,7 +229,7 @@ def _measure_links(group, *, nbytes: int, repeats: int, kind: str, device: torch
         latency, a2a_bw = 0.0, None
     topo = Topology(
         kind="mesh" if kind == "detect" else kind, link_bandwidth=bw, compute_rate=rate, overlap=overlap,
-        latency=latency, alltoall_bandwidth=a2a_bw, notes=notes,
+        comm_overlap=comm_overlap, latency=latency, alltoall_bandwidth=a2a_bw, notes=notes,
     )  # fmt: skip
     return topo
 

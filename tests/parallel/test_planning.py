@@ -146,3 +146,10 @@ def test_cli(capsys):
     assert main(["--hardware", "a10_pcie", "--seqlen-local", "512", "--heads", "8", "8"]) == 0
     out = capsys.readouterr().out
     assert "token_ring" in out and "kv_ring" in out and "(auto)" in out
+
+
+def test_step_time_hides_the_shorter_side():
+    t = Topology(overlap=0.75, comm_overlap=0.25)
+    assert t.step_time(compute=1.0, comm=3.0) == pytest.approx(3.0 + 0.25 * 1.0)  # compute behind comm
+    assert t.step_time(compute=3.0, comm=1.0) == pytest.approx(3.0 + 0.75 * 1.0)  # comm behind compute
+    assert Topology(overlap=0.5).step_time(3.0, 1.0) == pytest.approx(3.5)  # comm_overlap None: overlap

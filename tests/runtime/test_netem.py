@@ -145,6 +145,15 @@ def test_sequence_parallel_on_a_forwarding_ring_matches_single_process():
     assert all(v["bytes"] > 0 for v in counters.values()), counters
 
 
+def test_sequence_parallel_across_forwarded_hops_matches_single_process():
+    """4 ranks on a ring: TokenRing's step-2 partials and a third of Ulysses' all-to-all cross two links,
+    forwarded by the rank between; every result still equals the one-process one."""
+    with EmulatedCluster(world_size=4, topology="ring", rate="2gbit") as c:
+        assert c.spawn(_sp_case, timeout_s=170) == [7] * 4
+        counters = c.tx_counters()
+    assert all(v["bytes"] > 0 for v in counters.values()), counters
+
+
 def _exchange(rank, world, sizes, ns_of):
     """Rank 0 sends sizes[0] bytes to rank 1 and rank 1 sizes[1] back, at once; rank 0 reads the kernel's
     counters before and after (barriers keep the reads out of the exchange)."""
