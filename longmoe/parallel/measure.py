@@ -46,6 +46,9 @@ def _now(device: torch.device) -> float:
 
 
 _MEASURED: dict[tuple, Topology] = {}
+_METHOD = 2
+"""Version of what measure_topology / profile_compute measure and how; part of every on-disk key, so a
+change of method is a cache miss."""
 _FINGERPRINTS: dict[tuple, list] = {}
 
 
@@ -127,6 +130,7 @@ def measure_topology(
         "kind": kind,
         "nbytes": nbytes,
         "repeats": repeats,
+        "method": _METHOD,
     }
 
     def measure() -> dict:
@@ -134,7 +138,8 @@ def measure_topology(
         return {f: getattr(t, f) for f in Topology.__slots__}
 
     value, hit = _from_disk("topology", disk_key, group, device, measure)
-    topo = Topology(**{**value, "notes": {**value["notes"], "from_cache": hit}})
+    fields = {f: value[f] for f in Topology.__slots__ if f in value}
+    topo = Topology(**{**fields, "notes": {**value.get("notes", {}), "from_cache": hit}})
     _MEASURED[key] = topo
     return topo
 
@@ -185,8 +190,10 @@ def _measure_links(group, *, nbytes: int, repeats: int, kind: str, device: torch
         hidden.setdefault(
             t_small >= t_compute, (t_compute + t_small - t_small_both) / min(t_compute, t_small)
         )
-        overlap = hidden.get(True, hidden[False])  # compute hidden behind longer communication
-        comm_overlap = hidden.get(False, hidden[True])  # communication hidden behind longer compute
+        # compute hidden behind longer communication, and communication hidden behind longer compute (both
+        # timings on one side of the compute: that side's figure for both)
+        overlap = hidden[True] if True in hidden else hidden[False]
+        comm_overlap = hidden[False] if False in hidden else hidden[True]
         # Per-message latency: rounds of back-to-back tiny exchanges (median round: on shared cores a rank
         # is sometimes descheduled, and the ring algorithms pay that on every step).
         tiny, n_msgs, rounds = torch.empty(16, device=device), 16, []
@@ -268,7 +275,7 @@ def profile_compute(
         "seqlen_local": shape.seqlen_local, "heads_q": shape.heads_q, "heads_kv": shape.heads_kv,
         "head_dim": shape.head_dim, "dtype": str(shape.dtype), "causal": shape.causal, "layout": shape.layout,
         "cu_seqlens": list(shape.cu_seqlens) if shape.cu_seqlens is not None else None, "backward": backward,
-        "algorithms": list(algorithms), "max_calls": max_calls,
+        "algorithms": list(algorithms), "max_calls": max_calls, "method": _METHOD,
     }  # fmt: skip
 
     def measure() -> dict:

@@ -150,14 +150,14 @@ class ProfileCache:
         """Delete every entry."""
         if not self.enabled or not self.directory.exists():
             return
-        for path in self.directory.glob("*/*.json"):
+        for path in self.directory.glob("*/[!.]*.json"):  # not another process's temporary file
             with contextlib.suppress(OSError):
                 path.unlink()
 
 
 def _jsonable(value) -> bool:
     try:
-        json.dumps(value)
+        json.dumps(value, sort_keys=True)
     except TypeError:
         return False
     return True

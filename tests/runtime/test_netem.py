@@ -120,14 +120,15 @@ def test_teardown_on_sigterm_and_sigint():
         assert token not in names, f"{sig.name}: namespaces of {token} left behind:\n{names}"
 
 
-def _sp_case(rank, world):
+def _sp_case(rank, world, algorithms=("token_ring", "kv_ring", "ulysses")):
     from tests.parallel.test_sequence_parallel import _check_case
 
     cases = [dict(alg=alg, causal=causal, layout="zigzag", hq=4, hkv=hkv, d=64, dtype=torch.float32)
-             for alg in ("token_ring", "kv_ring", "ulysses") for causal, hkv in ((True, 4), (False, 1))
+             for alg in algorithms for causal, hkv in ((True, 4), (False, 1))
              if not (alg == "ulysses" and hkv == 1)]  # fmt: skip
     for alg in ("token_ring", "kv_ring"):
-        cases.append(dict(alg=alg, causal=True, layout="zigzag", hq=4, hkv=1, d=64, dtype=torch.bfloat16))
+        if alg in algorithms:
+            cases.append(dict(alg=alg, causal=True, layout="zigzag", hq=4, hkv=1, d=64, dtype=torch.bfloat16))
     for i, cfg in enumerate(cases):
         if cfg["alg"] == "ulysses":
             cfg = dict(cfg, hq=2 * world, hkv=2 * world)
@@ -147,9 +148,10 @@ def test_sequence_parallel_on_a_forwarding_ring_matches_single_process():
 
 def test_sequence_parallel_across_forwarded_hops_matches_single_process():
     """4 ranks on a ring: TokenRing's step-2 partials and a third of Ulysses' all-to-all cross two links,
-    forwarded by the rank between; every result still equals the one-process one."""
+    forwarded by the rank between; every result still equals the one-process one. (The KV ring talks to
+    neighbours only: the 3-rank test covers it.)"""
     with EmulatedCluster(world_size=4, topology="ring", rate="2gbit") as c:
-        assert c.spawn(_sp_case, timeout_s=170) == [7] * 4
+        assert c.spawn(_sp_case, ("token_ring", "ulysses"), timeout_s=170) == [4] * 4
         counters = c.tx_counters()
     assert all(v["bytes"] > 0 for v in counters.values()), counters
 
@@ -218,7 +220,7 @@ def _detect(rank, world):
     from longmoe.parallel import measure_topology
     from longmoe.runtime.netem import read_tx_bytes
 
-    topo = measure_topology(kind="detect")
+    topo = measure_topology(kind="detect", nbytes=4 << 20, repeats=2)
     return topo.kind, topo.link_bandwidth, dict(topo.notes), read_tx_bytes()
 
 
