@@ -46,7 +46,7 @@ def _now(device: torch.device) -> float:
 
 
 _MEASURED: dict[tuple, Topology] = {}
-_METHOD = 2
+_METHOD = 3
 """Version of what measure_topology / profile_compute measure and how; part of every on-disk key, so a
 change of method is a cache miss."""
 _FINGERPRINTS: dict[tuple, list] = {}
@@ -111,7 +111,9 @@ def measure_topology(
     each time over the one-way exchange's): every rank sending to both neighbours at once takes about
     twice as long through one NIC per rank ("switch") as over separate links; every rank sending two ranks
     ahead (P >= 4) takes about twice as long on a ring, where each such message crosses two links, as on a
-    mesh. (P = 2 and P = 3 have no such difference: a 3-ring is a full mesh.) On loopback, where the cores
+    mesh. (P = 2 and P = 3 have no such difference: a 3-ring is a full mesh.) From P = 4 it also times
+    every ring edge alone: edges under half the fastest, one after every ``P / k`` ranks, make ``k`` nodes
+    joined by slow links (``nodes``, ``inter_node_bandwidth``; ``notes["edge_bandwidths"]``). On loopback, where the cores
     rather than links set the pace, "detect" describes the cores (sending both ways costs them twice).
 
     The result is averaged over ranks (all-reduce) so every rank makes the same choice, and cached per
@@ -217,10 +219,28 @@ def _measure_links(group, *, nbytes: int, repeats: int, kind: str, device: torch
             a2a = min(a2a, _now(device) - t0)
         a2a_bw = a2a_in.numel() * 4 * (world - 1) / world / a2a
         both_ways = two_hops = 1.0
+        edges = torch.zeros(world, dtype=torch.float64, device=device)
         if kind == "detect" and world >= 3:
             both_ways = min(exchange((1, -1)) for _ in range(repeats)) / t_comm
             if world >= 4:
                 two_hops = min(exchange((2,)) for _ in range(repeats)) / t_comm
+                # Each ring edge alone (r -> r + 1, timed by the receiver): slow edges mark node boundaries.
+                part = buf[: max(len(buf) // 2, 1)]
+                for r in range(world):
+                    dist.barrier(group=group)
+                    t0 = _now(device)
+                    if rank == r:
+                        ex.send(part, (r + 1) % world, step=next(step))
+                    elif rank == (r + 1) % world:
+                        ex.recv(torch.empty_like(part), r, step=next(step))
+                    else:
+                        next(step)
+                    if ex.num_queued:
+                        ex.commit()
+                        ex.wait()
+                    if rank == (r + 1) % world:
+                        edges[r] = part.numel() * part.element_size() / (_now(device) - t0)
+                dist.all_reduce(edges, group=group)
         stats = torch.tensor(
             [bw, rate, overlap, latency, a2a_bw, both_ways, two_hops, comm_overlap],
             dtype=torch.float64,
@@ -229,16 +249,41 @@ def _measure_links(group, *, nbytes: int, repeats: int, kind: str, device: torch
         dist.all_reduce(stats, group=group)
         bw, rate, overlap, latency, a2a_bw, both_ways, two_hops, comm_overlap = (stats / world).tolist()
         overlap, comm_overlap = (min(max(x, 0.0), 1.0) for x in (overlap, comm_overlap))
+        nodes: dict = {}
         if kind == "detect":
             notes.update(both_ways=both_ways, two_hops=two_hops)
             kind = "switch" if both_ways > 1.65 else ("ring" if two_hops > 1.5 else "mesh")
+            if world >= 4:
+                nodes = _nodes_from_edges(edges.tolist())
+                notes["edge_bandwidths"] = edges.tolist()
+                if nodes:
+                    bw = nodes.pop("link_bandwidth")
     else:
-        latency, a2a_bw = 0.0, None
+        latency, a2a_bw, nodes = 0.0, None, {}
     topo = Topology(
         kind="mesh" if kind == "detect" else kind, link_bandwidth=bw, compute_rate=rate, overlap=overlap,
-        comm_overlap=comm_overlap, latency=latency, alltoall_bandwidth=a2a_bw, notes=notes,
+        comm_overlap=comm_overlap, latency=latency, alltoall_bandwidth=a2a_bw, notes=notes, **nodes,
     )  # fmt: skip
     return topo
+
+
+def _nodes_from_edges(edge_bw: list[float]) -> dict:
+    """Node structure from the bandwidth of each ring edge ``r -> r + 1`` measured alone: when some edges are
+    under half the fastest and they fall every ``P / k`` ranks (the last rank of each of ``k`` equal nodes
+    of consecutive ranks), the ranks form ``k`` nodes joined by the slow links (taken as one shared link
+    per node, the conservative reading). Otherwise ``{}``: one level."""
+    p, fast = len(edge_bw), max(edge_bw)
+    slow = [r for r, b in enumerate(edge_bw) if b < 0.5 * fast]
+    k = len(slow)
+    if k < 2 or p % k or slow != [(i + 1) * (p // k) - 1 for i in range(k)]:
+        return {}
+    inside = [b for r, b in enumerate(edge_bw) if r not in slow]
+    return {
+        "nodes": k,
+        "link_bandwidth": statistics.median(inside),
+        "inter_node_bandwidth": statistics.median(edge_bw[r] for r in slow),
+        "inter_node_links": 1,
+    }
 
 
 _PROFILES: dict[tuple, ComputeProfile] = {}

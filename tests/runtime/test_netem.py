@@ -221,25 +221,32 @@ def _detect(rank, world):
     from longmoe.runtime.netem import read_tx_bytes
 
     topo = measure_topology(kind="detect", nbytes=4 << 20, repeats=2)
-    return topo.kind, topo.link_bandwidth, dict(topo.notes), read_tx_bytes()
+    inter = topo.inter_node_bandwidth
+    return topo.kind, topo.nodes, topo.link_bandwidth, inter, dict(topo.notes), read_tx_bytes()
 
 
 @pytest.mark.parametrize(
-    ("topology", "kind"), [("ring", "ring"), ("full_mesh", "mesh"), ("switch", "switch")]
+    ("topology", "kind", "nodes"),
+    [("ring", "ring", 1), ("full_mesh", "mesh", 1), ("switch", "switch", 1), ("two_nodes", "switch", 2)],
 )
-def test_measure_topology_learns_the_emulated_links(topology, kind):
+def test_measure_topology_learns_the_emulated_links(topology, kind, nodes):
     """4 ranks: the measured per-direction bandwidth is the configured one (TCP payload rate) within 15%,
     and the timed patterns tell a ring (two-hop messages share links) from a full mesh from a switch (a
-    rank's sends to both neighbours share one NIC). Each rank reads its own links' kernel counters."""
+    rank's sends to both neighbours share one NIC), and find two nodes behind a slow middle link (400 vs
+    100 Mbit/s). Each rank reads its own links' kernel counters."""
     from longmoe.runtime.netem import goodput
 
-    with EmulatedCluster(world_size=4, topology=topology, rate="400mbit") as c:
+    with EmulatedCluster(world_size=4, topology=topology, rate="400mbit", inter_rate="100mbit") as c:
         res = c.spawn(_detect, timeout_s=150)
         egress = [{link.name for link in c.links if link.netns == c.namespaces[r]} for r in range(4)]
-    want = goodput(parse_rate("400mbit"))
-    for r, (got_kind, bw, notes, tx) in enumerate(res):
-        assert got_kind == kind, f"rank {r}: detected {got_kind!r} for {topology}, timings {notes}"
-        assert abs(bw - want) <= 0.15 * want, (
-            f"{topology}: measured {bw / 1e6:.1f} MB/s, configured {want / 1e6:.1f}"
+    want, want_inter = goodput(parse_rate("400mbit")), goodput(parse_rate("100mbit"))
+    for r, (got_kind, got_nodes, bw, inter, notes, tx) in enumerate(res):
+        assert (got_kind, got_nodes) == (kind, nodes), (
+            f"rank {r}: {got_kind!r} x {got_nodes}, {topology}: {notes}"
         )
+        assert abs(bw - want) <= 0.15 * want, (
+            f"{topology}: measured {bw / 1e6:.1f} MB/s, want {want / 1e6:.1f}"
+        )
+        if nodes > 1:
+            assert abs(inter - want_inter) <= 0.15 * want_inter, f"between nodes: {inter / 1e6:.1f} MB/s"
         assert set(tx) == egress[r] and all(v > 0 for v in tx.values()), (r, tx, egress[r])
