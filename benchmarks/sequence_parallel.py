@@ -304,6 +304,7 @@ def auto_rate(args, world: int) -> str:
     ``args.comm_bound`` times longer to send than to compute, with this machine's cores shared by
     ``world`` ranks."""
     from longmoe.attention import flash_attention_forward
+    from longmoe.runtime.netem import wire_rate
 
     sl, d, dtype = min(args.seqlens), args.head_dim, getattr(torch, args.dtype)
     _, hq, hkv = args.heads[0]
@@ -313,8 +314,7 @@ def auto_rate(args, world: int) -> str:
     flash_attention_forward(q, k, k)
     t = (time.perf_counter() - t0) * max(1.0, world / (os.cpu_count() or 1))
     kv_bytes = 2 * args.batch * sl * hkv * d * torch.finfo(dtype).bits // 8
-    rate_bit = kv_bytes / (t * args.comm_bound) * 8 * 1514 / 1448  # on the wire: framing included
-    return f"{max(int(rate_bit / 1e6), 1)}mbit"
+    return f"{max(int(wire_rate(kv_bytes / (t * args.comm_bound)) / 1e6), 1)}mbit"
 
 
 def report(rows, accuracy, topo, world, args) -> None:

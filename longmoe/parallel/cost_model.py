@@ -5,8 +5,9 @@ costed by walking the same :func:`~longmoe.parallel.schedule.ring_schedule` step
 walk, with one per-step traffic function (:func:`step_traffic`), so ``communication_bytes`` equals what
 the exchangers count, per rank and direction (tests assert that), and ``estimate_time`` sees the same
 transfers and kernel calls.
-``estimate_time`` turns bytes and FLOPs into seconds for a :class:`Topology` (link bandwidth, whether ranks
-form a full mesh or a ring, compute rate), assuming each step's communication overlaps its compute.
+``estimate_time`` turns bytes and FLOPs into seconds for a :class:`Topology` (which link directions each
+message crosses in a mesh, ring, switch or several nodes, their bandwidth, the compute rate, how much of a
+step's communication its compute hides).
 ``choose_algorithm`` picks the cheapest. Compute comes either from a FLOP rate or, better, from a
 :class:`ComputeProfile` (``profile_compute``): the measured time of every distinct kernel call the
 algorithms make for this shape (ring chunks are smaller than Ulysses' one call, and kernels are not
@@ -171,7 +172,7 @@ class Topology:
         ns, nd = src // per, dst // per
         if ns != nd:
             links = self.inter_node_links or per
-            hops = ((("node_up", ns, src % per % links)), ("node_down", nd, dst % per % links))
+            hops = (("node_up", ns, src % per % links), ("node_down", nd, dst % per % links))
             return (("up", src), *hops, ("down", dst)) if self.kind == "switch" else hops
         if self.kind == "mesh":
             return (("p2p", src, dst),)
@@ -194,10 +195,10 @@ class Topology:
         return self.link_bandwidth
 
     def link_time(self, sends, world: int) -> tuple[float, dict[Link, int]]:
-        """Seconds the busiest link direction needs for ``sends`` ((src, dst, bytes) sent at once), and
-        every link direction's load in bytes."""
+        """Seconds the busiest link direction needs for ``sends`` ((src, dst, bytes, ...) sent at once; any
+        further fields are ignored), and every link direction's load in bytes."""
         load: dict[Link, int] = {}
-        for src, dst, nbytes in sends:
+        for src, dst, nbytes, *_ in sends:
             if nbytes and src != dst:
                 for link in self.path(src, dst, world):
                     load[link] = load.get(link, 0) + nbytes
@@ -407,7 +408,7 @@ def link_loads(
     elif p == 1:
         steps = []
     else:
-        steps = [[(s, d, n) for s, d, n, _ in step] for step in ring_step_sends(algorithm, shape, backward)]
+        steps = ring_step_sends(algorithm, shape, backward)
     total: dict[Link, int] = {}
     for sends in steps:
         for link, n in topology.link_time(sends, p)[1].items():
@@ -465,12 +466,13 @@ def _ring_time(
 ) -> tuple[float, float, float]:
     """(seconds, compute, exposed communication) of one pass on the slowest rank for the ring algorithms,
     walking their schedule: a step's communication is the busiest link direction's time for every rank's
-    sends in that step's window (:func:`ring_step_sends`), and costs ``max(compute, comm) + (1 - overlap) * min(compute, comm) + messages *
-    latency`` on each rank, where compute includes merging the step's partial results."""
+    sends in that step's window (:func:`ring_step_sends`); on each rank the step costs
+    ``Topology.step_time(compute, comm) + messages * latency``, where compute includes merging the step's
+    partial results."""
     p, b, hq, hkv = shape.world_size, shape.batch, shape.heads_q, shape.heads_kv
     scheds = [ring_schedule(algorithm, shape.shard, shape.causal, r, backward=backward) for r in range(p)]
     windows = ring_step_sends(algorithm, shape, backward)
-    comm = [topology.link_time([(s, d, n) for s, d, n, _ in sends], p)[0] for sends in windows]
+    comm = [topology.link_time(sends, p)[0] for sends in windows]
     worst = (0.0, 0.0, 0.0)
     for r in range(p):
         total = busy = 0.0

@@ -113,13 +113,15 @@ def measure_topology(
     ahead (P >= 4) takes about twice as long on a ring, where each such message crosses two links, as on a
     mesh. (P = 2 and P = 3 have no such difference: a 3-ring is a full mesh.) From P = 4 it also times
     every ring edge alone: edges under half the fastest, one after every ``P / k`` ranks, make ``k`` nodes
-    joined by slow links (``nodes``, ``inter_node_bandwidth``; ``notes["edge_bandwidths"]``). On loopback, where the cores
-    rather than links set the pace, "detect" describes the cores (sending both ways costs them twice).
+    joined by slow links (``nodes``, ``inter_node_bandwidth``; ``notes["edge_bandwidths"]``). On loopback,
+    where the cores rather than links set the pace, "detect" describes the cores (sending both ways costs
+    them twice).
 
     The result is averaged over ranks (all-reduce) so every rank makes the same choice, and cached per
     (group, kind, device) in memory and on disk (:mod:`longmoe.runtime.profile_cache`, keyed by every
-    rank's machine and the links' fingerprint; ``notes["from_cache"]`` says whether it came from there). ``device`` (default: the group's device, :func:`group_device`) is where the
-    buffers and the timed attention call live.
+    rank's machine and the links' fingerprint; ``notes["from_cache"]`` says whether it came from there).
+    ``device`` (default: the group's device, :func:`group_device`) is where the buffers and the timed
+    attention call live.
     """
     if kind not in ("mesh", "ring", "switch", "detect"):
         raise ValueError(f"kind={kind!r} is not one of ('mesh', 'ring', 'switch', 'detect')")
@@ -299,9 +301,9 @@ def profile_compute(
     device: torch.device | str | None = None,
 ) -> ComputeProfile:
     """Time each distinct attention kernel call ``algorithms`` make for ``shape`` (forward, and backward
-    with ``backward``), the partial merge and Ulysses' all-to-alls at their sizes, on every rank of ``group`` at once (so they contend for the
-    machine as they will when running); the times are averaged over ranks so every rank makes the same
-    choice. Collective; cached per (shape, backward, algorithms, group, device) in memory, and on disk
+    with ``backward``), the partial merge and Ulysses' all-to-alls at their sizes, on every rank of
+    ``group`` at once (so they contend for the machine as they will when running); the times are averaged
+    over ranks (all-to-alls: the slowest rank's) so every rank makes the same choice. Collective; cached per (shape, backward, algorithms, group, device) in memory, and on disk
     (:mod:`longmoe.runtime.profile_cache`) per (machines, links, shape, dtype), so later processes reuse it.
 
     Costs about one ring pass plus one Ulysses call of compute. With many distinct calls (packed

@@ -50,6 +50,7 @@ __all__ = [
     "LinkDirection",
     "goodput",
     "read_tx_bytes",
+    "wire_rate",
     "netem_delay_available",
     "netns_unavailable_reason",
     "parse_rate",
@@ -482,17 +483,7 @@ class EmulatedCluster:
     def tx_counters(self) -> dict[str, dict[str, int]]:
         """Kernel counters of every shaped direction (``tc -s qdisc`` on its egress root qdisc):
         ``{"r0->r1": {"bytes": ..., "packets": ..., "drops": ...}, ...}``."""
-        out: dict[str, dict[str, int]] = {}
-        for link in self.links:
-            text = _run(["tc", "-n", link.netns, "-s", "-j", "qdisc", "show", "dev", link.dev]).stdout
-            roots = [q for q in json.loads(text) if q.get("root")]
-            q = roots[0]
-            out[link.name] = {
-                "bytes": int(q["bytes"]),
-                "packets": int(q["packets"]),
-                "drops": int(q["drops"]),
-            }
-        return out
+        return {link.name: _egress_counters(link.dev, link.netns) for link in self.links}
 
     # ------------------------------------------------------------------------------------------ launching
     def rank_env(self) -> list[dict[str, str]]:
@@ -543,24 +534,34 @@ class EmulatedCluster:
         )
 
 
+_MSS, _FRAME = 1448, 66
+"""TCP payload per segment and per-segment headers (Ethernet, IPv4, TCP with timestamps) at MTU 1500."""
+
+
 def goodput(rate_bps: float) -> float:
     """Payload bytes per second of a TCP stream on a link of ``rate_bps`` (bit/s on the wire) at MTU 1500:
-    each 1448-byte segment carries 66 bytes of Ethernet, IPv4 and TCP (with timestamps) headers."""
+    each 1448-byte segment carries 66 bytes of headers. :func:`wire_rate` is the inverse."""
     return rate_bps / 8 * _MSS / (_MSS + _FRAME)
 
 
-_MSS, _FRAME = 1448, 66
+def wire_rate(payload_bytes_per_s: float) -> float:
+    """The link rate (bit/s on the wire) that carries ``payload_bytes_per_s`` of TCP payload."""
+    return payload_bytes_per_s * 8 * (_MSS + _FRAME) / _MSS
+
+
+def _egress_counters(dev: str, netns: str | None = None) -> dict[str, int]:
+    """Bytes, packets and drops of ``dev``'s egress root qdisc (``tc -s``), in ``netns`` or this one."""
+    where = ["-n", netns] if netns else []
+    text = _run(["tc", *where, "-s", "-j", "qdisc", "show", "dev", dev]).stdout
+    q = next(q for q in json.loads(text) if q.get("root"))
+    return {"bytes": int(q["bytes"]), "packets": int(q["packets"]), "drops": int(q["drops"])}
 
 
 def read_tx_bytes() -> dict[str, int]:
     """Inside a rank of an :class:`EmulatedCluster`: the bytes the kernel sent so far on each of this
     rank's shaped egress links (``tc -s``), by link name ("r0->r1", "r0->switch"); ``{}`` elsewhere."""
     links = json.loads(os.environ.get("LONGMOE_NETEM_LINKS", "{}"))
-    out = {}
-    for dev, name in links.items():
-        text = _run(["tc", "-s", "-j", "qdisc", "show", "dev", dev]).stdout
-        out[name] = int(next(q for q in json.loads(text) if q.get("root"))["bytes"])
-    return out
+    return {name: _egress_counters(dev)["bytes"] for dev, name in links.items()}
 
 
 # ------------------------------------------------------------------------------------------------- CLI

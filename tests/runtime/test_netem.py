@@ -161,20 +161,12 @@ def _exchange(rank, world, sizes, ns_of):
     counters before and after (barriers keep the reads out of the exchange)."""
 
     def read():
-        import json
-
-        from longmoe.runtime.netem import _run
+        from longmoe.runtime.netem import _egress_counters
 
         out = {}
         for r, dev in ((0, "to1"), (1, "to0")):
-            q = [
-                x
-                for x in json.loads(
-                    _run(["tc", "-n", ns_of[r], "-s", "-j", "qdisc", "show", "dev", dev]).stdout
-                )
-                if x.get("root")
-            ][0]
-            out[r] = (int(q["bytes"]), int(q["packets"]))
+            q = _egress_counters(dev, ns_of[r])
+            out[r] = (q["bytes"], q["packets"])
         return out
 
     ex = P2PExchanger(timeout_s=60, name="bytes")
