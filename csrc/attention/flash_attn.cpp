@@ -147,6 +147,46 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
   });
 }
 
+// Decode: one query row per head (Sq == 1), no block mask, GQA/MQA. The q_per_kv query heads that share a
+// KV head form one tile, so each K/V row is read once per KV head rather than once per query head: decode
+// over a long cache is memory-bound, and forward_kernel's per-query-head GEMVs re-read the cache q_per_kv
+// times. With Sq == 1 every key is visible, causal or not (bottom-right alignment).
+template <typename scalar_t, typename out_t>
+void decode_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
+                   at::Tensor& lse) {
+  const scalar_t* qd = q.data_ptr<scalar_t>();
+  const scalar_t* kd = k.data_ptr<scalar_t>();
+  const scalar_t* vd = v.data_ptr<scalar_t>();
+  out_t* od = out.data_ptr<out_t>();
+  float* ld_ = lse.data_ptr<float>();
+  const Strides qs(q), ks(k), vs(v), os(out);
+  const int64_t D = p.D, g = p.q_per_kv, bk = p.bk;
+
+  at::parallel_for(0, p.B * p.Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qbuf(g * D), kbuf(bk * D), vbuf(bk * D), sbuf(g * bk), acc(g * D);
+    std::vector<float> m(g), l(g);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t hk = item % p.Hkv, b = item / p.Hkv, h0 = hk * g;
+      int64_t ldq, ldk, ldv;
+      const float* Q = load_rows(qd + b * qs.b + h0 * qs.h, qs.h, g, D, qbuf.data(), &ldq);
+      std::fill(m.begin(), m.end(), kNegInf);
+      std::fill(l.begin(), l.end(), 0.f);
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t k0 = 0; k0 < p.Sk; k0 += bk) {
+        const int64_t nk = std::min(bk, p.Sk - k0);
+        const float* K = load_rows(kd + b * ks.b + k0 * ks.s + hk * ks.h, ks.s, nk, D, kbuf.data(), &ldk);
+        const float* V = load_rows(vd + b * vs.b + k0 * vs.s + hk * vs.h, vs.s, nk, D, vbuf.data(), &ldv);
+        float* S = sbuf.data();
+        gemm_rm(false, true, g, nk, D, p.scale, Q, ldq, K, ldk, 0.f, S, nk);
+        for (int64_t i = 0; i < g; ++i) online_softmax_row(S + i * nk, nk, nk, m[i], l[i], acc.data() + i * D, D);
+        gemm_rm(false, false, g, D, nk, 1.f, S, nk, V, ldv, 1.f, acc.data(), D);
+      }
+      finish_rows(acc.data(), g, D, m.data(), l.data(), ld_ + b * p.Hq + h0);  // lse (B, Hq, 1)
+      store_rows(acc.data(), D, g, D, od + b * os.b + h0 * os.h, os.h);
+    }
+  });
+}
+
 template <typename scalar_t, typename grad_t>
 void backward_kernel(const Problem& p, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                      const at::Tensor& v, const at::Tensor& out, const at::Tensor& delta, const at::Tensor& lse,
@@ -259,6 +299,16 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cpu(const at::Tensor& q_in, co
   at::Tensor out = at::empty({p.B, p.Sq, p.Hq, p.D}, q.options().dtype(odt));
   at::Tensor lse = at::empty({p.B, p.Hq, p.Sq}, q.options().dtype(at::kFloat));
   if (p.B * p.Sq * p.Hq == 0) return {out, lse};
+  if (p.Sq == 1 && p.q_per_kv > 1 && p.mask == nullptr) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "longmoe_flash_attn_decode", [&] {
+      if (odt == at::kFloat) {
+        decode_kernel<scalar_t, float>(p, q, k, v, out, lse);
+      } else {
+        decode_kernel<scalar_t, scalar_t>(p, q, k, v, out, lse);
+      }
+    });
+    return {out, lse};
+  }
 #ifdef LONGMOE_BF16_DOT
   if (p.bf16_dot) {
     if (odt == at::kFloat) {

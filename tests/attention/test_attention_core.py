@@ -27,7 +27,8 @@ SHAPES = [
     (1, 1025, 1025, 8, 2, 64),  # GQA 4:1
     (3, 97, 1025, 4, 1, 64),  # Sq < Sk (chunked prefill / ring step)
     (1, 1025, 97, 4, 4, 128),  # Sq > Sk: with causal, the first 928 rows see no key
-    (1, 1, 1025, 8, 2, 80),  # decode-like: one query, many keys
+    (1, 1, 1025, 8, 2, 80),  # decode-like: one query, many keys (the grouped decode tile, GQA 4:1)
+    (3, 1, 1537, 8, 1, 64),  # decode, MQA, batch 3, keys one past three 512-key tiles
     (3, 128, 97, 2, 2, 128),
 ]
 DTYPES = [torch.float32, torch.bfloat16]
@@ -156,6 +157,26 @@ def test_empty_key_sequence_gives_zero_and_neg_inf():
     k = v = torch.randn(1, 0, 2, 64)
     out, lse = flash_attention_forward(q, k, v)
     assert (out == 0).all() and torch.isneginf(lse).all()
+    # The grouped decode tile (one query, GQA) over an empty cache shard.
+    out, lse = flash_attention_forward(torch.randn(2, 1, 8, 64), k.expand(2, 0, 2, 64), k.expand(2, 0, 2, 64))
+    assert (out == 0).all() and torch.isneginf(lse).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_decode_over_cache_views(dtype):
+    """Decode as sharded_decode_attention calls it: one query per head, GQA, K/V the first rows of a larger
+    cache buffer (strided views), fp32 partials; every query head of a group gets its own row."""
+    if not native_available():
+        pytest.skip("needs the native kernel")
+    buf_k, buf_v = (torch.randn(3, 700, 2, 64, dtype=dtype) for _ in range(2))
+    q = torch.randn(3, 1, 16, 64, dtype=dtype)[:, :, :8]  # heads strided too
+    k, v = buf_k[:, :613], buf_v[:, :613]
+    out, lse = flash_attention_forward(q, k, v, out_dtype=torch.float32, backend="native")
+    ref, ref_lse = attention64(q, k, v, causal=False)  # exact for these (already rounded) inputs
+    # fp16/bf16 rows are widened exactly and computed in fp32, so fp32 rounding is the only error.
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=0, atol=1e-5)
+    assert out.dtype == torch.float32 and not (out[:, :, 0] == out[:, :, 1]).all()
 
 
 def test_default_backend_follows_device():
