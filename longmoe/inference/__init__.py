@@ -2,7 +2,15 @@
 causal LMs (sequence-parallel prefill, TokenRing-style decoding). Needs ``transformers``."""
 
 from longmoe.inference.cache import ShardedKVCache, balanced_owner
-from longmoe.inference.decode import DecodeError, decode_bytes, sharded_decode_attention
+from longmoe.inference.decode import (
+    DECODE_MERGES,
+    DecodeError,
+    choose_decode_merge,
+    decode_bytes,
+    decode_merge_time,
+    merge_sends,
+    sharded_decode_attention,
+)
 from longmoe.inference.generation import SHARDED_ATTENTION_NAME, generate, register_sharded_attention
 
 __all__ = [
@@ -10,6 +18,10 @@ __all__ = [
     "balanced_owner",
     "DecodeError",
     "decode_bytes",
+    "DECODE_MERGES",
+    "choose_decode_merge",
+    "decode_merge_time",
+    "merge_sends",
     "sharded_decode_attention",
     "generate",
     "register_sharded_attention",

@@ -21,9 +21,9 @@ precedes every decoded query, so decode attention over a shard needs no mask.
 
 The HF ``Cache`` API: ``update`` (called by the attention modules), ``get_seq_length``, ``get_mask_sizes``,
 ``reset``, ``batch_select_indices`` and ``reorder_cache`` (beam search: rows are permuted locally; shards
-stay valid because a row's shard layout moves with it) are supported. ``crop`` raises
-``NotImplementedError`` naming the operation: the cropped tokens are spread over ranks by the layout,
-and undoing balanced appends is not implemented. ``batch_repeat_interleave`` is supported.
+stay valid because a row's shard layout moves with it), ``batch_repeat_interleave`` and ``crop``
+(assisted decoding: every rank keeps the same per-token owner log, so each trims its own rows without
+communicating) are supported.
 """
 
 from __future__ import annotations
@@ -80,13 +80,20 @@ class ShardedKVCache(Cache):
         self.batch = batch_size
         # counts[b][r]: tokens of sequence b held by rank r (identical on every rank).
         self.counts: list[list[int]] = [[0] * self.world for _ in range(batch_size)]
+        # owner_log[b][t]: the rank holding token t of sequence b (identical on every rank; None if the prefill
+        # plan gave no owners). Each rank's shard of a sequence is in increasing token order, so the last
+        # tokens of a sequence are the last rows of the shards that hold them: what crop relies on.
+        self.owner_log: list[list[int]] | None = [[] for _ in range(batch_size)]
         self._plan: tuple | None = None
 
     # ------------------------------------------------------------------------------------- planning
-    def plan_prefill(self, rows: list[tuple[int, int, int]], counts: list[list[int]]) -> None:
+    def plan_prefill(
+        self, rows: list[tuple[int, int, int]], counts: list[list[int]], owners: list[list[int]] | None = None
+    ) -> None:
         """Next forward is the prefill: sequence ``b``'s local tokens are rows ``[start, stop)`` of batch
         row ``src`` of the incoming K/V, ``rows[b] = (src, start, stop)``; ``counts[b][r]`` is what every
-        rank will hold of ``b`` afterwards (from the layout)."""
+        rank will hold of ``b`` afterwards (from the layout); ``owners[b][t]`` the rank holding token ``t``
+        (needed by :meth:`crop`; implied at one rank). Every rank's local rows must be in token order."""
         if len(rows) != self.batch or len(counts) != self.batch:
             raise ValueError(
                 f"plan_prefill: expected {self.batch} sequences; got {len(rows)} and {len(counts)}"
@@ -95,6 +102,19 @@ class ShardedKVCache(Cache):
             raise ValueError(f"plan_prefill: counts must have {self.world} entries per sequence")
         if any(sum(c) for c in self.counts):
             raise RuntimeError("plan_prefill: the cache already holds tokens; prefill an empty cache")
+        if owners is None and self.world == 1:
+            owners = [[0] * c[0] for c in counts]
+        if owners is not None:
+            if len(owners) != self.batch or any(
+                sorted(o) != [r for r in range(self.world) for _ in range(c[r])]
+                for o, c in zip(owners, counts, strict=True)
+            ):
+                raise ValueError(
+                    "plan_prefill: owners[b] must name a rank per token, counts[b][r] times rank r"
+                )
+            self.owner_log = [list(o) for o in owners]
+        else:
+            self.owner_log = None
         self._plan = ("prefill", list(rows))
         self.counts = [list(c) for c in counts]
 
@@ -104,6 +124,8 @@ class ShardedKVCache(Cache):
         owners = [balanced_owner(c) for c in self.counts]
         for b, r in enumerate(owners):
             self.counts[b][r] += 1
+            if self.owner_log is not None:
+                self.owner_log[b].append(r)
         self._plan = ("decode", owners)
         return owners
 
@@ -206,7 +228,7 @@ class ShardedKVCache(Cache):
 
     @property
     def is_croppable(self) -> bool:
-        return False
+        return self.owner_log is not None
 
     @property
     def batch_size(self) -> int:
@@ -215,13 +237,44 @@ class ShardedKVCache(Cache):
     def reset(self) -> None:
         self.layers = []
         self.counts = [[0] * self.world for _ in range(self.batch)]
+        self.owner_log = [[] for _ in range(self.batch)]
         self._plan = None
 
     def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError(
-            f"ShardedKVCache.crop(tokens_to_remove={tokens_to_remove}) is not supported: the last tokens are spread "
-            "over the ranks by the layout and the balanced appends; rebuild the cache by prefilling instead"
-        )
+        """Drop the last ``tokens_to_remove`` tokens of every sequence (HF semantics; assisted decoding).
+
+        Local, no communication: the owner log says which ranks hold those tokens, and each rank trims its
+        own rows (a shard is in token order). Shards may then differ by more than one token; the balanced
+        append evens them out again as decoding continues.
+        """
+        if (
+            isinstance(tokens_to_remove, bool)
+            or not isinstance(tokens_to_remove, int)
+            or tokens_to_remove < 0
+        ):
+            raise ValueError(f"crop(tokens_to_remove={tokens_to_remove!r}): expected an int >= 0")
+        if self.owner_log is None:
+            raise NotImplementedError(
+                f"ShardedKVCache.crop(tokens_to_remove={tokens_to_remove}): the prefill plan named no token owners "
+                "(plan_prefill(owners=...)), so the cache cannot tell which ranks hold the last tokens"
+            )
+        lengths = self.global_lengths()
+        if tokens_to_remove > min(lengths, default=0):
+            raise ValueError(
+                f"crop(tokens_to_remove={tokens_to_remove}): sequences hold {lengths} tokens; cannot remove more "
+                "than the shortest holds"
+            )
+        if tokens_to_remove == 0:
+            return
+        for b, log in enumerate(self.owner_log):
+            gone = log[len(log) - tokens_to_remove :]
+            del log[len(log) - tokens_to_remove :]
+            for r in gone:
+                self.counts[b][r] -= 1
+            mine = gone.count(self.rank)
+            for layer in self.layers:
+                if layer is not None:
+                    layer.lengths[b] -= mine
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         """Keep rows ``indices`` (a 1-D int tensor, the same on every rank); local, no communication."""
@@ -234,6 +287,8 @@ class ShardedKVCache(Cache):
                 layer.keys, layer.values = layer.keys[t], layer.values[t]
                 layer.lengths = [layer.lengths[i] for i in idx]
         self.counts = [list(self.counts[i]) for i in idx]
+        if self.owner_log is not None:
+            self.owner_log = [list(self.owner_log[i]) for i in idx]
         self.batch = len(idx)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:

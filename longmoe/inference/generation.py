@@ -29,10 +29,18 @@ import contextlib
 import torch
 import torch.distributed as dist
 
+from longmoe.attention import XAttentionConfig
 from longmoe.inference.cache import ShardedKVCache
-from longmoe.inference.decode import DecodeContext, sharded_decode_attention
+from longmoe.inference.decode import (
+    DECODE_MERGES,
+    DecodeContext,
+    choose_decode_merge,
+    sharded_decode_attention,
+)
 from longmoe.parallel.api import ALGORITHM_CHOICES, sequence_parallel_attention
+from longmoe.parallel.cost_model import Topology
 from longmoe.parallel.layout import LAYOUTS, ShardLayout, check_layout, shard_positions
+from longmoe.parallel.measure import measure_topology
 from longmoe.runtime.collectives import check_same_across_ranks
 from longmoe.runtime.distributed import group_key, world_and_rank
 from longmoe.runtime.exchanger import CommStats
@@ -72,11 +80,13 @@ def hf_sharded_attention(module, query, key, value, attention_mask, scaling=None
         out = sequence_parallel_attention(
             q, k, v, group=ctx.group, causal=True, softmax_scale=scaling, layout=ctx.layout,
             algorithm=ctx.algorithm, cu_seqlens=ctx.cu_seqlens, timeout_s=ctx.timeout_s, stats=ctx.stats,
+            sparse=ctx.sparse, topology=ctx.topology,
         )  # fmt: skip
         return out, None
     out = sharded_decode_attention(
         q, k, v, ctx.cache.layer_lengths(module.layer_idx), group=ctx.group, softmax_scale=scaling,
-        timeout_s=ctx.timeout_s, step=ctx.step, layer=module.layer_idx, stats=ctx.stats,
+        timeout_s=ctx.timeout_s, step=ctx.step, layer=module.layer_idx, stats=ctx.stats, merge=ctx.merge,
+        owners=ctx.owners,
     )  # fmt: skip
     return out, None
 
@@ -121,13 +131,18 @@ def _check_model(model) -> list:
 # ----------------------------------------------------------------------------------------- prefill
 def _prefill_plan(lengths, world, rank, layout, algorithm):
     """Local prompt tokens of this rank. Returns (mode, cu_seqlens or None, per-sequence global positions
-    on this rank, per-rank counts). mode: "batch" (equal lengths the layout divides) or "packed"."""
+    on this rank, per-rank counts, per-sequence owner rank of every token). mode: "batch" (equal lengths the
+    layout divides), "packed" or "none" (nothing to prefill)."""
     parts = 2 * world if layout == "zigzag" else world
     equal = len(set(lengths)) == 1
     if equal and lengths[0] > 0 and lengths[0] % parts == 0:
+        owner = [0] * lengths[0]
+        for r in range(world):
+            for t in shard_positions(lengths[0], r, world, layout).tolist():
+                owner[t] = r
         pos = shard_positions(lengths[0], rank, world, layout).tolist()
         each = lengths[0] // world
-        return "batch", None, [pos] * len(lengths), [[each] * world for _ in lengths]
+        return "batch", None, [pos] * len(lengths), [[each] * world for _ in lengths], [owner] * len(lengths)
     if algorithm == "ulysses":
         raise ValueError(
             f"algorithm='ulysses' needs prompts of equal length divisible by {parts} (layout={layout!r}, world "
@@ -136,7 +151,7 @@ def _prefill_plan(lengths, world, rank, layout, algorithm):
         )
     docs = [n for n in lengths if n > 0]
     if not docs:
-        return "none", None, [[] for _ in lengths], [[0] * world for _ in lengths]
+        return "none", None, [[] for _ in lengths], [[0] * world for _ in lengths], [[] for _ in lengths]
     cu = torch.tensor([0, *torch.tensor(docs).cumsum(0).tolist()], dtype=torch.int64)
     shard = ShardLayout.make(world, layout, cu_seqlens=cu)
     starts, doc_of = [], []
@@ -146,21 +161,23 @@ def _prefill_plan(lengths, world, rank, layout, algorithm):
             doc_of.append(b)
     positions = [[] for _ in lengths]
     counts = [[0] * world for _ in lengths]
+    owners = [[0] * n for n in lengths]
     bounds = cu.tolist()
     for r in range(world):
         for g in shard.global_index(r):
             d = bisect.bisect_right(bounds, g) - 1
             counts[doc_of[d]][r] += 1
+            owners[doc_of[d]][g - starts[d]] = r
             if r == rank:
                 positions[doc_of[d]].append(g - starts[d])
-    return "packed", cu, positions, counts
+    return "packed", cu, positions, counts, owners
 
 
 def _prefill(model, ids, lengths, cache, ctx, world, rank, layout, algorithm):
     """Run the sequence-parallel prefill of ``lengths[b]`` leading tokens of each row ``ids[b]``."""
-    mode, cu, positions, counts = _prefill_plan(lengths, world, rank, layout, algorithm)
+    mode, cu, positions, counts, owners = _prefill_plan(lengths, world, rank, layout, algorithm)
     if mode == "none":
-        cache.plan_prefill([(0, 0, 0)] * len(lengths), counts)
+        cache.plan_prefill([(0, 0, 0)] * len(lengths), counts, owners)
         return
     if mode == "batch":
         pos = torch.tensor(positions[0], dtype=torch.int64)
@@ -175,7 +192,7 @@ def _prefill(model, ids, lengths, cache, ctx, world, rank, layout, algorithm):
             flat_pos.extend(pos)
         local_ids = torch.tensor([flat_ids], dtype=torch.int64)
         position_ids = torch.tensor([flat_pos], dtype=torch.int64)
-    cache.plan_prefill(rows, counts)
+    cache.plan_prefill(rows, counts, owners)
     ctx.phase, ctx.cu_seqlens = "prefill", cu
     model(input_ids=local_ids.to(ids.device), position_ids=position_ids.to(ids.device), past_key_values=cache,
           use_cache=True, logits_to_keep=1)  # fmt: skip
@@ -228,6 +245,9 @@ def generate(
     timeout_s: float = 60.0,
     stats: CommStats | None = None,
     timings: dict | None = None,
+    merge: str = "auto",
+    topology: Topology | None = None,
+    sparse: XAttentionConfig | None = None,
 ) -> torch.Tensor:
     """Generate ``max_new_tokens`` tokens per sequence with a Hugging Face causal LM over ``group``.
 
@@ -239,8 +259,17 @@ def generate(
     ``layout``/``algorithm`` choose the prefill's sharding and sequence-parallel attention (``"auto"``: the
     cost model). ``cache``: an empty :class:`ShardedKVCache` for this batch and group (default: a new one);
     it holds the sharded K/V afterwards. ``stats`` receives the bytes moved (prefill and decode);
-    ``timings`` (a dict) receives ``prefill_s`` and ``decode_s`` (per-token list). Every wait is bounded by
-    ``timeout_s`` and raises naming the rank and the token step.
+    ``timings`` (a dict) receives ``prefill_s``, ``decode_s`` (per-token list) and ``steps`` (per token:
+    the merge used and each sequence's owner rank). Every wait is bounded by ``timeout_s`` and raises naming the rank and the token step.
+
+    ``merge``: how each decode step's attention partials merge - ``"allgather"`` (every rank merges),
+    ``"allreduce"`` (two all-reduces), ``"owner"`` (on each sequence's token owner, then broadcast) or
+    ``"auto"``: per token step, the cheapest by :func:`~longmoe.inference.choose_decode_merge` on
+    ``topology`` (default: measured on ``group``, cached). ``sparse``: an
+    :class:`~longmoe.attention.XAttentionConfig` makes the prefill XAttention block-sparse (Ulysses: prompts
+    of equal length that the layout divides, heads divisible by the group); decode stays dense. With
+    ``head_selection="group"`` and fewer K/V heads than ranks, a GQA group's mask averages only the query
+    heads on one rank (see :func:`~longmoe.parallel.ulysses_attention`); ``"head"`` matches one process.
     """
     import time
 
@@ -258,6 +287,10 @@ def generate(
     check_layout(layout)
     if algorithm not in ALGORITHM_CHOICES:
         raise ValueError(f"algorithm={algorithm!r}; expected one of {ALGORITHM_CHOICES}")
+    if merge not in ("auto", *DECODE_MERGES):
+        raise ValueError(f"merge={merge!r}; expected 'auto' or one of {DECODE_MERGES}")
+    if sparse is not None and not isinstance(sparse, XAttentionConfig):
+        raise TypeError(f"sparse must be an XAttentionConfig or None; got {type(sparse).__name__}")
     if attention_mask is None:
         lengths = [seqlen] * batch
     else:
@@ -292,6 +325,7 @@ def generate(
         "group size": world, "group's first global rank": ranks[0], "batch": batch, "seqlen": seqlen,
         "max_new_tokens": max_new_tokens, "do_sample": int(do_sample), "seed": seed,
         "layout": LAYOUTS.index(layout), "algorithm": ALGORITHM_CHOICES.index(algorithm),
+        "merge": ("auto", *DECODE_MERGES).index(merge), "sparse": int(sparse is not None),
         "input_ids checksum": int((input_ids * torch.arange(1, seqlen + 1)).sum()) % (1 << 61),
         "prompt lengths checksum": sum((i + 1) * n for i, n in enumerate(lengths)),
     }  # fmt: skip
@@ -299,11 +333,24 @@ def generate(
 
     ids = torch.stack([input_ids[b, seqlen - n :].new_zeros(seqlen).index_copy(
         0, torch.arange(n), input_ids[b, seqlen - n :]) for b, n in enumerate(lengths)])  # fmt: skip
+    if sparse is not None:
+        if algorithm not in ("auto", "ulysses"):
+            raise ValueError(
+                f"sparse prefill runs on Ulysses only (whole sequences per rank); got algorithm={algorithm!r}"
+            )
+        if world > 1:  # raises, naming the lengths, unless the prompts can run as one Ulysses batch
+            _prefill_plan([n - 1 for n in lengths], world, rank, layout, "ulysses")
+    if world > 1 and topology is None and (merge == "auto" or algorithm == "auto"):
+        topology = measure_topology(group)
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    heads_q = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads_q
     ctx = DecodeContext(cache=cache, group=group, layout=layout, algorithm=algorithm, timeout_s=timeout_s,
-                        stats=stats)  # fmt: skip
+                        stats=stats, sparse=sparse, topology=topology)  # fmt: skip
     gen = torch.Generator().manual_seed(seed)
     new_tokens = []
     decode_s = []
+    steps = []
     with _sharded_attention(model, mods, ctx):
         t0 = time.perf_counter()
         _prefill(model, ids, [n - 1 for n in lengths], cache, ctx, world, rank, layout, algorithm)
@@ -315,7 +362,13 @@ def generate(
             t1 = time.perf_counter()
             ctx.step = step
             position = torch.tensor(cache.global_lengths(), dtype=torch.int64).unsqueeze(1)  # (B, 1)
-            cache.plan_decode()
+            ctx.owners = cache.plan_decode()
+            ctx.merge = merge
+            if merge == "auto":
+                ctx.merge = "allgather" if world == 1 else choose_decode_merge(
+                    topology, world=world, batch=batch, heads_q=heads_q, head_dim=head_dim, owners=ctx.owners
+                )[0]  # fmt: skip
+            steps.append((ctx.merge, list(ctx.owners)))
             out = model(input_ids=token.unsqueeze(1).to(input_ids.device), position_ids=position.to(input_ids.device),
                         past_key_values=cache, use_cache=True)  # fmt: skip
             token = _pick(out.logits[:, -1].float(), do_sample, temperature, top_k, gen)
@@ -323,5 +376,6 @@ def generate(
             decode_s.append(time.perf_counter() - t1)
     if timings is not None:
         timings["decode_s"] = decode_s
+        timings["steps"] = steps
     new = torch.stack(new_tokens, dim=1) if new_tokens else input_ids.new_zeros(batch, 0)
     return torch.cat([input_ids, new.to(input_ids.device)], dim=1)

@@ -54,7 +54,7 @@ def test_single_process_cache_equals_dynamic_cache():
         torch.testing.assert_close(ours, layer.keys, rtol=1e-5, atol=1e-5)
 
 
-def test_hf_cache_api_reorder_and_unsupported_crop():
+def test_hf_cache_api_reorder_and_crop():
     cache = ShardedKVCache(3)
     cache.plan_prefill([(b, 0, n) for b, n in enumerate((4, 2, 3))], [[4], [2], [3]])
     k = torch.arange(3 * 2 * 4 * 5, dtype=torch.float32).reshape(3, 2, 4, 5)
@@ -65,20 +65,54 @@ def test_hf_cache_api_reorder_and_unsupported_crop():
     torch.testing.assert_close(cache.layers[0].keys[0, :3], k[2, :, :3].transpose(0, 1))
     cache.batch_repeat_interleave(2)
     assert cache.batch_size == 6 and cache.global_lengths() == [3, 3, 4, 4, 4, 4]
-    with pytest.raises(NotImplementedError, match=r"crop\(tokens_to_remove=1\)"):
-        cache.crop(1)
-    assert not cache.is_croppable
+    assert cache.is_croppable
+    with pytest.raises(ValueError, match=r"crop\(tokens_to_remove=-1\)"):
+        cache.crop(-1)
+    with pytest.raises(ValueError, match="cannot remove more than the shortest"):
+        cache.crop(4)
+    cache.crop(1)  # drops the last token of every row
+    assert cache.layer_lengths(0) == [2, 2, 3, 3, 3, 3] and cache.global_lengths() == [2, 2, 3, 3, 3, 3]
+    cache.crop(0)
     owners = cache.plan_decode()
     assert owners == [0] * 6
     k1 = torch.randn(6, 2, 1, 5)
     keys, _ = cache.update(k1, k1, 0)
-    assert keys.shape == (6, 2, 5, 5) and cache.layer_lengths(0) == [4, 4, 5, 5, 5, 5]
+    assert keys.shape == (6, 2, 4, 5) and cache.layer_lengths(0) == [3, 3, 4, 4, 4, 4]
+    torch.testing.assert_close(keys[0, :, 2], k1[0, :, 0])  # the new token follows the cropped prefix
     with pytest.raises(ValueError, match="decode step takes"):
         cache.update(torch.randn(6, 2, 2, 5), torch.randn(6, 2, 2, 5), 0)
     cache.reset()
     assert cache.get_seq_length() == 0
     with pytest.raises(RuntimeError, match="no plan"):
         cache.update(k1, k1, 0)
+
+
+def test_decode_merge_choice_follows_the_topology():
+    """Latency-bound (gloo on CPU): the all-gather at P = 2, the owner merge for one owner at P = 4, the
+    all-gather again when four owners each need their own gather and broadcast. Bandwidth-bound, large
+    partials: the all-reduce (2 (P - 1) chunks of 1/P; the owner merge moves two whole partials, and
+    behind a switch the owner's NIC carries every one)."""
+    from longmoe.inference import DECODE_MERGES, choose_decode_merge, decode_merge_time, merge_sends
+    from longmoe.parallel import Topology
+
+    lat = Topology(latency=1e-3, link_bandwidth=50e6)
+    kw = dict(heads_q=32, head_dim=128)
+    assert choose_decode_merge(lat, world=2, batch=1, **kw)[0] == "allgather"
+    assert choose_decode_merge(lat, world=4, batch=1, owners=[3], **kw)[0] == "owner"
+    assert choose_decode_merge(lat, world=4, batch=4, owners=[0, 1, 2, 3], **kw)[0] == "allgather"
+    big = dict(world=8, batch=64, heads_q=64, head_dim=128)
+    for kind, want in (("mesh", "allreduce"), ("switch", "allreduce")):
+        topo = Topology(kind=kind, latency=0.0, link_bandwidth=1e9)
+        pick, times = choose_decode_merge(topo, **big)
+        assert pick == want, (kind, times)
+        assert set(times) == set(DECODE_MERGES) and times[pick] == decode_merge_time(pick, topo, **big)
+        assert times["owner"] < times["allgather"] if kind == "mesh" else times["owner"] > times["allgather"]
+    # Rounds: P - 1 for the all-gather, 4 (P - 1) for the two ring all-reduces, 2 per distinct owner.
+    assert len(merge_sends("allgather", world=5, batch=1, **kw)) == 4
+    assert len(merge_sends("allreduce", world=5, batch=1, **kw)) == 16
+    assert len(merge_sends("owner", world=5, batch=3, owners=[1, 4, 1], **kw)) == 4
+    with pytest.raises(ValueError, match="merge='tree'"):
+        merge_sends("tree", world=2, batch=1, **kw)
 
 
 def test_decode_bytes_do_not_grow_with_context():

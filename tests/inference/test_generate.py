@@ -17,7 +17,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from longmoe.inference import DecodeError, ShardedKVCache, decode_bytes, generate
+from longmoe.attention import XAttentionConfig
+from longmoe.inference import DecodeError, ShardedKVCache, decode_bytes, generate, merge_sends
 from longmoe.runtime import CommStats, SpawnError, spawn
 
 pytestmark = pytest.mark.distributed
@@ -77,17 +78,17 @@ def left_pad(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def cases(world: int) -> list[dict]:
-    """Each prefill algorithm and layout, B = 1 and B = 3 with different prompt lengths, prompts shorter than
-    the world (ranks with empty shards). Prompt length L is prefilled as L - 1 tokens: a multiple of the
-    layout's chunk count runs as a batch, anything else as packed documents."""
+    """Each prefill algorithm and layout, each decode merge, B = 1 and B = 3 with different prompt lengths,
+    prompts shorter than the world (ranks with empty shards). Prompt length L is prefilled as L - 1 tokens: a
+    multiple of the layout's chunk count runs as a batch, anything else as packed documents."""
     zig = 2 * world
     out = [
-        dict(alg="token_ring", layout="zigzag", lengths=(zig * 3 + 1,)),
-        dict(alg="token_ring", layout="contiguous", lengths=(23, 5, 14)),
-        dict(alg="kv_ring", layout="zigzag", lengths=(23, 5, 14)),
-        dict(alg="kv_ring", layout="contiguous", lengths=(world * 5 + 1,)),
-        dict(alg="auto", layout="zigzag", lengths=(2, 1, 9)),
-        dict(alg="ulysses", layout="zigzag", lengths=(zig * 2 + 1, zig * 2 + 1)),
+        dict(alg="token_ring", layout="zigzag", lengths=(zig * 3 + 1,), merge="owner"),
+        dict(alg="token_ring", layout="contiguous", lengths=(23, 5, 14), merge="allgather"),
+        dict(alg="kv_ring", layout="zigzag", lengths=(23, 5, 14), merge="owner"),
+        dict(alg="kv_ring", layout="contiguous", lengths=(world * 5 + 1,), merge="allreduce"),
+        dict(alg="auto", layout="zigzag", lengths=(2, 1, 9), merge="auto"),
+        dict(alg="ulysses", layout="zigzag", lengths=(zig * 2 + 1, zig * 2 + 1), merge="allreduce"),
     ]
     if HQ % world:  # Ulysses splits heads over ranks: a clear error instead
         out[-1]["error"] = f"heads_q % world_size == 0; got heads_q={HQ}, world_size={world}"
@@ -111,8 +112,9 @@ def _check_case(rank, world, cfg, seed):
                 algorithm=cfg["alg"],
             )
         return
-    out = generate(model, ids, attention_mask=mask, max_new_tokens=NEW, layout=cfg["layout"],
-                   algorithm=cfg["alg"], cache=cache, stats=stats, timeout_s=30)  # fmt: skip
+    timings = {}
+    out = generate(model, ids, attention_mask=mask, max_new_tokens=NEW, layout=cfg["layout"], merge=cfg["merge"],
+                   algorithm=cfg["alg"], cache=cache, stats=stats, timeout_s=30, timings=timings)  # fmt: skip
     assert torch.equal(out[:, : ids.shape[1]], ids), f"rank {rank}: the prompts were not returned unchanged"
     for b, p in enumerate(prompts):
         want = greedy_ref(model, p, NEW)
@@ -131,13 +133,20 @@ def _check_case(rank, world, cfg, seed):
     dist.all_reduce(mem)
     assert int(mem) == LAYERS * per_token * sum(totals), f"rank {rank}: ranks hold {int(mem)} bytes in all"
     assert cache.memory_bytes() <= LAYERS * per_token * sum(-(-t // world) for t in totals)
-    # Decode bytes per token: one (B, Hq, D + 1) fp32 all-gather per layer, independent of the context.
-    want = decode_bytes(world=world, batch=len(prompts), heads_q=HQ, heads_kv=HKV, head_dim=D, context=0,
-                        layers=LAYERS)["token_ring"]  # fmt: skip
-    got = stats.bytes_sent.get("decode_allgather", 0)
-    assert got == want * NEW, (
-        f"rank {rank}: decode sent {got} bytes for {NEW} tokens, expected {want} per token"
-    )
+    # Decode bytes: per token and layer, what the merge's rounds send from this rank (all-gather: P - 1
+    # partials (B, Hq, D + 1) fp32), independent of the context; owner: 2 rounds per distinct owner.
+    steps = timings["steps"]
+    assert len(steps) == NEW and all(m == cfg["merge"] for m, _ in steps if cfg["merge"] != "auto"), steps
+    want = 0
+    for m, owners in steps:
+        rounds = merge_sends(m, world=world, batch=len(prompts), heads_q=HQ, head_dim=D, owners=owners)
+        want += LAYERS * sum(n for sends in rounds for src, _, n in sends if src == rank)
+    got = sum(n for k, n in stats.bytes_sent.items() if k.startswith("decode_"))
+    assert got == want, f"rank {rank}: decode sent {got} bytes for {NEW} tokens, expected {want}"
+    if cfg["merge"] == "allgather":
+        per_token = decode_bytes(world=world, batch=len(prompts), heads_q=HQ, heads_kv=HKV, head_dim=D,
+                                 context=0, layers=LAYERS)["token_ring"]  # fmt: skip
+        assert got == per_token * NEW, f"rank {rank}: {got} bytes != decode_bytes {per_token} x {NEW}"
 
 
 def _sampled(rank, world):
@@ -195,6 +204,18 @@ def test_seeded_sampling_identical_on_every_rank(world):
     assert not failures, "\n".join(failures)
 
 
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_sparse_prefill_equals_single_process(world):
+    failures = _failures(world)[len(cases(world)) + extras(world).index(_sparse_prefill)]
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_crop_keeps_the_first_tokens_across_shards(world):
+    failures = _failures(world)[len(cases(world)) + extras(world).index(_crop)]
+    assert not failures, "\n".join(failures)
+
+
 # -------------------------------------------------------------------------------------------- bad input
 def _bad_inputs(rank, world):
     model = tiny_llama()
@@ -215,6 +236,13 @@ def _bad_inputs(rank, world):
                                                sliding_window=16))  # fmt: skip
     with pytest.raises(ValueError, match="sliding_window=16"):
         generate(mistral, ids, max_new_tokens=2)
+    # crop needs to know which ranks hold the last tokens.
+    blind = ShardedKVCache(1)
+    blind.plan_prefill([(0, 0, 0)], [[0] * world])
+    with pytest.raises(NotImplementedError, match=r"crop\(tokens_to_remove=1\).*owners"):
+        blind.crop(1)
+    with pytest.raises(ValueError, match="merge='tree'"):
+        generate(model, ids, max_new_tokens=1, merge="tree")
 
 
 def test_bad_inputs_raise_on_every_rank():
@@ -242,9 +270,75 @@ def _mixtral(rank, world):
         assert got == want, f"rank {rank}: Mixtral with {what}: generated {got}, single-process {want}"
 
 
+def _singleton_groups(world):
+    """A one-rank group per rank (every rank creates all of them, as new_group requires)."""
+    return [dist.new_group([r]) for r in range(world)]
+
+
+def _sparse_prefill(rank, world):
+    """XAttention-sparse prefill (Ulysses) across ranks equals the same sparse prefill on one process, and
+    differs from dense (so the masks matter at this threshold). Per-query-head selection: with the GQA group
+    mean and heads_kv < P a rank averages only its own heads of a group (documented in ulysses_attention)."""
+    alone = _singleton_groups(world)[rank]
+    model = tiny_llama()
+    sp = XAttentionConfig(threshold=0.5, stride=4, block_size=8, head_selection="head")
+    ids = torch.randint(
+        0, VOCAB, (2, 49), generator=torch.Generator().manual_seed(4)
+    )  # 48 prefilled: 6 blocks
+    if HQ % world:
+        with pytest.raises(ValueError, match="heads_q % world_size == 0"):
+            generate(model, ids, max_new_tokens=NEW, sparse=sp, timeout_s=30)
+        return
+    got = generate(model, ids, max_new_tokens=NEW, sparse=sp, timeout_s=30)[:, 49:].tolist()
+    want = generate(model, ids, max_new_tokens=NEW, sparse=sp, group=alone)[:, 49:].tolist()
+    dense = generate(model, ids, max_new_tokens=NEW, group=alone)[:, 49:].tolist()
+    assert got == want, f"rank {rank}/{world}: sparse prefill generated {got}, one process {want}"
+    assert want != dense, f"sparse and dense prefill generated the same {dense}: the test shows nothing"
+    with pytest.raises(ValueError, match="sparse prefill runs on Ulysses only"):
+        generate(model, ids, max_new_tokens=1, sparse=sp, algorithm="token_ring")
+
+
+def _crop(rank, world):
+    """After generate, crop(c) leaves exactly the first tokens of every sequence across the ranks' shards:
+    reassembled by the owner log, they equal one process's cache of those tokens."""
+    model = tiny_llama()
+    g = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(0, VOCAB, (n,), generator=g) for n in (17, 4, 11)]
+    ids, mask = left_pad(prompts)
+    cache = ShardedKVCache(len(prompts))
+    out = generate(model, ids, attention_mask=mask, max_new_tokens=NEW, cache=cache, algorithm="kv_ring",
+                   timeout_s=30)  # fmt: skip
+    assert cache.is_croppable
+    before = cache.global_lengths()
+    cache.crop(3)
+    assert cache.global_lengths() == [n - 3 for n in before], (before, cache.global_lengths())
+    shards = [None] * world
+    mine = [[cache.layers[li].keys[b, : cache.layer_lengths(li)[b]].clone() for b in range(len(prompts))]
+            for li in range(LAYERS)]  # fmt: skip
+    dist.all_gather_object(shards, mine)
+    model.set_attn_implementation("eager")
+    for b, p in enumerate(prompts):
+        full = torch.cat([p, out[b, ids.shape[1] :]])[: before[b] - 3]
+        with torch.no_grad():
+            ref = model(full[None], use_cache=True).past_key_values
+        log = cache.owner_log[b]
+        assert len(log) == full.numel()
+        for li in range(LAYERS):
+            rows = [0] * world
+            got = []
+            for r in log:  # token t is rank r's next row
+                got.append(shards[r][li][b][rows[r]])
+                rows[r] += 1
+            assert rows == [shards[r][li][b].shape[0] for r in range(world)], f"rank {rank}: rows left over"
+            torch.testing.assert_close(torch.stack(got), ref.layers[li].keys[0].transpose(0, 1), rtol=1e-4,
+                                       atol=1e-5, msg=lambda m: f"rank {rank} seq {b} layer {li}: {m}")  # fmt: skip
+    with pytest.raises(ValueError, match="cannot remove more than the shortest"):
+        cache.crop(10**6)
+
+
 def extras(world: int) -> list:
     """Checks run in the same spawn after the cases (bad inputs and Mixtral ride on world 2's)."""
-    return [_sampled] + ([_bad_inputs, _mixtral] if world == 2 else [])
+    return [_sampled, _sparse_prefill, _crop] + ([_bad_inputs, _mixtral] if world == 2 else [])
 
 
 def test_mixtral_style_moe_equals_single_process():
