@@ -7,8 +7,10 @@ For each world size P (spawned local CPU ranks on gloo) and prompt length: prefi
 (median over the generated tokens), cache MiB per rank, decode bytes sent per token per rank (measured with
 CommStats), for two decoders over the same cache shards:
 
-* ``token_ring``: longmoe's decode (per-shard partial ``(out, lse)``, one ``(B, Hq, D + 1)`` fp32
-  all-gather per layer, exact merge);
+* ``token_ring``: longmoe's decode (per-shard partial ``(out, lse)``, then an exact merge of the
+  ``(B, Hq, D + 1)`` fp32 partials: ``merge="auto"``, the cost model's pick per token step; the
+  decode-attention sweep times each merge - all-gather, owner gather + broadcast, two all-reduces - and
+  reports the cost model's pick beside them);
 * ``naive_kv_gather``: the alternative of gathering the K/V cache: every rank all-gathers every shard
   (padded to the longest) and attends over the whole context. Its bytes grow with the context.
 
@@ -47,7 +49,7 @@ def build_model(args):
 
 
 def naive_decode_attention(q, k, v, lengths, *, group=None, softmax_scale=None, timeout_s=60.0, step=-1, layer=-1,
-                           stats=None):  # fmt: skip
+                           stats=None, merge=None, owners=None):  # fmt: skip
     """The baseline: all-gather every rank's K/V shard (padded to the longest), attend over the whole cache.
     q: (B, 1, Hq, D); k, v: (B, max_len, Hkv, D) shards with ``lengths`` valid rows per sequence."""
     from longmoe.attention.flash_attention import flash_attention_forward
@@ -107,10 +109,14 @@ def measure(rank, world, args):
             t = torch.tensor([timings["prefill_s"], decode, cache.memory_bytes()], dtype=torch.float64)
             if world > 1:
                 dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            dec_bytes = stats.bytes_sent.get("decode_allgather", 0) / args.new_tokens
+            dec_bytes = (
+                sum(n for key, n in stats.bytes_sent.items() if key.startswith("decode_")) / args.new_tokens
+            )
+            merges = sorted({m for m, _ in timings["steps"]}) if decoder == "token_ring" else ["kv_allgather"]
             model_bytes = decode_bytes(world=world, batch=1, heads_q=args.heads_q, heads_kv=args.heads_kv,
-                                       head_dim=args.head_dim, context=seqlen, layers=args.layers)[decoder]  # fmt: skip
-            rows.append(dict(world=world, seqlen=seqlen, decoder=decoder, prefill_s=t[0].item(),
+                                       head_dim=args.head_dim, context=seqlen, layers=args.layers,
+                                       merge=merges[0] if decoder == "token_ring" else "allgather")[decoder]  # fmt: skip
+            rows.append(dict(world=world, seqlen=seqlen, decoder=decoder, merge="+".join(merges), prefill_s=t[0].item(),
                              prefill_tok_s=seqlen / t[0].item(), decode_ms=1e3 * t[1].item(),
                              cache_mib_per_rank=t[2].item() / 2**20, decode_bytes_per_token=dec_bytes,
                              decode_bytes_model=model_bytes))  # fmt: skip
@@ -124,11 +130,13 @@ def measure_decode_attention(rank, world, args):
     from common import timeit
 
     from longmoe.attention.flash_attention import flash_attention_forward
-    from longmoe.inference import decode_bytes
+    from longmoe.inference import choose_decode_merge, decode_bytes
     from longmoe.inference.decode import sharded_decode_attention
+    from longmoe.parallel import measure_topology
     from longmoe.runtime import CommStats
 
     torch.set_num_threads(args.threads_per_rank)
+    topo = measure_topology() if world > 1 else None
     g = torch.Generator().manual_seed(rank)
     hq, hkv, d, layers = args.attn_heads_q, args.attn_heads_kv, args.attn_head_dim, args.attn_layers
     rows = []
@@ -141,28 +149,36 @@ def measure_decode_attention(rank, world, args):
         q = torch.randn(1, 1, hq, d, generator=torch.Generator().manual_seed(0))
         stats = CommStats()
 
-        def step(decoder, kv=kv):
+        def step(decoder, merge, kv=kv):
             for k, v in kv:
                 if decoder == "token_ring":
-                    sharded_decode_attention(q, k, v, [n], stats=stats, timeout_s=600)
+                    sharded_decode_attention(
+                        q, k, v, [n], stats=stats, timeout_s=600, merge=merge, owners=[0]
+                    )
                 elif world == 1:
                     flash_attention_forward(q, k, v)
                 else:
                     naive_decode_attention(q, k, v, [n], stats=stats, timeout_s=600)
 
-        for decoder in ("token_ring", "naive_kv_gather"):
+        runs = [("token_ring", m) for m in (args.merges if world > 1 else ["allgather"])]
+        pick, modelled = ("allgather", {}) if world == 1 else choose_decode_merge(
+            topo, world=world, batch=1, heads_q=hq, head_dim=d, owners=[0])  # fmt: skip
+        for decoder, merge in [*runs, ("naive_kv_gather", "kv_allgather")]:
             if world > 1:
                 dist.barrier()
             stats.reset()
-            sec = timeit(lambda decoder=decoder: step(decoder), args.repeats)  # noqa: B023 (kv bound per context)
+            sec = timeit(lambda decoder=decoder, merge=merge: step(decoder, merge), args.repeats)  # noqa: B023
             t = torch.tensor([sec], dtype=torch.float64)
             if world > 1:
                 dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            sent = stats.bytes_sent.get("decode_allgather", 0) / (args.repeats + 1)
-            rows.append(dict(world=world, context=context, decoder=decoder, attn_ms=1e3 * t.item(),
+            sent = sum(stats.bytes_sent.values()) / (args.repeats + 1)
+            rows.append(dict(world=world, context=context, decoder=decoder, merge=merge, attn_ms=1e3 * t.item(),
                              bytes_per_token=sent, cache_mib_per_rank=layers * n * 2 * hkv * d * 4 / 2**20,
+                             auto_pick=pick, modelled_merge_ms=1e3 * layers * modelled.get(merge, 0.0),
                              bytes_model=decode_bytes(world=world, batch=1, heads_q=hq, heads_kv=hkv, head_dim=d,
-                                                      context=context, layers=layers)[decoder]))  # fmt: skip
+                                                      context=context, layers=layers, owners=[0],
+                                                      merge="allgather" if decoder != "token_ring" else merge
+                                                      )[decoder]))  # fmt: skip
         del kv
     return rows
 
@@ -189,11 +205,22 @@ def decode_attention_sweep(args):
 
     table = Table(title=f"Decode attention only, {args.attn_layers} layer(s) Hq={args.attn_heads_q} "
                         f"Hkv={args.attn_heads_kv} D={args.attn_head_dim} fp32, ratio vs P=1 in this run")  # fmt: skip
-    for col in ("P", "context", "decoder", "ms/token", "x P=1", "bytes/token/rank", "cache MiB/rank"):
+    for col in (
+        "P",
+        "context",
+        "decoder",
+        "merge",
+        "auto",
+        "ms/token",
+        "x P=1",
+        "bytes/token/rank",
+        "cache MiB/rank",
+    ):
         table.add_column(col, justify="right")
     for r in rows:
-        table.add_row(str(r["world"]), str(r["context"]), r["decoder"], f"{r['attn_ms']:.2f}",
-                      f"{r['latency_vs_p1']:.2f}", f"{r['bytes_per_token']:.0f}", f"{r['cache_mib_per_rank']:.0f}")  # fmt: skip
+        table.add_row(str(r["world"]), str(r["context"]), r["decoder"], r["merge"], r["auto_pick"],
+                      f"{r['attn_ms']:.2f}", f"{r['latency_vs_p1']:.2f}", f"{r['bytes_per_token']:.0f}",
+                      f"{r['cache_mib_per_rank']:.0f}")  # fmt: skip
     Console().print(table)
     print(f"wrote {path}")
     import matplotlib
@@ -202,13 +229,16 @@ def decode_attention_sweep(args):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for decoder, style in (("token_ring", "-o"), ("naive_kv_gather", "--s")):
-        for world in args.worlds:
-            pts = [r for r in rows if r["world"] == world and r["decoder"] == decoder]
+    series = [("token_ring", m, "-o") for m in args.merges] + [("naive_kv_gather", "kv_allgather", "--s")]
+    p1 = [r for r in rows if r["world"] == 1 and r["decoder"] == "token_ring"]
+    axes[0].plot([r["context"] for r in p1], [r["attn_ms"] for r in p1], "-k^", label="P=1")
+    for decoder, merge, style in series:
+        for world in (w for w in args.worlds if w > 1):
+            pts = [r for r in rows if r["world"] == world and r["decoder"] == decoder and r["merge"] == merge]
             xs = [r["context"] for r in pts]
-            axes[0].plot(xs, [r["attn_ms"] for r in pts], style, label=f"{decoder} P={world}")
-            if world > 1:
-                axes[1].plot(xs, [r["bytes_per_token"] for r in pts], style, label=f"{decoder} P={world}")
+            label = f"{decoder}:{merge} P={world}"
+            axes[0].plot(xs, [r["attn_ms"] for r in pts], style, label=label)
+            axes[1].plot(xs, [r["bytes_per_token"] for r in pts], style, label=label)
     for ax, title in zip(axes, ("decode attention ms/token", "bytes/token/rank"), strict=True):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -247,6 +277,8 @@ def main():
     ap.add_argument("--attn-heads-kv", type=int, default=4)
     ap.add_argument("--attn-head-dim", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--merges", nargs="+", default=["allgather", "owner", "allreduce"],
+                    help="decode merges timed in the decode-attention sweep")  # fmt: skip
     args = ap.parse_args()
     if args.decode_contexts:
         decode_attention_sweep(args)

@@ -11,7 +11,13 @@ from longmoe.inference.decode import (
     merge_sends,
     sharded_decode_attention,
 )
-from longmoe.inference.generation import SHARDED_ATTENTION_NAME, generate, register_sharded_attention
+from longmoe.inference.generation import (
+    SHARDED_ATTENTION_NAME,
+    disable_sharded_generate,
+    enable_sharded_generate,
+    generate,
+    register_sharded_attention,
+)
 
 __all__ = [
     "ShardedKVCache",
@@ -24,6 +30,8 @@ __all__ = [
     "merge_sends",
     "sharded_decode_attention",
     "generate",
+    "enable_sharded_generate",
+    "disable_sharded_generate",
     "register_sharded_attention",
     "SHARDED_ATTENTION_NAME",
 ]

@@ -45,7 +45,10 @@ from longmoe.runtime.collectives import check_same_across_ranks
 from longmoe.runtime.distributed import group_key, world_and_rank
 from longmoe.runtime.exchanger import CommStats
 
-__all__ = ["generate", "register_sharded_attention", "SHARDED_ATTENTION_NAME"]
+__all__ = [
+    "generate", "register_sharded_attention", "SHARDED_ATTENTION_NAME", "enable_sharded_generate",
+    "disable_sharded_generate",
+]  # fmt: skip
 
 SHARDED_ATTENTION_NAME = "longmoe_sharded"
 _CTX_ATTR = "_longmoe_decode_ctx"
@@ -248,13 +251,19 @@ def generate(
     merge: str = "auto",
     topology: Topology | None = None,
     sparse: XAttentionConfig | None = None,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    min_new_tokens: int = 0,
 ) -> torch.Tensor:
     """Generate ``max_new_tokens`` tokens per sequence with a Hugging Face causal LM over ``group``.
 
     Every rank of ``group`` calls it with the same model weights and arguments. input_ids: (batch, seqlen)
     int64; with ``attention_mask`` (batch, seqlen) of 0/1, prompts are left-padded as for HF ``generate``
     (each row's 1s must be a suffix). Returns (batch, seqlen + max_new_tokens) int64: the prompts (padding
-    kept) followed by the new tokens, identical on every rank. No EOS stopping.
+    kept) followed by the new tokens, identical on every rank. With ``eos_token_id`` (one id or a list), as
+    Hugging Face: a sequence that produced an EOS continues with ``pad_token_id``, and generation stops
+    once every sequence has (so the result may be shorter); EOS is suppressed for the first
+    ``min_new_tokens`` tokens. Every rank stops at the same step without communicating (same tokens).
 
     ``layout``/``algorithm`` choose the prefill's sharding and sequence-parallel attention (``"auto"``: the
     cost model). ``cache``: an empty :class:`ShardedKVCache` for this batch and group (default: a new one);
@@ -284,6 +293,21 @@ def generate(
         raise ValueError(f"max_new_tokens={max_new_tokens!r}; expected an int >= 0")
     if do_sample and not temperature > 0:
         raise ValueError(f"temperature={temperature!r}; expected > 0 when sampling")
+    eos = (
+        []
+        if eos_token_id is None
+        else [eos_token_id]
+        if isinstance(eos_token_id, int)
+        else list(eos_token_id)
+    )
+    if any(isinstance(e, bool) or not isinstance(e, int) for e in eos):
+        raise ValueError(f"eos_token_id={eos_token_id!r}; expected an int, a list of ints or None")
+    if eos and not isinstance(pad_token_id, int):
+        raise ValueError(
+            f"pad_token_id={pad_token_id!r}: an int is needed with eos_token_id={eos_token_id!r}"
+        )
+    if isinstance(min_new_tokens, bool) or not isinstance(min_new_tokens, int) or min_new_tokens < 0:
+        raise ValueError(f"min_new_tokens={min_new_tokens!r}; expected an int >= 0")
     check_layout(layout)
     if algorithm not in ALGORITHM_CHOICES:
         raise ValueError(f"algorithm={algorithm!r}; expected one of {ALGORITHM_CHOICES}")
@@ -326,6 +350,7 @@ def generate(
         "max_new_tokens": max_new_tokens, "do_sample": int(do_sample), "seed": seed,
         "layout": LAYOUTS.index(layout), "algorithm": ALGORITHM_CHOICES.index(algorithm),
         "merge": ("auto", *DECODE_MERGES).index(merge), "sparse": int(sparse is not None),
+        "eos ids checksum": sum((i + 1) * (e + 1) for i, e in enumerate(eos)), "min_new_tokens": min_new_tokens,
         "input_ids checksum": int((input_ids * torch.arange(1, seqlen + 1)).sum()) % (1 << 61),
         "prompt lengths checksum": sum((i + 1) * n for i, n in enumerate(lengths)),
     }  # fmt: skip
@@ -351,6 +376,7 @@ def generate(
     new_tokens = []
     decode_s = []
     steps = []
+    finished = torch.zeros(batch, dtype=torch.bool)
     with _sharded_attention(model, mods, ctx):
         t0 = time.perf_counter()
         _prefill(model, ids, [n - 1 for n in lengths], cache, ctx, world, rank, layout, algorithm)
@@ -371,11 +397,93 @@ def generate(
             steps.append((ctx.merge, list(ctx.owners)))
             out = model(input_ids=token.unsqueeze(1).to(input_ids.device), position_ids=position.to(input_ids.device),
                         past_key_values=cache, use_cache=True)  # fmt: skip
-            token = _pick(out.logits[:, -1].float(), do_sample, temperature, top_k, gen)
+            logits = out.logits[:, -1].float()
+            if eos and step < min_new_tokens:
+                logits[:, eos] = float("-inf")
+            token = _pick(logits, do_sample, temperature, top_k, gen)
+            if eos:  # as HF: finished sequences continue with the pad id; stop when all have finished
+                token = torch.where(finished, torch.full_like(token, pad_token_id), token)
+                finished |= torch.isin(token, torch.tensor(eos))
             new_tokens.append(token)
             decode_s.append(time.perf_counter() - t1)
+            if eos and bool(finished.all()):
+                break
     if timings is not None:
         timings["decode_s"] = decode_s
         timings["steps"] = steps
     new = torch.stack(new_tokens, dim=1) if new_tokens else input_ids.new_zeros(batch, 0)
     return torch.cat([input_ids, new.to(input_ids.device)], dim=1)
+
+
+# ------------------------------------------------------------------------------- model.generate hook
+# Generation options the hook maps onto generate(); the others must be unset or at their no-op value.
+_HOOK_OPTIONS = ("max_new_tokens", "max_length", "min_new_tokens", "do_sample", "temperature", "top_k",
+                 "eos_token_id", "pad_token_id")  # fmt: skip
+_HOOK_NEUTRAL = {
+    "num_beams": 1, "num_return_sequences": 1, "top_p": 1.0, "repetition_penalty": 1.0, "use_cache": True,
+    "return_dict_in_generate": False, "output_attentions": False, "output_hidden_states": False,
+    "output_scores": False, "output_logits": False, "length_penalty": 1.0, "early_stopping": False,
+}  # fmt: skip
+_HOOK_IGNORED = {"bos_token_id", "decoder_start_token_id", "transformers_version", "_from_model_config"}
+
+
+def _unsupported(key: str, value) -> bool:
+    if key in _HOOK_OPTIONS or key in _HOOK_IGNORED or value is None:
+        return False
+    return key not in _HOOK_NEUTRAL or value != _HOOK_NEUTRAL[key]
+
+
+def enable_sharded_generate(model, *, group: dist.ProcessGroup | None = None, **options):
+    """Make ``model.generate(input_ids, attention_mask=..., max_new_tokens=..., ...)`` run
+    :func:`generate` across ``group`` (every rank calls it, as with :func:`generate`). Returns ``model``.
+
+    The call takes Hugging Face's arguments and ``generation_config`` (merged over
+    ``model.generation_config``): ``max_new_tokens`` (or ``max_length``), ``min_new_tokens``, ``do_sample``,
+    ``temperature``, ``top_k``, ``eos_token_id``, ``pad_token_id``; ``options`` are passed to :func:`generate`
+    (``layout``, ``algorithm``, ``merge``, ``sparse``, ``seed``, ``timeout_s``...). Greedy output equals
+    Hugging Face's own ``generate`` token for token. Any other generation option set to something but its
+    no-op value (beam search, top-p, repetition penalty, logits processors, stopping criteria, assistant
+    models, streamers) raises ``NotImplementedError`` naming it. :func:`disable_sharded_generate` undoes it.
+    """
+    _check_model(model)
+
+    def sharded(inputs=None, generation_config=None, **kwargs):
+        ids = kwargs.pop("input_ids", inputs)
+        mask = kwargs.pop("attention_mask", None)
+        cfg = (generation_config or model.generation_config).to_dict()
+        cfg.update({k: kwargs.pop(k) for k in list(kwargs) if k in cfg or k in _HOOK_OPTIONS})
+        unsupported = sorted(kwargs) + sorted(k for k, val in cfg.items() if _unsupported(k, val))
+        if unsupported:
+            raise NotImplementedError(
+                f"model.generate with longmoe's sharded decoding does not support {unsupported}; supported: "
+                f"{list(_HOOK_OPTIONS)} (see longmoe.inference.enable_sharded_generate)"
+            )
+        if not isinstance(ids, torch.Tensor):
+            raise ValueError(f"input_ids must be a (batch, seqlen) int64 tensor; got {type(ids).__name__}")
+        new = cfg.get("max_new_tokens")
+        if new is None:
+            if cfg.get("max_length") is None:
+                raise ValueError("model.generate needs max_new_tokens or max_length")
+            new = max(cfg["max_length"] - ids.shape[1], 0)
+        eos = cfg.get("eos_token_id")
+        pad = cfg.get("pad_token_id")
+        if eos is not None and pad is None:
+            pad = eos if isinstance(eos, int) else eos[0]  # HF's fallback, with its warning left out
+        return generate(
+            model, ids, group=group, attention_mask=mask, max_new_tokens=new, do_sample=bool(cfg.get("do_sample")),
+            temperature=1.0 if cfg.get("temperature") is None else cfg["temperature"], top_k=cfg.get("top_k"),
+            eos_token_id=eos, pad_token_id=pad, min_new_tokens=cfg.get("min_new_tokens") or 0, **options,
+        )  # fmt: skip
+
+    sharded.__doc__ = (
+        f"longmoe sharded generate (group size {world_and_rank(group)[0]}); see enable_sharded_generate"
+    )
+    model.generate = sharded
+    return model
+
+
+def disable_sharded_generate(model):
+    """Undo :func:`enable_sharded_generate`: ``model.generate`` is Hugging Face's again. Returns ``model``."""
+    if "generate" in vars(model):
+        del model.generate
+    return model

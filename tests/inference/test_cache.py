@@ -135,6 +135,14 @@ def test_bad_inputs_name_the_argument():
         generate(model, ids, max_new_tokens=1, layout="diagonal")
     with pytest.raises(ValueError, match="attention_mask row 0 must be left padding"):
         generate(model, ids, max_new_tokens=1, attention_mask=torch.tensor([[1, 1, 1, 0, 1, 1], [1] * 6]))
+    with pytest.raises(ValueError, match="pad_token_id=None: an int is needed with eos_token_id=3"):
+        generate(model, ids, max_new_tokens=1, eos_token_id=3)
+    with pytest.raises(ValueError, match="eos_token_id='x'"):
+        generate(model, ids, max_new_tokens=1, eos_token_id="x", pad_token_id=0)
+    with pytest.raises(ValueError, match="min_new_tokens=-2"):
+        generate(model, ids, max_new_tokens=1, min_new_tokens=-2)
+    with pytest.raises(ValueError, match="merge='tree'"):
+        generate(model, ids, max_new_tokens=1, merge="tree")
     with pytest.raises(ValueError, match="cache must be empty and for batch 2"):
         generate(model, ids, max_new_tokens=1, cache=ShardedKVCache(3))
     with pytest.raises(TypeError, match="not a Hugging Face PreTrainedModel"):

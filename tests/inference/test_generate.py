@@ -18,7 +18,15 @@ import torch
 import torch.distributed as dist
 
 from longmoe.attention import XAttentionConfig
-from longmoe.inference import DecodeError, ShardedKVCache, decode_bytes, generate, merge_sends
+from longmoe.inference import (
+    DecodeError,
+    ShardedKVCache,
+    decode_bytes,
+    disable_sharded_generate,
+    enable_sharded_generate,
+    generate,
+    merge_sends,
+)
 from longmoe.runtime import CommStats, SpawnError, spawn
 
 pytestmark = pytest.mark.distributed
@@ -211,6 +219,12 @@ def test_sparse_prefill_equals_single_process(world):
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
+def test_model_generate_hook_equals_hf_generate(world):
+    failures = _failures(world)[len(cases(world)) + extras(world).index(_hf_generate_hook)]
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
 def test_crop_keeps_the_first_tokens_across_shards(world):
     failures = _failures(world)[len(cases(world)) + extras(world).index(_crop)]
     assert not failures, "\n".join(failures)
@@ -336,9 +350,39 @@ def _crop(rank, world):
         cache.crop(10**6)
 
 
+def _hf_generate_hook(rank, world):
+    """model.generate through enable_sharded_generate equals Hugging Face's own generate (one process), with
+    left padding and EOS stopping (finished rows padded, shorter output when every row finished); options it
+    cannot honour raise by name; disable restores HF's."""
+    model = tiny_llama()
+    g = torch.Generator().manual_seed(8)
+    ids, mask = left_pad([torch.randint(0, VOCAB, (n,), generator=g) for n in (15, 9)])
+    hf = model.generate  # the class's method, before the hook
+    model.set_attn_implementation("eager")
+    plain = hf(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    eos = int(plain[0, ids.shape[1] + 1])  # row 0 ends at its second new token
+    model.set_attn_implementation("eager")
+    want = hf(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    enable_sharded_generate(model, timeout_s=30)
+    try:
+        got = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        assert torch.equal(got, plain), f"rank {rank}: hooked generate {got.tolist()} != HF {plain.tolist()}"
+        got = model.generate(ids, attention_mask=mask, max_new_tokens=6, eos_token_id=eos, pad_token_id=0)
+        assert torch.equal(got, want), f"rank {rank}: with EOS {eos}: {got.tolist()} != HF {want.tolist()}"
+        with pytest.raises(NotImplementedError, match=r"\['num_beams'\]"):
+            model.generate(ids, attention_mask=mask, max_new_tokens=2, num_beams=2)
+        with pytest.raises(NotImplementedError, match="streamer"):
+            model.generate(ids, attention_mask=mask, max_new_tokens=2, streamer=object())
+    finally:
+        disable_sharded_generate(model)
+    assert "generate" not in vars(model)
+
+
 def extras(world: int) -> list:
     """Checks run in the same spawn after the cases (bad inputs and Mixtral ride on world 2's)."""
-    return [_sampled, _sparse_prefill, _crop] + ([_bad_inputs, _mixtral] if world == 2 else [])
+    return [_sampled, _sparse_prefill, _crop, _hf_generate_hook] + (
+        [_bad_inputs, _mixtral] if world == 2 else []
+    )
 
 
 def test_mixtral_style_moe_equals_single_process():
