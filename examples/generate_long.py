@@ -8,9 +8,10 @@ Model: a small byte-level Hugging Face Llama (vocab 256) trained here for ``--tr
 Python standard library's source (longmoe.data; no download) - a few hundred steps give recognisable
 Python. The prompt is ``--prompt-bytes`` of held-out source (files never trained on). Every rank prefills
 its zigzag shard of the prompt with sequence-parallel attention into a sharded KV cache, then decodes
-greedily (one all-gather of attention partials per layer and token). The script prints the prefill time,
-the per-token decode latency, the bytes each rank sent per decoded token and the KV-cache memory per rank,
-against one process, and exits 1 if the tokens differ from the one-process tokens.
+greedily (one exact merge of attention partials per layer and token, the cheapest by the cost model). The
+script prints the prefill time, the per-token decode latency, the bytes each rank sent per decoded token, the
+merge used and the KV-cache memory per rank, against one process, and exits 1 if the tokens differ from the
+one-process tokens.
 
 ``--memory-budget-mib`` is the KV-cache budget of one process: when the whole cache would exceed it, the
 one-process run is skipped (it would not fit) and only the sharded run goes ahead, each rank checking that
@@ -90,7 +91,9 @@ def run(rank: int, world: int, args, state: dict, group=None) -> dict:
         tokens=out[0, prompt.shape[1] :].tolist(),
         prefill_s=timings["prefill_s"],
         decode_ms=1e3 * statistics.median(timings["decode_s"][1:] or timings["decode_s"]),
-        bytes_per_token=stats.bytes_sent.get("decode_allgather", 0) / max(args.new_tokens, 1),
+        bytes_per_token=sum(n for k, n in stats.bytes_sent.items() if k.startswith("decode_"))
+        / max(args.new_tokens, 1),
+        merges=sorted({m for m, _ in timings["steps"]}),
         cache_mib=cache.memory_bytes() / 2**20,
     )
 
@@ -102,7 +105,7 @@ def _spawned(rank, world, args, state):
 def report(name: str, r: dict) -> None:
     print(f"{name:>12}: prefill {r['prefill_s']:.2f} s ({args_prompt / r['prefill_s']:.0f} tokens/s), decode "
           f"{r['decode_ms']:.1f} ms/token, {r['bytes_per_token']:.0f} bytes sent per decoded token per rank, "
-          f"KV cache {r['cache_mib']:.2f} MiB per rank")  # fmt: skip
+          f"KV cache {r['cache_mib']:.2f} MiB per rank, decode merge {'+'.join(r['merges'])}")  # fmt: skip
 
 
 def main() -> int:
