@@ -257,10 +257,12 @@ def stage_split(layer: MoELayer, x: torch.Tensor, repeats: int, sync=None) -> di
     return {s: statistics.median(v) for s, v in times.items()}
 
 
-def _ep_rank(rank: int, world: int, cfg_kw: dict, dtype_name: str, tokens: int, repeats: int) -> dict:
+def _ep_rank(
+    rank: int, world: int, cfg_kw: dict, dtype_name: str, tokens: int, repeats: int, chunks: int = 1
+) -> dict:
     torch.set_num_threads(1)
     dtype = getattr(torch, dtype_name)
-    cfg = MoEConfig(**cfg_kw, expert_parallel_group=dist.group.WORLD)
+    cfg = MoEConfig(**cfg_kw, expert_parallel_group=dist.group.WORLD, dispatch_chunks=chunks)
     full = make_layer(MoEConfig(**cfg_kw), dtype)
     layer = MoELayer(cfg, dtype=dtype)
     layer.load_state_dict(full.state_dict())
@@ -280,7 +282,10 @@ def _ep_rank(rank: int, world: int, cfg_kw: dict, dtype_name: str, tokens: int, 
         layer(xg)[0].backward(dout)
 
     out = {"fwd": timeit(fwd, repeats, barrier), "fwd+bwd": timeit(fwd_bwd, repeats, barrier)}
-    out["split"] = stage_split(layer, x, repeats, barrier)
+    # The split runs the unchunked stages one by one; a chunked pass interleaves them (no split).
+    out["split"] = (
+        stage_split(layer, x, repeats, barrier) if chunks == 1 else dict.fromkeys(STAGES, float("nan"))
+    )
     return out
 
 
@@ -296,6 +301,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the single-process providers")
     ap.add_argument("--ep", type=int, nargs="*", default=[2, 4], help="expert-parallel sizes (none: skip)")
     ap.add_argument("--ep-tokens", type=int, nargs="*", default=[2048, 8192], help="token counts for EP runs")
+    ap.add_argument(
+        "--ep-chunks",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="MoEConfig.dispatch_chunks values for the EP runs (chunked dispatch overlap)",
+    )
+    ap.add_argument("--ep-only", action="store_true", help="skip the single-process providers")
     ap.add_argument("--out", type=Path, default=RESULTS / "moe.csv")
     args = ap.parse_args()
 
@@ -323,21 +336,27 @@ def main() -> None:
             f"median {int(counts.median())} max {int(counts.max())}, {int((counts == 0).sum())} empty; "
             f"load {meta['load_avg_1min']}"
         )
-        thunks = providers(layer, x, cf)
-        times = interleaved(
-            {(n, m): fn for n, modes in thunks.items() for m, fn in modes.items()}, args.repeats
-        )
-        del thunks
-        splits[(dtype_name, shape, "longmoe", tokens)] = stage_split(layer, x, args.repeats)
+        times = {}
+        if not args.ep_only:
+            thunks = providers(layer, x, cf)
+            times = interleaved(
+                {(n, m): fn for n, modes in thunks.items() for m, fn in modes.items()}, args.repeats
+            )
+            del thunks
+            splits[(dtype_name, shape, "longmoe", tokens)] = stage_split(layer, x, args.repeats)
         for world in args.ep if tokens in args.ep_tokens else []:
-            if experts % world:
-                continue
-            res = spawn(_ep_rank, world, cfg_kw, dtype_name, tokens, args.repeats, timeout_s=1800.0)
-            for mode in ("fwd", "fwd+bwd"):
-                times[(f"longmoe-ep{world}", mode)] = max(r[mode] for r in res)
-            splits[(dtype_name, shape, f"longmoe-ep{world}", tokens)] = {
-                s: max(r["split"][s] for r in res) for s in STAGES
-            }
+            for chunks in args.ep_chunks:
+                if experts % world or chunks > experts // world:
+                    continue
+                name = f"longmoe-ep{world}" + (f"-c{chunks}" if chunks > 1 else "")
+                res = spawn(
+                    _ep_rank, world, cfg_kw, dtype_name, tokens, args.repeats, chunks, timeout_s=1800.0
+                )
+                for mode in ("fwd", "fwd+bwd"):
+                    times[(name, mode)] = max(r[mode] for r in res)
+                splits[(dtype_name, shape, name, tokens)] = {
+                    s: max(r["split"][s] for r in res) for s in STAGES
+                }
         for (name, mode), t in times.items():
             split = splits.get((dtype_name, shape, name, tokens), {}) if mode == "fwd" else {}
             base = {b: times.get((b, mode), float("nan")) for b in ("dense-gemm", "naive-loop", "hf-eager")}

@@ -105,6 +105,12 @@ class MoEConfig:
     """Process group the experts are sharded over (rank r holds experts ``[r*E/P, (r+1)*E/P)``); tokens are
     exchanged with ``all_to_all_single`` on it. ``None`` = every expert is local."""
 
+    dispatch_chunks: int = 1
+    """Expert parallel only: split each rank's local experts into this many contiguous chunks and exchange
+    each chunk's rows with its own asynchronous all-to-all, so chunk ``c + 1``'s rows travel (and chunk
+    ``c - 1``'s outputs return) while chunk ``c``'s experts compute. 1 = one exchange each way. At most the
+    number of local experts."""
+
     init_method_std: float = 0.02
     """Standard deviation of the normal initialisation of every weight."""
 
@@ -172,6 +178,7 @@ class MoEConfig:
             raise ValueError(
                 f"MoEConfig.init_method_std={self.init_method_std!r}: expected a finite number >= 0"
             )
+        _positive_int("dispatch_chunks", self.dispatch_chunks)
         if self.expert_parallel_group is not None:
             if not dist.is_initialized():
                 raise ValueError(
@@ -183,6 +190,11 @@ class MoEConfig:
                 raise ValueError(
                     f"MoEConfig.num_experts={self.num_experts} is not divisible by the expert-parallel size "
                     f"{ep} (expert_parallel_group): expected a multiple of {ep}"
+                )
+            if self.dispatch_chunks > self.num_experts // ep:
+                raise ValueError(
+                    f"MoEConfig.dispatch_chunks={self.dispatch_chunks} exceeds the {self.num_experts // ep} local "
+                    f"experts per rank (num_experts={self.num_experts} over {ep} ranks): expected at most that"
                 )
 
     @property

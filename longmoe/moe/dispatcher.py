@@ -11,7 +11,14 @@ tokens are sorted by global expert, so the rows bound for rank ``r`` are one con
 3. the received rows arrive grouped by (source rank, local expert); a stable sort by local expert
    (the same dispatch-map kernel, ``top_k = 1``) makes every local expert's rows contiguous.
 
-``combine`` inverts 3 then 2. Both exchanges use the one autograd all-to-all of ``longmoe.runtime``
+``combine`` inverts 3 then 2.
+
+**Chunked dispatch** (:meth:`AllToAllDispatcher.run_chunked`, ``MoEConfig.dispatch_chunks = C``): the local
+experts are split into ``C`` contiguous ranges, and the layer permutes rows in (chunk, destination rank,
+expert) order (:meth:`AllToAllDispatcher.chunk_order`), so each chunk's rows for every rank are one block.
+The counts travel once; then every chunk's rows leave in its own asynchronous all-to-all, all posted at
+once; chunk ``c``'s experts run as soon as its rows have arrived, and its outputs leave asynchronously while
+chunk ``c + 1`` computes. The backward runs each chunk's exchanges synchronously (the reverse all-to-all). Both exchanges use the one autograd all-to-all of ``longmoe.runtime``
 (:func:`longmoe.runtime.all_to_all`, shared with Ulysses), whose backward is the reverse exchange,
 so every rank takes part in the backward collectives even when it holds no rows. Collectives block at most
 for the process group's timeout (``init_from_env(timeout_s=...)``, ``spawn(timeout_s=...)``).
@@ -26,7 +33,8 @@ import torch
 import torch.distributed as dist
 
 from longmoe.moe.permute import DispatchMap, moe_dispatch_map, moe_permute, moe_unpermute
-from longmoe.runtime.collectives import all_to_all
+from longmoe.runtime.collectives import CollectiveError, all_to_all
+from longmoe.runtime.distributed import world_and_rank
 
 __all__ = ["all_to_all", "AllToAllDispatcher", "DispatchState"]
 
@@ -42,6 +50,56 @@ class DispatchState:
     input_splits: list[int]
     output_splits: list[int]
     regroup: DispatchMap | None
+
+
+class _AsyncAllToAll(torch.autograd.Function):
+    """Forward: post ``all_to_all_single`` and return its (not yet filled) output; the caller waits on the
+    work appended to ``works`` before reading it. Backward: the reverse exchange, synchronously."""
+
+    @staticmethod
+    def forward(ctx, x, output_splits, input_splits, group, what, works):
+        ctx.splits, ctx.group, ctx.what = (output_splits, input_splits), group, what
+        x = x.contiguous()
+        out = x.new_empty((sum(output_splits), *x.shape[1:]))
+        works.append(
+            (dist.all_to_all_single(out, x, output_splits, input_splits, group=group, async_op=True), x)
+        )
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        output_splits, input_splits = ctx.splits
+        return all_to_all(dout, input_splits, output_splits, ctx.group, what=f"{ctx.what}, backward"), *[
+            None
+        ] * 5
+
+
+def _wait(works: list, group, what: str) -> None:
+    work, _ = works.pop(0)
+    try:
+        work.wait()
+    except RuntimeError as err:
+        world, rank = world_and_rank(group)
+        raise CollectiveError(
+            f"all_to_all ({what}) failed on rank {rank} of the expert-parallel group (size {world}, global ranks "
+            f"{dist.get_process_group_ranks(group)}); a peer that never joins fails it after the group's "
+            f"timeout. Cause: {err}"
+        ) from err
+
+
+def _chunk_bounds(num_local: int, chunks: int) -> list[int]:
+    """Local-expert boundaries of ``chunks`` near-equal contiguous ranges: chunk c is [b[c], b[c + 1])."""
+    return [c * num_local // chunks for c in range(chunks + 1)]
+
+
+def _chunk_order(num_experts: int, ep_size: int, chunks: int) -> torch.Tensor:
+    """(num_experts,) int64: the position of global expert e in (chunk, rank, local expert) order."""
+    local = num_experts // ep_size
+    b = _chunk_bounds(local, chunks)
+    order = [r * local + le for c in range(chunks) for r in range(ep_size) for le in range(b[c], b[c + 1])]
+    pos = torch.empty(num_experts, dtype=torch.int64)
+    pos[torch.tensor(order, dtype=torch.int64)] = torch.arange(num_experts)
+    return pos
 
 
 class AllToAllDispatcher:
@@ -110,3 +168,69 @@ class AllToAllDispatcher:
         off_rank = sum(state.output_splits) - state.output_splits[self.rank]
         self.bytes_sent += off_rank * math.prod(y.shape[1:]) * y.element_size()
         return all_to_all(y, state.input_splits, state.output_splits, self.group, what="MoE expert outputs")
+
+    def chunk_order(self, chunks: int) -> torch.Tensor:
+        """(num_experts,) int64 ``pos``: sort rows by ``pos[expert]`` (chunk, destination rank, local expert)
+        for :meth:`run_chunked`. ``chunks`` = 1 is the identity."""
+        return _chunk_order(self.num_experts, self.ep_size, chunks)
+
+    def run_chunked(self, x: torch.Tensor, counts: torch.Tensor, experts, chunks: int) -> torch.Tensor:
+        """Expert-parallel pass in ``chunks`` overlapped exchanges.
+
+        x: (num_rows, hidden) sorted by :meth:`chunk_order`; counts: (num_experts,) int64 rows of each global
+        expert, indexed by global expert id; experts: ``f(rows, local_counts) -> outputs`` over this rank's
+        experts (rows sorted by local expert, (num_local_experts,) counts). Returns (num_rows, out) in x's
+        order.
+        """
+        if counts.shape != (self.num_experts,):
+            raise ValueError(f"counts must be (num_experts={self.num_experts},); got {tuple(counts.shape)}")
+        L, P = self.num_local_experts, self.ep_size
+        if not 1 <= chunks <= L:
+            raise ValueError(f"chunks={chunks}: expected 1..{L} (the local experts per rank)")
+        send = counts.reshape(P, L).contiguous()
+        recv = self.exchange_counts(counts).cpu()  # (P, L): rows from each source for each local expert
+        send_host = send.cpu()
+        b = _chunk_bounds(L, chunks)
+        plans, blocks, start = [], [], 0
+        for c in range(chunks):
+            in_splits = send_host[:, b[c] : b[c + 1]].sum(1).tolist()
+            out_splits = recv[:, b[c] : b[c + 1]].sum(1).tolist()
+            plans.append((in_splits, out_splits))
+            blocks.append(x[start : start + sum(in_splits)])
+            start += sum(in_splits)
+        if start != x.shape[0]:
+            raise ValueError(f"x has {x.shape[0]} rows; counts add up to {start}")
+        row_bytes = math.prod(x.shape[1:]) * x.element_size()
+        arrivals: list = []
+        received = [
+            _AsyncAllToAll.apply(blk, out_s, in_s, self.group, f"MoE token rows, chunk {c}", arrivals)
+            for c, (blk, (in_s, out_s)) in enumerate(zip(blocks, plans, strict=True))
+        ]  # every chunk's rows posted at once
+        departures: list = []
+        outputs = []
+        for c, (in_s, out_s) in enumerate(plans):
+            self.bytes_sent += (sum(in_s) - in_s[self.rank]) * row_bytes
+            _wait(arrivals, self.group, f"MoE token rows, chunk {c}")
+            rows = received[c]
+            width = b[c + 1] - b[c]
+            chunk_recv = recv[:, b[c] : b[c + 1]]
+            regroup = None
+            if width > 1 and P > 1:  # (source, expert) -> (expert, source)
+                local_ids = torch.arange(width, device=x.device).repeat(P)
+                ids = torch.repeat_interleave(
+                    local_ids, chunk_recv.reshape(-1).to(x.device), output_size=rows.shape[0]
+                )
+                regroup = moe_dispatch_map(ids[:, None], width, backend=self.backend)
+                rows = moe_permute(rows, regroup, backend=self.backend)
+            local_counts = torch.zeros(L, dtype=torch.int64)
+            local_counts[b[c] : b[c + 1]] = chunk_recv.sum(0)
+            y = experts(rows, local_counts.to(counts.device))
+            if regroup is not None:
+                y = moe_unpermute(y, regroup, backend=self.backend)
+            self.bytes_sent += (sum(out_s) - out_s[self.rank]) * math.prod(y.shape[1:]) * y.element_size()
+            outputs.append(
+                _AsyncAllToAll.apply(y, in_s, out_s, self.group, f"MoE expert outputs, chunk {c}", departures)
+            )
+        for c in range(chunks):
+            _wait(departures, self.group, f"MoE expert outputs, chunk {c}")
+        return torch.cat(outputs) if chunks > 1 else outputs[0]

@@ -7,7 +7,8 @@ Data through one forward, for ``T`` local tokens, ``E`` experts, ``k`` experts p
 2. :func:`~longmoe.moe.permute.moe_dispatch_map` sorts the ``T * k`` slots by expert and
    :func:`~longmoe.moe.permute.moe_permute` gathers the token rows into that order;
 3. with expert parallelism, :class:`~longmoe.moe.dispatcher.AllToAllDispatcher` sends every row to the rank
-   holding its expert (and regroups received rows by local expert);
+   holding its expert (and regroups received rows by local expert); with ``dispatch_chunks > 1`` the rows
+   are sorted (chunk, rank, expert) and each chunk's exchange overlaps the previous chunk's experts;
 4. :class:`~longmoe.moe.experts.GroupedExperts` runs all local experts in one grouped pass;
 5. the inverse exchange, then :func:`~longmoe.moe.permute.moe_unpermute` puts rows back in token order and
    sums each token's ``k`` expert outputs weighted by ``probs`` (fp32 accumulation);
@@ -126,10 +127,21 @@ class MoELayer(nn.Module):
         x = hidden_states.reshape(-1, cfg.hidden_size)
 
         route = self.router(x)
-        dmap = moe_dispatch_map(route.expert_ids, cfg.num_experts, backend=self.backend)
+        chunks = cfg.dispatch_chunks if self.dispatcher is not None else 1
+        if chunks > 1:  # rows in (chunk, destination rank, local expert) order: one block per chunk
+            pos = self.dispatcher.chunk_order(chunks).to(route.expert_ids.device)
+            ids = route.expert_ids
+            dmap = moe_dispatch_map(torch.where(ids >= 0, pos[ids.clamp(min=0).long()], -1), cfg.num_experts,
+                                    backend=self.backend)  # fmt: skip
+            tokens_per_expert = dmap.tokens_per_expert[pos]  # back to global expert order
+        else:
+            dmap = moe_dispatch_map(route.expert_ids, cfg.num_experts, backend=self.backend)
+            tokens_per_expert = dmap.tokens_per_expert
         rows = moe_permute(x, dmap, backend=self.backend)
         if self.dispatcher is None:
             y = self.experts(rows, dmap.tokens_per_expert)
+        elif chunks > 1:
+            y = self.dispatcher.run_chunked(rows, tokens_per_expert, self.experts, chunks)
         else:
             local_rows, local_counts, state = self.dispatcher.dispatch(rows, dmap.tokens_per_expert)
             y = self.dispatcher.combine(self.experts(local_rows, local_counts), state)
@@ -150,7 +162,7 @@ class MoELayer(nn.Module):
             loss=loss,
             load_balancing_loss=route.load_balancing_loss,
             z_loss=route.z_loss,
-            tokens_per_expert=dmap.tokens_per_expert,
+            tokens_per_expert=tokens_per_expert,
             routed_tokens_per_expert=route.routed_tokens_per_expert,
             dropped_tokens=dropped,
             router_entropy=entropy,

@@ -11,6 +11,7 @@ BASE = dict(hidden_size=16, ffn_hidden_size=8, num_experts=4, top_k=2)
 
 CONFIG_CASES = {
     "top_k > num_experts": (dict(top_k=5), r"top_k=5 exceeds num_experts=4: expected top_k <= num_experts"),
+    "dispatch_chunks 0": (dict(dispatch_chunks=0), r"MoEConfig.dispatch_chunks=0: expected an int >= 1"),
     "capacity_factor 0": (
         dict(capacity_factor=0),
         r"capacity_factor=0: expected None \(dropless\) or a finite number > 0",

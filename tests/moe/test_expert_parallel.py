@@ -38,14 +38,18 @@ def _reference_layer(cfg: MoEConfig, seed: int) -> MoELayer:
     return layer
 
 
-def _case(rank: int, world: int, num_experts: int, top_k: int, capacity_factor: float | None) -> None:
+def _case(
+    rank: int, world: int, num_experts: int, top_k: int, capacity_factor: float | None, chunks: int = 1
+) -> None:
     group = dist.group.WORLD
     cfg = MoEConfig(
         hidden_size=HIDDEN, ffn_hidden_size=FFN, num_experts=num_experts, top_k=top_k,
         capacity_factor=capacity_factor, aux_loss_coeff=0.01, expert_bias_update_rate=0.01,
     )  # fmt: skip
     ref = _reference_layer(cfg, seed=100 + num_experts)
-    ep = MoELayer(dataclasses.replace(cfg, expert_parallel_group=group), dtype=torch.float64)
+    ep = MoELayer(
+        dataclasses.replace(cfg, expert_parallel_group=group, dispatch_chunks=chunks), dtype=torch.float64
+    )
     ep.load_state_dict(ref.state_dict())  # a full checkpoint into the sharded layer
     local = num_experts // world
     assert ep.experts.linear_fc1.shape[0] == local
@@ -134,6 +138,18 @@ def _ep_fn(rank: int, world: int) -> str:
     _case(rank, world, num_experts=world, top_k=1, capacity_factor=None)  # 1 local expert; one rank idle
     _case(rank, world, num_experts=2 * world, top_k=2, capacity_factor=None)  # 2 local experts
     _case(rank, world, num_experts=2 * world, top_k=2, capacity_factor=0.75)  # capacity, per rank
+    # Chunked dispatch: 3 local experts in 2 uneven chunks (1 + 2), dropless and with capacity; one expert
+    # per chunk (3 chunks).
+    _case(rank, world, num_experts=3 * world, top_k=2, capacity_factor=None, chunks=2)
+    _case(rank, world, num_experts=3 * world, top_k=2, capacity_factor=0.75, chunks=2)
+    _case(rank, world, num_experts=3 * world, top_k=3, capacity_factor=None, chunks=3)
+    try:
+        MoEConfig(hidden_size=8, ffn_hidden_size=8, num_experts=2 * world, top_k=1, dispatch_chunks=3,
+                  expert_parallel_group=dist.group.WORLD)  # fmt: skip
+    except ValueError as err:
+        assert "dispatch_chunks=3 exceeds the 2 local experts per rank" in str(err), str(err)
+    else:
+        raise AssertionError("MoEConfig accepted more dispatch chunks than local experts")
     # num_experts not divisible by the expert-parallel size: a clear error on every rank.
     try:
         MoEConfig(
@@ -161,6 +177,7 @@ def _ep_fine_fn(rank: int, world: int) -> str:
     # counts (and the last one always); dropless and with capacity drops.
     _case(rank, world, num_experts=64, top_k=8, capacity_factor=None)
     _case(rank, world, num_experts=64, top_k=8, capacity_factor=1.25)
+    _case(rank, world, num_experts=64, top_k=8, capacity_factor=None, chunks=4)  # chunks with empty experts
     return "ok"
 
 
