@@ -201,6 +201,7 @@ class AllToAllDispatcher:
         if start != x.shape[0]:
             raise ValueError(f"x has {x.shape[0]} rows; counts add up to {start}")
         row_bytes = math.prod(x.shape[1:]) * x.element_size()
+        passes = experts.split(b)
         arrivals: list = []
         received = [
             _AsyncAllToAll.apply(blk, out_s, in_s, self.group, f"MoE token rows, chunk {c}", arrivals)
@@ -222,9 +223,7 @@ class AllToAllDispatcher:
                 )
                 regroup = moe_dispatch_map(ids[:, None], width, backend=self.backend)
                 rows = moe_permute(rows, regroup, backend=self.backend)
-            local_counts = torch.zeros(L, dtype=torch.int64)
-            local_counts[b[c] : b[c + 1]] = chunk_recv.sum(0)
-            y = experts(rows, local_counts.to(counts.device))
+            y = passes[c](rows, chunk_recv.sum(0).to(counts.device))
             if regroup is not None:
                 y = moe_unpermute(y, regroup, backend=self.backend)
             self.bytes_sent += (sum(out_s) - out_s[self.rank]) * math.prod(y.shape[1:]) * y.element_size()

@@ -25,6 +25,7 @@ different widths (each at its own width).
 from __future__ import annotations
 
 import functools
+from itertools import pairwise
 
 import torch
 import torch.nn.functional as F
@@ -184,6 +185,29 @@ def _activation(h: torch.Tensor, activation: str, width: int) -> torch.Tensor:
     return F.gelu(h)
 
 
+class _SplitExperts(torch.autograd.Function):
+    """weight (experts, out, in) -> one view per contiguous expert range ``[bounds[c], bounds[c + 1])``. The
+    backward concatenates the ranges' gradients into one tensor: slicing the parameter per range instead
+    would make autograd allocate a zero-filled full-size gradient per range and add them (profiled at 256
+    experts, top-8, EP 4, 4 ranges: 190 of 700 ms of a forward+backward)."""
+
+    @staticmethod
+    def forward(ctx, weight, bounds):
+        ctx.bounds = bounds
+        return tuple(weight[a:b] for a, b in pairwise(bounds))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        b = ctx.bounds
+        parts = [g if g is not None else None for g in grads]
+        like = next(g for g in parts if g is not None)
+        parts = [
+            g if g is not None else like.new_zeros((b[c + 1] - b[c], *like.shape[1:]))
+            for c, g in enumerate(parts)
+        ]
+        return torch.cat(parts), None
+
+
 class GroupedExperts(nn.Module):
     """This rank's routed experts, computed together.
 
@@ -266,6 +290,43 @@ class GroupedExperts(nn.Module):
                 a = _activation(xe @ self.linear_fc1[e, :w].t(), act, w)
             outs.append(a @ self.linear_fc2[e, :, :w].t())
         return torch.cat(outs)
+
+    def split(self, bounds: list[int]) -> list:
+        """Passes over contiguous ranges of local experts (chunked expert-parallel dispatch): ``bounds`` =
+        ``[0, b1, ..., num_local_experts]``; returns one ``f(x, counts) -> y`` per range ``[b[c], b[c + 1])``,
+        x (rows, hidden) sorted by expert within the range, counts (b[c + 1] - b[c],). Each pass touches only
+        its range's weights, and the weight gradient is assembled once from the ranges' gradients
+        (:class:`_SplitExperts`) instead of one zero-filled full-size gradient per range."""
+        if bounds[0] != 0 or bounds[-1] != self.num_local_experts or any(a >= b for a, b in pairwise(bounds)):
+            raise ValueError(f"bounds={bounds}: expected 0 = b0 < b1 < ... < {self.num_local_experts}")
+        if not self.uniform:  # per-expert widths run one expert at a time anyway: zero rows elsewhere
+
+            def padded(lo, hi):
+                def run(x, counts):
+                    full = torch.zeros(self.num_local_experts, dtype=torch.int64)
+                    full[lo:hi] = torch.as_tensor(counts, dtype=torch.int64).cpu()
+                    return self.forward(x, full)
+
+                return run
+
+            return [padded(a, b) for a, b in pairwise(bounds)]
+        fc1 = _SplitExperts.apply(self.linear_fc1, list(bounds))
+        fc2 = _SplitExperts.apply(self.linear_fc2, list(bounds))
+        act, ffn = self.config.activation, self.ffn
+
+        def chunk(w1, w2, width):
+            def run(x, counts):
+                counts = torch.as_tensor(counts)
+                if counts.numel() != width or int(counts.sum()) != x.shape[0]:
+                    raise ValueError(
+                        f"counts={counts.tolist()} must have {width} entries summing to num_rows={x.shape[0]}"
+                    )
+                h = grouped_linear(x.to(w1.dtype), w1, counts)
+                return grouped_linear(_activation(h, act, ffn), w2, counts)
+
+            return run
+
+        return [chunk(w1, w2, b - a) for w1, w2, (a, b) in zip(fc1, fc2, pairwise(bounds), strict=True)]
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # A full (all-experts) checkpoint loads into an expert-parallel layer: keep this rank's rows.

@@ -46,7 +46,7 @@ def _now(device: torch.device) -> float:
 
 
 _MEASURED: dict[tuple, Topology] = {}
-_METHOD = 3
+_METHOD = 4  # 4: CPU timings with huge-page allocations (THP_MEM_ALLOC_ENABLE) and the grouped decode tile
 """Version of what measure_topology / profile_compute measure and how; part of every on-disk key, so a
 change of method is a cache miss."""
 _FINGERPRINTS: dict[tuple, list] = {}

@@ -203,3 +203,36 @@ def test_state_dict_round_trip_and_keys():
     ]
     assert a.state_dict()["experts.linear_fc1"].shape == (6, 48, 32)
     assert a.full_state_dict().keys() == a.state_dict().keys()
+
+
+@pytest.mark.parametrize("widths", [None, (8, 5, 8, 3, 8)], ids=["uniform", "slimmed"])
+def test_split_passes_equal_the_full_pass(widths):
+    """GroupedExperts.split (chunked dispatch): the passes over expert ranges equal the full pass, output and
+    gradients, including a range whose experts get no row."""
+    from longmoe.moe import GroupedExperts
+
+    cfg = MoEConfig(hidden_size=16, ffn_hidden_size=8, num_experts=5, top_k=2, expert_ffn_hidden_sizes=widths)
+    torch.manual_seed(0)
+    experts = GroupedExperts(cfg, dtype=torch.float64)
+    counts = [2, 3, 0, 4, 0]
+    x = torch.randn(sum(counts), 16, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(sum(counts), 16, dtype=torch.float64)
+    bounds = [0, 1, 4, 5]  # ranges [0], [1, 2, 3], [4] (no rows)
+    passes = experts.split(bounds)
+    ys, start = [], 0
+    for f, a, b in zip(passes, bounds[:-1], bounds[1:], strict=True):
+        n = sum(counts[a:b])
+        ys.append(f(x[start : start + n], torch.tensor(counts[a:b])))
+        start += n
+    (torch.cat(ys) * dy).sum().backward()
+    ours = [x.grad.clone(), experts.linear_fc1.grad.clone(), experts.linear_fc2.grad.clone()]
+    x.grad = None
+    experts.zero_grad(set_to_none=True)
+    (experts(x, torch.tensor(counts)) * dy).sum().backward()
+    for a, b in zip(ours, [x.grad, experts.linear_fc1.grad, experts.linear_fc2.grad], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match=r"bounds=\[0, 3, 3, 5\]"):
+        experts.split([0, 3, 3, 5])
+    if widths is None:
+        with pytest.raises(ValueError, match="must have 3 entries"):
+            passes[1](x[:7], torch.tensor([7]))
