@@ -10,7 +10,7 @@ import os as _os
 
 # CPU tensors of 2 MB and more get 2 MB-aligned, huge-page-advised memory (PyTorch's THP_MEM_ALLOC_ENABLE):
 # without it every large fresh tensor (a permute's rows, a GEMM's output) is first touched through 4 KB page
-# faults. Measured here (2-core AVX2 VM, one thread, THP "madvise"): a 64 MB MoE permute 27 -> 12.5 ms, the
+# faults. Measured (2-core Xeon VM, one thread, THP "madvise"): a 64 MB MoE permute 27 -> 12.5 ms, the
 # MoE layer's forward+backward 0.77-0.84x the time. PyTorch reads the variable at its first CPU allocation,
 # so it takes effect when longmoe is imported before any tensor exists (spawned ranks inherit it); set
 # THP_MEM_ALLOC_ENABLE=0 beforehand to opt out.
