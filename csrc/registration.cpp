@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "attention/flash_attn.h"
+#include "moe/grouped_gemm.h"
 #include "moe/moe_dispatch.h"
 #include "xattention/antidiag.h"
 
@@ -21,6 +22,7 @@ TORCH_LIBRARY(longmoe, m) {
   m.def("moe_permute(Tensor x, Tensor src_slot, int top_k, Tensor? probs) -> Tensor");
   m.def("moe_unpermute(Tensor y, Tensor row_map, Tensor? probs) -> Tensor");
   m.def("moe_unpermute_probs_grad(Tensor dout, Tensor y, Tensor row_map) -> Tensor");
+  m.def("moe_grouped_mm(Tensor a, Tensor b, int[] counts, int kind) -> Tensor");
   m.def(
       "xattn_block_scores(Tensor q, Tensor k, int stride, int block_size, bool causal, int q_offset, "
       "float? softmax_scale=None) -> Tensor");
@@ -33,6 +35,7 @@ TORCH_LIBRARY_IMPL(longmoe, CPU, m) {
   m.impl("moe_permute", &longmoe::moe_permute_cpu);
   m.impl("moe_unpermute", &longmoe::moe_unpermute_cpu);
   m.impl("moe_unpermute_probs_grad", &longmoe::moe_unpermute_probs_grad_cpu);
+  m.impl("moe_grouped_mm", &longmoe::moe_grouped_mm_cpu);
   m.impl("xattn_block_scores", &longmoe::xattn_block_scores_cpu);
 }
 

@@ -299,18 +299,10 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cpu(const at::Tensor& q_in, co
   at::Tensor out = at::empty({p.B, p.Sq, p.Hq, p.D}, q.options().dtype(odt));
   at::Tensor lse = at::empty({p.B, p.Hq, p.Sq}, q.options().dtype(at::kFloat));
   if (p.B * p.Sq * p.Hq == 0) return {out, lse};
-  if (p.Sq == 1 && p.q_per_kv > 1 && p.mask == nullptr) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "longmoe_flash_attn_decode", [&] {
-      if (odt == at::kFloat) {
-        decode_kernel<scalar_t, float>(p, q, k, v, out, lse);
-      } else {
-        decode_kernel<scalar_t, scalar_t>(p, q, k, v, out, lse);
-      }
-    });
-    return {out, lse};
-  }
+  // One query row per head with GQA/MQA: the grouped decode tile (decode_kernel).
+  const bool decode = p.Sq == 1 && p.q_per_kv > 1 && p.mask == nullptr;
 #ifdef LONGMOE_BF16_DOT
-  if (p.bf16_dot) {
+  if (p.bf16_dot && !decode) {
     if (odt == at::kFloat) {
       forward_bf16_dot<float>(p, q, k, v, out, lse);
     } else {
@@ -321,9 +313,9 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cpu(const at::Tensor& q_in, co
 #endif
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "longmoe_flash_attn_fwd", [&] {
     if (odt == at::kFloat) {
-      forward_kernel<scalar_t, float>(p, q, k, v, out, lse);
+      (decode ? decode_kernel<scalar_t, float> : forward_kernel<scalar_t, float>)(p, q, k, v, out, lse);
     } else {
-      forward_kernel<scalar_t, scalar_t>(p, q, k, v, out, lse);
+      (decode ? decode_kernel<scalar_t, scalar_t> : forward_kernel<scalar_t, scalar_t>)(p, q, k, v, out, lse);
     }
   });
   return {out, lse};

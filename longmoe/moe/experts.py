@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from longmoe.moe.config import MoEConfig
+from longmoe.runtime.native import native_available, register_fake
 
 __all__ = [
     "GroupedExperts",
@@ -74,14 +75,18 @@ class GroupedLinearFunction(torch.autograd.Function):
     """``y[rows of e] = x[rows of e] @ weight[e].T`` for every expert e, forward and backward.
 
     x: (num_rows, in) expert-contiguous; weight: (num_experts, out, in); offs: (num_experts,) int32
-    cumulative row counts; counts: the same counts as a list (read by the per-expert loop only; None on the
-    grouped path, which never brings the counts to the host). Returns (num_rows, out).
+    cumulative row counts; counts: the same counts as a list (read by the per-expert loop and the native CPU
+    op; None on the ``torch._grouped_mm`` path, which never brings the counts to the host). ``grouped``:
+    ``"native"`` (torch.ops.longmoe.moe_grouped_mm, CPU), True (``torch._grouped_mm``) or False (a loop).
+    Returns (num_rows, out).
     """
 
     @staticmethod
     def forward(ctx, x, weight, offs, counts, grouped):
         ctx.save_for_backward(x, weight, offs)
         ctx.counts, ctx.grouped = counts, grouped
+        if grouped == "native":
+            return torch.ops.longmoe.moe_grouped_mm(x, weight, counts, 0)
         if grouped:
             return torch._grouped_mm(x, weight.transpose(-2, -1), offs=offs)
         out = x.new_empty((x.shape[0], weight.shape[1]))
@@ -97,6 +102,11 @@ class GroupedLinearFunction(torch.autograd.Function):
         if x.shape[0] == 0:  # no rows: zero gradients (an empty tensor keeps whatever strides it had)
             dx = x.new_zeros(x.shape) if ctx.needs_input_grad[0] else None
             dw = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        elif ctx.grouped == "native":
+            if ctx.needs_input_grad[0]:
+                dx = torch.ops.longmoe.moe_grouped_mm(dy, weight, ctx.counts, 1)
+            if ctx.needs_input_grad[1]:
+                dw = torch.ops.longmoe.moe_grouped_mm(dy, x, ctx.counts, 2)
         elif ctx.grouped:
             if ctx.needs_input_grad[0]:
                 dx = torch._grouped_mm(dy, _dx_operand(weight), offs=offs)
@@ -113,6 +123,13 @@ class GroupedLinearFunction(torch.autograd.Function):
                 for e, (s, t) in enumerate(segs):
                     torch.mm(dy[s:t].t(), x[s:t], out=dw[e])
         return dx, dw, None, None, None
+
+
+@register_fake("moe_grouped_mm")
+def _moe_grouped_mm_fake(a, b, counts, kind):
+    if kind == 2:
+        return a.new_empty((len(counts), a.shape[1], b.shape[1]))
+    return a.new_empty((a.shape[0], b.shape[1] if kind == 0 else b.shape[2]))
 
 
 def _dx_operand(weight: torch.Tensor) -> torch.Tensor:
@@ -146,6 +163,11 @@ def grouped_linear(
     aligned = (x.shape[1] * x.element_size()) % 16 == 0 and (
         weight.shape[1] * weight.element_size()
     ) % 16 == 0
+    if x.device.type == "cpu" and x.dtype == weight.dtype and native_available():
+        # CPU: the native grouped op (per-expert mm_out into the output, no Python loop; faster than
+        # torch._grouped_mm here, see csrc/moe/grouped_gemm.cpp); any width, so slimmed experts too.
+        host = counts.tolist() if isinstance(counts, torch.Tensor) else list(counts)
+        return GroupedLinearFunction.apply(x, weight, offs, host, "native")
     grouped = aligned and grouped_mm_available(x.device.type, x.dtype) and x.dtype == weight.dtype
     if grouped:
         if offs is None:

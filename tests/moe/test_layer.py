@@ -8,6 +8,7 @@ rounding error; atol is a few ulp of an O(1) value for tiny problems where that 
 from __future__ import annotations
 
 import dataclasses
+from itertools import pairwise
 
 import pytest
 import torch
@@ -236,3 +237,34 @@ def test_split_passes_equal_the_full_pass(widths):
     if widths is None:
         with pytest.raises(ValueError, match="must have 3 entries"):
             passes[1](x[:7], torch.tensor([7]))
+
+
+@pytest.mark.skipif(not native_available(), reason="needs the native kernels")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_native_grouped_mm_kinds(dtype):
+    """torch.ops.longmoe.moe_grouped_mm, the CPU expert GEMMs: forward, dx and dw against fp64 per-expert
+    products, with empty experts (first, middle, last) and an odd width; dw of an empty expert is 0."""
+    counts = [0, 5, 0, 9, 1, 0]
+    n, e, out_f, in_f = sum(counts), len(counts), 7, 12
+    g = torch.Generator().manual_seed(0)
+    x, dy = torch.randn(n, in_f, generator=g), torch.randn(n, out_f, generator=g)
+    w = torch.randn(e, out_f, in_f, generator=g)
+    segs = torch.tensor([0, *counts]).cumsum(0).tolist()
+    want_y = torch.cat([x.double()[a:b] @ w.double()[i].t() for i, (a, b) in enumerate(pairwise(segs))])
+    want_dx = torch.cat([dy.double()[a:b] @ w.double()[i] for i, (a, b) in enumerate(pairwise(segs))])
+    want_dw = torch.stack([dy.double()[a:b].t() @ x.double()[a:b] for a, b in pairwise(segs)])
+    op = torch.ops.longmoe.moe_grouped_mm
+    x, dy, w = x.to(dtype), dy.to(dtype), w.to(dtype)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-1}[dtype]
+    for got, want in (
+        (op(x, w, counts, 0), want_y),
+        (op(dy, w, counts, 1), want_dx),
+        (op(dy, x, counts, 2), want_dw),
+    ):
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+    assert (op(dy, x, counts, 2)[[0, 2, 5]] == 0).all()
+    with pytest.raises(RuntimeError, match="counts sum to 14; expected a's rows 15"):
+        op(x, w, [0, 5, 0, 9, 0, 0], 0)
+    with pytest.raises(RuntimeError, match="kind must be 0"):
+        op(x, w, counts, 3)

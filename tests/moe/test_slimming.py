@@ -106,11 +106,12 @@ class TinyLM(nn.Module):
 # ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
 @pytest.mark.parametrize("shared", [False, True])
-@pytest.mark.parametrize("keep", [0.5, {"": [8, 16, 8, 8]}])
+@pytest.mark.parametrize("keep", [0.5, {"": [16, 32, 16, 16]}])
 def test_pruned_layer_equals_zeroed_original_bit_for_bit(activation, shared, keep):
-    # ffn 16 and widths that are multiples of 8: CPU elementwise kernels (silu, gelu) run 8 fp64 lanes and a
-    # scalar tail whose exp differs in the last bit, so a width off the lane grid changes the activation's bits.
-    f = 16
+    # ffn 32 and widths that are multiples of 16: CPU elementwise kernels (silu, gelu) run unrolled pairs of
+    # vectors (2 x 8 fp64 lanes with AVX-512, 2 x 4 with AVX2) and a scalar tail whose exp differs in the
+    # last bit, so a width off that grid changes the activation's bits (widths of 8 failed on AVX-512).
+    f = 32
     layer = _layer(activation, shared, ffn=f)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # dyadic fc1 and inputs: x @ W1 is exact in any summation order
@@ -123,7 +124,7 @@ def test_pruned_layer_equals_zeroed_original_bit_for_bit(activation, shared, kee
         layer.experts.linear_fc2.copy_(fc2)
     x = torch.randint(-8, 9, (37, H), generator=g).double() / 4
     scores = {"": torch.rand(E, f, generator=g)}
-    widths = [8] * E if keep == 0.5 else keep[""]
+    widths = [f // 2] * E if keep == 0.5 else keep[""]
     ref = _zeroed(layer, _kept(scores[""], widths))
     prune_experts(layer, scores, keep=keep)
     with torch.no_grad():
@@ -133,12 +134,12 @@ def test_pruned_layer_equals_zeroed_original_bit_for_bit(activation, shared, kee
     assert torch.equal(aux.tokens_per_expert, aux_ref.tokens_per_expert)
     assert list(layer.config.expert_widths) == widths
     if keep == 0.5:  # a uniform width is a smaller ffn_hidden_size, not padding
-        assert layer.config.ffn_hidden_size == 8 and layer.config.expert_ffn_hidden_sizes is None
-        rows = 16 if activation == "swiglu" else 8
+        assert layer.config.ffn_hidden_size == f // 2 and layer.config.expert_ffn_hidden_sizes is None
+        rows = f if activation == "swiglu" else f // 2
         assert tuple(layer.experts.linear_fc1.shape) == (E, rows, H)
-        assert tuple(layer.experts.linear_fc2.shape) == (E, H, 8)
+        assert tuple(layer.experts.linear_fc2.shape) == (E, H, f // 2)
     else:
-        assert layer.config.ffn_hidden_size == 16 and layer.config.expert_ffn_hidden_sizes == (8, 16, 8, 8)
+        assert layer.config.ffn_hidden_size == f and layer.config.expert_ffn_hidden_sizes == tuple(keep[""])
 
 
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
