@@ -10,8 +10,8 @@ DeepSeek-V3's routed experts; ``k * F = 2048`` in all three, so they have the sa
 coarse 8 experts top-2 width 2816 of the earlier MoE benchmark.
 
 Providers (same weights, same routing; the router is fp32 in all):
-  longmoe         MoELayer, dropless: fp32 router, C++ dispatch map and permute, one torch._grouped_mm over
-                  all experts per GEMM, C++ unpermute+combine
+  longmoe         MoELayer, dropless: fp32 router, C++ dispatch map and permute, one native grouped op over
+                  all experts per GEMM (torch.ops.longmoe.moe_grouped_mm), C++ unpermute+combine
   longmoe-cf1.25  the same layer with capacity factor 1.25 (slots over capacity dropped by probability); its
                   GFLOP/s counts the dropless FLOPs, so it is a time comparison
   naive-loop      per-expert Python loop: nonzero, index_select the expert's tokens, MLP, index_add back

@@ -11,15 +11,15 @@ Experts of different widths (after slimming) are stored padded to ``ffn = config
 ``e`` uses gate rows ``[0, w_e)``, up rows ``[ffn, ffn + w_e)`` and fc2 columns ``[0, w_e)``. Its padding is
 zero and receives zero gradient, because it is never read.
 
-Execution: :class:`GroupedLinearFunction` runs ``torch._grouped_mm`` (one call for all experts; one kernel on
-CUDA) where it runs for the device and dtype, else a loop of ``torch.mm`` over experts. Measured on this
-project's CPU (2-core AMD EPYC, torch 2.13; 8 experts, 16K rows, 1024 -> 5632, counts redrawn every call):
-``_grouped_mm`` 86 vs 81 GFLOP/s for the loop (fp32) and 325 vs 308 (bf16), weight gradient 87 vs 83 / 289 vs
-283, dense ``mm`` of the same size 90 / 335; a second run on a less loaded machine gave 172-175 vs 170-171
-(fp32) and 650-678 vs 334-682 (bf16). So the grouped call is never slower and we take it; on CPU, bf16 pays
-~2-4 ms to build a oneDNN primitive for each new set of group sizes (1 thread), negligible next to the
-~0.5-1 s GEMMs of an 8K-token batch. ``_grouped_mm`` does not take fp64, which runs the loop, as do experts of
-different widths (each at its own width).
+Execution: :class:`GroupedLinearFunction` runs, on CPU with the native extension,
+``torch.ops.longmoe.moe_grouped_mm`` (one op call; in C++ one ``mm_out`` per expert straight into the output:
+forward, dx, and dw with zeros for empty experts); elsewhere ``torch._grouped_mm`` (one kernel on CUDA) where
+it runs for the device and dtype, else a loop of ``torch.mm`` over experts. On an earlier AMD EPYC box
+(torch 2.13; 8 experts, 16K rows, 1024 -> 5632) ``_grouped_mm`` matched a Python loop (86 vs 81 GFLOP/s fp32,
+325 vs 308 bf16); on a 2-core AVX-512/AMX Xeon its CPU weight gradient ran 1.4-2.7x slower than per-expert
+``mm`` into the output (2K tokens x top-8, H 1024, 64-256 experts), and the native op made the bf16 layer's
+forward+backward 1.3-2.2x faster (fp32 unchanged). Experts of different widths run the loop, each at its own
+width.
 """
 
 from __future__ import annotations
