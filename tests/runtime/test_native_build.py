@@ -78,7 +78,7 @@ def test_bf16_fp32_tile_path_matches_oracle():
     (what CPUs without AVX512-BF16 use), in a process that switches the dot-product tiles off."""
     code = """
 import torch
-from tests.test_attention_core import check_against_oracle
+from tests.attention.test_attention_core import check_against_oracle
 for shape in [(1, 97, 1025, 4, 1, 64), (3, 128, 97, 2, 2, 128)]:
     for causal in (False, True):
         check_against_oracle("native", shape, torch.bfloat16, causal)
