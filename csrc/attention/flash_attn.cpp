@@ -102,15 +102,26 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, bool causal, doub
 
 namespace {
 
+// Data pointers and row strides of a forward call's operands (q, k, v, out (B, S, H, D); lse (B, Hq, Sq)).
+template <typename scalar_t, typename out_t>
+struct ForwardOperands {
+  const scalar_t *q, *k, *v;
+  out_t* out;
+  float* lse;
+  Strides qs, ks, vs, os;
+  ForwardOperands(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, at::Tensor& out_, at::Tensor& lse_)
+      : q(q_.data_ptr<scalar_t>()), k(k_.data_ptr<scalar_t>()), v(v_.data_ptr<scalar_t>()),
+        out(out_.data_ptr<out_t>()), lse(lse_.data_ptr<float>()), qs(q_), ks(k_), vs(v_), os(out_) {}
+};
+
 template <typename scalar_t, typename out_t>
 void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                     at::Tensor& out, at::Tensor& lse) {
-  const scalar_t* qd = q.data_ptr<scalar_t>();
-  const scalar_t* kd = k.data_ptr<scalar_t>();
-  const scalar_t* vd = v.data_ptr<scalar_t>();
-  out_t* od = out.data_ptr<out_t>();
-  float* ld_ = lse.data_ptr<float>();
-  const Strides qs(q), ks(k), vs(v), os(out);
+  const ForwardOperands<scalar_t, out_t> f(q, k, v, out, lse);
+  const scalar_t *qd = f.q, *kd = f.k, *vd = f.v;
+  out_t* od = f.out;
+  float* ld_ = f.lse;
+  const Strides &qs = f.qs, &ks = f.ks, &vs = f.vs, &os = f.os;
   const int64_t D = p.D, bq = p.bq, bk = p.bk;
   const int64_t n_qt = (p.Sq + bq - 1) / bq;
 
@@ -154,12 +165,11 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
 template <typename scalar_t, typename out_t>
 void decode_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
                    at::Tensor& lse) {
-  const scalar_t* qd = q.data_ptr<scalar_t>();
-  const scalar_t* kd = k.data_ptr<scalar_t>();
-  const scalar_t* vd = v.data_ptr<scalar_t>();
-  out_t* od = out.data_ptr<out_t>();
-  float* ld_ = lse.data_ptr<float>();
-  const Strides qs(q), ks(k), vs(v), os(out);
+  const ForwardOperands<scalar_t, out_t> f(q, k, v, out, lse);
+  const scalar_t *qd = f.q, *kd = f.k, *vd = f.v;
+  out_t* od = f.out;
+  float* ld_ = f.lse;
+  const Strides &qs = f.qs, &ks = f.ks, &vs = f.vs, &os = f.os;
   const int64_t D = p.D, g = p.q_per_kv, bk = p.bk;
 
   at::parallel_for(0, p.B * p.Hkv, 1, [&](int64_t begin, int64_t end) {
