@@ -13,8 +13,20 @@ import os as _os
 # faults. Measured (2-core Xeon VM, one thread, THP "madvise"): a 64 MB MoE permute 27 -> 12.5 ms, the
 # MoE layer's forward+backward 0.77-0.84x the time. PyTorch reads the variable at its first CPU allocation,
 # so it takes effect when longmoe is imported before any tensor exists (spawned ranks inherit it); set
-# THP_MEM_ALLOC_ENABLE=0 beforehand to opt out.
-_os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+# THP_MEM_ALLOC_ENABLE=0 beforehand to opt out. Kernels without THP, or with it set to "never", are left alone.
+
+
+def _thp_usable() -> bool:
+    """Transparent huge pages exist and are not off (elsewhere PyTorch's madvise would only warn)."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return "[never]" not in f.read()
+    except OSError:
+        return False
+
+
+if _thp_usable():
+    _os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 from longmoe import attention, moe, parallel, runtime  # noqa: E402
 from longmoe.attention import (  # noqa: E402

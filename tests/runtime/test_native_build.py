@@ -86,3 +86,22 @@ print("ok")
 """
     r = run_python(code, LONGMOE_NATIVE_BF16_DOT="0")
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr
+
+
+def test_huge_page_allocations_follow_the_kernel_and_the_user():
+    """import longmoe turns on PyTorch's huge-page CPU allocations where the kernel has THP enabled (not
+    "never"), and leaves a value the user set alone."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            usable = "[never]" not in f.read()
+    except OSError:
+        usable = False
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    code = "import os, longmoe; print(os.environ.get('THP_MEM_ALLOC_ENABLE'))"
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == ("1" if usable else "None"), (usable, r.stdout)
+    r = run_python(code, THP_MEM_ALLOC_ENABLE="0")
+    assert r.stdout.strip() == "0", r.stdout
