@@ -191,15 +191,16 @@ class AllToAllDispatcher:
         recv = self.exchange_counts(counts).cpu()  # (P, L): rows from each source for each local expert
         send_host = send.cpu()
         b = _chunk_bounds(L, chunks)
-        plans, blocks, start = [], [], 0
-        for c in range(chunks):
-            in_splits = send_host[:, b[c] : b[c + 1]].sum(1).tolist()
-            out_splits = recv[:, b[c] : b[c + 1]].sum(1).tolist()
-            plans.append((in_splits, out_splits))
-            blocks.append(x[start : start + sum(in_splits)])
-            start += sum(in_splits)
-        if start != x.shape[0]:
-            raise ValueError(f"x has {x.shape[0]} rows; counts add up to {start}")
+        plans = [
+            (send_host[:, b[c] : b[c + 1]].sum(1).tolist(), recv[:, b[c] : b[c + 1]].sum(1).tolist())
+            for c in range(chunks)
+        ]
+        sizes = [sum(in_s) for in_s, _ in plans]
+        if sum(sizes) != x.shape[0]:
+            raise ValueError(f"x has {x.shape[0]} rows; counts add up to {sum(sizes)}")
+        # split, not slicing: its backward concatenates the chunks' gradients once, where each slice's
+        # backward would allocate and zero a full-size gradient.
+        blocks = torch.split(x, sizes)
         row_bytes = math.prod(x.shape[1:]) * x.element_size()
         passes = experts.split(b)
         arrivals: list = []
