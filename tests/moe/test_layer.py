@@ -239,7 +239,6 @@ def test_split_passes_equal_the_full_pass(widths):
             passes[1](x[:7], torch.tensor([7]))
 
 
-@pytest.mark.skipif(not native_available(), reason="needs the native kernels")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
 def test_native_grouped_mm_kinds(dtype):
     """torch.ops.longmoe.moe_grouped_mm, the CPU expert GEMMs: forward, dx and dw against fp64 per-expert
