@@ -147,21 +147,17 @@ def sharded_decode_attention(
     return merged.unsqueeze(1).to(q.dtype)
 
 
-def _wait(work, timeout_s: float, where: str, what: str) -> None:
+def _collective(fn, *args, where: str, what: str, timeout_s: float, **kwargs) -> None:
+    """Run ``fn(*args, async_op=True, **kwargs)`` (a torch.distributed collective) and wait at most
+    ``timeout_s``; a failure or timeout raises :class:`DecodeError` naming ``where`` and ``what``."""
     try:
+        work = fn(*args, async_op=True, **kwargs)
         if work.wait(timeout=datetime.timedelta(seconds=timeout_s)) is False:
             raise RuntimeError(f"timed out after {timeout_s} s")
     except RuntimeError as err:
         raise DecodeError(
             f"{where}: the {what} failed within {timeout_s} s - a rank died or stalled. Cause: {err}"
         ) from err
-
-
-def _start(fn, where: str, what: str, *args, **kwargs):
-    try:
-        return fn(*args, async_op=True, **kwargs)
-    except RuntimeError as err:
-        raise DecodeError(f"{where}: the {what} failed - a rank died or stalled. Cause: {err}") from err
 
 
 def _merge_in_order(parts: list[torch.Tensor], d: int) -> torch.Tensor:
@@ -176,8 +172,8 @@ def _merge_allgather(out, lse, group, world, timeout_s, where, stats) -> torch.T
     """Every rank gathers every partial (B, Hq, D + 1) and merges in rank order: bit-identical everywhere."""
     mine = torch.cat([out, lse], dim=-1).contiguous()
     parts = [torch.empty_like(mine) for _ in range(world)]
-    _wait(_start(dist.all_gather, where, "all-gather of attention partials", parts, mine, group=group),
-          timeout_s, where, "all-gather of attention partials")  # fmt: skip
+    _collective(dist.all_gather, parts, mine, group=group, where=where, what="all-gather of attention partials",
+                timeout_s=timeout_s)  # fmt: skip
     if stats is not None:
         stats.add("decode_allgather", (world - 1) * mine.nbytes, (world - 1) * mine.nbytes)
     return _merge_in_order(parts, out.shape[-1])
@@ -187,15 +183,13 @@ def _merge_allreduce(out, lse, group, world, timeout_s, where, stats) -> torch.T
     """Two all-reduces: the max LSE (B, Hq, 1), then the sum of ``exp(lse - max) * [out | 1]`` (B, Hq, D + 1);
     out = sum / weight. Every rank receives the same reduced bytes, so the result is identical everywhere."""
     top = lse.clone()
-    what = "all-reduce (max) of attention LSEs"
-    _wait(
-        _start(dist.all_reduce, where, what, top, op=dist.ReduceOp.MAX, group=group), timeout_s, where, what
-    )
+    _collective(dist.all_reduce, top, op=dist.ReduceOp.MAX, group=group, where=where,
+                what="all-reduce (max) of attention LSEs", timeout_s=timeout_s)  # fmt: skip
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
     w = torch.exp(lse - top)  # 0 for an empty shard (lse = -inf)
     acc = torch.cat([out * w, w], dim=-1).contiguous()
-    what = "all-reduce (sum) of weighted attention partials"
-    _wait(_start(dist.all_reduce, where, what, acc, group=group), timeout_s, where, what)
+    _collective(dist.all_reduce, acc, group=group, where=where, what="all-reduce (sum) of weighted attention partials",
+                timeout_s=timeout_s)  # fmt: skip
     if stats is not None:  # a ring all-reduce sends 2 (P - 1) chunks of 1/P of the tensor from every rank
         sent = 2 * (world - 1) * (-(-top.nbytes // world) + -(-acc.nbytes // world))
         stats.add("decode_allreduce", sent, sent)
@@ -214,20 +208,13 @@ def _merge_owner(out, lse, owners, group, world, rank, timeout_s, where, stats) 
         rows = [b for b, r in enumerate(owners) if r == o]
         mine = torch.cat([out[rows], lse[rows]], dim=-1).contiguous()
         parts = [torch.empty_like(mine) for _ in range(world)] if rank == o else None
-        what = f"gather of attention partials to owner rank {o}"
-        _wait(
-            _start(dist.gather, where, what, mine, parts, dst=group_ranks[o], group=group),
-            timeout_s,
-            where,
-            what,
-        )
+        _collective(dist.gather, mine, parts, dst=group_ranks[o], group=group, where=where,
+                    what=f"gather of attention partials to owner rank {o}", timeout_s=timeout_s)  # fmt: skip
         res = (
             _merge_in_order(parts, d).contiguous() if rank == o else out.new_empty(len(rows), *out.shape[1:])
         )
-        what = f"broadcast of the merged attention from owner rank {o}"
-        _wait(
-            _start(dist.broadcast, where, what, res, src=group_ranks[o], group=group), timeout_s, where, what
-        )
+        _collective(dist.broadcast, res, src=group_ranks[o], group=group, where=where,
+                    what=f"broadcast of the merged attention from owner rank {o}", timeout_s=timeout_s)  # fmt: skip
         merged[rows] = res
         sent += (world - 1) * res.nbytes if rank == o else mine.nbytes
         received += (world - 1) * mine.nbytes if rank == o else res.nbytes

@@ -11,17 +11,17 @@ tokens are sorted by global expert, so the rows bound for rank ``r`` are one con
 3. the received rows arrive grouped by (source rank, local expert); a stable sort by local expert
    (the same dispatch-map kernel, ``top_k = 1``) makes every local expert's rows contiguous.
 
-``combine`` inverts 3 then 2.
+``combine`` inverts 3 then 2. Both exchanges use the one autograd all-to-all of ``longmoe.runtime``
+(:func:`longmoe.runtime.all_to_all`, shared with Ulysses), whose backward is the reverse exchange,
+so every rank takes part in the backward collectives even when it holds no rows. Collectives block at most
+for the process group's timeout (``init_from_env(timeout_s=...)``, ``spawn(timeout_s=...)``).
 
 **Chunked dispatch** (:meth:`AllToAllDispatcher.run_chunked`, ``MoEConfig.dispatch_chunks = C``): the local
 experts are split into ``C`` contiguous ranges, and the layer permutes rows in (chunk, destination rank,
 expert) order (:meth:`AllToAllDispatcher.chunk_order`), so each chunk's rows for every rank are one block.
 The counts travel once; then every chunk's rows leave in its own asynchronous all-to-all, all posted at
 once; chunk ``c``'s experts run as soon as its rows have arrived, and its outputs leave asynchronously while
-chunk ``c + 1`` computes. The backward runs each chunk's exchanges synchronously (the reverse all-to-all). Both exchanges use the one autograd all-to-all of ``longmoe.runtime``
-(:func:`longmoe.runtime.all_to_all`, shared with Ulysses), whose backward is the reverse exchange,
-so every rank takes part in the backward collectives even when it holds no rows. Collectives block at most
-for the process group's timeout (``init_from_env(timeout_s=...)``, ``spawn(timeout_s=...)``).
+chunk ``c + 1`` computes. The backward runs each chunk's exchanges synchronously (the reverse all-to-all).
 """
 
 from __future__ import annotations
@@ -151,14 +151,21 @@ class AllToAllDispatcher:
         self.bytes_sent += (
             (sum(input_splits) - input_splits[self.rank]) * math.prod(x.shape[1:]) * x.element_size()
         )
-        regroup = None
-        if self.num_local_experts > 1 and self.ep_size > 1:
-            local_ids = torch.arange(self.num_local_experts, device=x.device).repeat(self.ep_size)
-            ids = torch.repeat_interleave(local_ids, recv.reshape(-1), output_size=rows.shape[0])
-            regroup = moe_dispatch_map(ids[:, None], self.num_local_experts, backend=self.backend)
-            rows = moe_permute(rows, regroup, backend=self.backend)
+        rows, regroup = self._regroup(rows, recv)
         local_counts = recv.sum(0)
         return rows, local_counts, DispatchState(input_splits, output_splits, regroup)
+
+    def _regroup(self, rows: torch.Tensor, recv: torch.Tensor) -> tuple[torch.Tensor, DispatchMap | None]:
+        """rows received in (source rank, local expert) order, ``recv[src, e]`` of each; returns them in
+        (local expert, source) order and the map that undoes it (None when one expert or one rank: already
+        expert-major)."""
+        experts = recv.shape[1]
+        if experts == 1 or self.ep_size == 1:
+            return rows, None
+        local_ids = torch.arange(experts, device=rows.device).repeat(self.ep_size)
+        ids = torch.repeat_interleave(local_ids, recv.reshape(-1).to(rows.device), output_size=rows.shape[0])
+        regroup = moe_dispatch_map(ids[:, None], experts, backend=self.backend)
+        return moe_permute(rows, regroup, backend=self.backend), regroup
 
     def combine(self, y: torch.Tensor, state: DispatchState) -> torch.Tensor:
         """y: (num_received, hidden) expert outputs in :meth:`dispatch`'s row order.
@@ -178,8 +185,8 @@ class AllToAllDispatcher:
         """Expert-parallel pass in ``chunks`` overlapped exchanges.
 
         x: (num_rows, hidden) sorted by :meth:`chunk_order`; counts: (num_experts,) int64 rows of each global
-        expert, indexed by global expert id; experts: ``f(rows, local_counts) -> outputs`` over this rank's
-        experts (rows sorted by local expert, (num_local_experts,) counts). Returns (num_rows, out) in x's
+        expert, indexed by global expert id; experts: this rank's :class:`~longmoe.moe.GroupedExperts` (its
+        :meth:`~longmoe.moe.GroupedExperts.split` runs each chunk's experts). Returns (num_rows, out) in x's
         order.
         """
         if counts.shape != (self.num_experts,):
@@ -214,16 +221,8 @@ class AllToAllDispatcher:
             self.bytes_sent += (sum(in_s) - in_s[self.rank]) * row_bytes
             _wait(arrivals, self.group, f"MoE token rows, chunk {c}")
             rows = received[c]
-            width = b[c + 1] - b[c]
             chunk_recv = recv[:, b[c] : b[c + 1]]
-            regroup = None
-            if width > 1 and P > 1:  # (source, expert) -> (expert, source)
-                local_ids = torch.arange(width, device=x.device).repeat(P)
-                ids = torch.repeat_interleave(
-                    local_ids, chunk_recv.reshape(-1).to(x.device), output_size=rows.shape[0]
-                )
-                regroup = moe_dispatch_map(ids[:, None], width, backend=self.backend)
-                rows = moe_permute(rows, regroup, backend=self.backend)
+            rows, regroup = self._regroup(rows, chunk_recv)
             y = passes[c](rows, chunk_recv.sum(0).to(counts.device))
             if regroup is not None:
                 y = moe_unpermute(y, regroup, backend=self.backend)

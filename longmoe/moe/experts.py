@@ -229,11 +229,10 @@ class _SplitExperts(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         b = ctx.bounds
-        parts = [g if g is not None else None for g in grads]
-        like = next(g for g in parts if g is not None)
+        like = next(g for g in grads if g is not None)
         parts = [
             g if g is not None else like.new_zeros((b[c + 1] - b[c], *like.shape[1:]))
-            for c, g in enumerate(parts)
+            for c, g in enumerate(grads)
         ]
         return torch.cat(parts), None
 
