@@ -31,6 +31,8 @@ from longmoe.attention import flash_attention
 from longmoe.data import held_out_tokens, stdlib_split, windows
 
 CACHE = Path(__file__).resolve().parents[1] / ".cache" / "lm_qkv"
+ALNUM = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+"""The needles' alphabet: letters and digits."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -168,6 +170,36 @@ def bits_per_byte(model: ByteLM, batch: torch.Tensor, dtype: torch.dtype = torch
 
 
 # ----------------------------------------------------------------------------------------------------
+# needles: random key-value lines planted in text and recalled later
+# ----------------------------------------------------------------------------------------------------
+def needle_lines(g: torch.Generator) -> tuple[bytes, bytes, bytes]:
+    """(plant, cue, needle) for one random assignment: ``plant = b'\\n<name> = "<needle>"\\n'``, ``cue =
+    b'\\n<name> = "'``; name: 6 random lowercase letters; needle: 16-32 random letters and digits."""
+    name = bytes(97 + int(x) for x in torch.randint(0, 26, (6,), generator=g))
+    n = int(torch.randint(16, 33, (1,), generator=g))
+    needle = bytes(ALNUM[int(x)] for x in torch.randint(0, len(ALNUM), (n,), generator=g))
+    return b"\n" + name + b' = "' + needle + b'"\n', b"\n" + name + b' = "', needle
+
+
+def plant_needles(window: torch.Tensor, count: int, g: torch.Generator) -> torch.Tensor:
+    """Training text with ``count`` needles: window (seqlen + 1,) int64 of text -> the same shape, where each
+    needle's line is inserted at a random point of the first half and recalled (cue, needle, closing quote)
+    at a random later point; text past seqlen + 1 bytes is cut. A synthetic retrieval task mixed into
+    training (as long-context training mixes do) so that a model this small can learn to copy a needle."""
+    n = window.numel()
+    text = bytes(window.tolist())
+    inserts = []  # (position in the original text, bytes): all chosen first, so no line lands inside another
+    for _ in range(count):
+        plant, cue, needle = needle_lines(g)
+        at = int(torch.randint(0, n // 2, (1,), generator=g))
+        recall = int(torch.randint(at + 1, max(at + 2, n - 3 * 48), (1,), generator=g))
+        inserts += [(at, plant), (recall, cue + needle + b'"\n')]
+    for at, line in sorted(inserts, key=lambda x: x[0], reverse=True):
+        text = text[:at] + line + text[at:]
+    return torch.tensor(list(text[:n]), dtype=torch.long)
+
+
+# ----------------------------------------------------------------------------------------------------
 # training
 # ----------------------------------------------------------------------------------------------------
 def train(
@@ -180,8 +212,19 @@ def train(
     seed: int = 0,
     out: Path = CACHE,
     quiet: bool = False,
+    needle_prob: float = 0.0,
+    stages: list[tuple[int, int]] | None = None,
+    init: Path | None = None,
 ) -> dict:
     """Train for ``steps`` optimizer steps; save ``out/model.pt``; return the training record.
+
+    ``needle_prob``: the probability that a training window gets 1-3 planted needles (:func:`plant_needles`,
+    from their own random stream, so the windows drawn are the same whatever the probability).
+    ``stages``: ``[(context, steps), ...]`` trains the first ``steps`` steps at the first context and so on
+    (short then long, as long-context training does); the steps must sum to ``steps`` and the last context
+    must be ``cfg.context``. None: every step at ``cfg.context``.
+    ``init``: a checkpoint to continue from (its weights; the optimizer and schedule start afresh); its
+    training record is kept under ``record["init"]``.
 
     A fixed step count (not a wall-time budget) makes the run reproducible: the same seed, steps and batch
     see the same windows in the same order and give the same schedule on any machine, however loaded.
@@ -196,15 +239,30 @@ def train(
 
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive int; got {steps!r}")
+    if not 0.0 <= needle_prob <= 1.0:
+        raise ValueError(f"needle_prob must be in [0, 1]; got {needle_prob!r}")
+    stages = [(cfg.context, steps)] if stages is None else [(int(c), int(n)) for c, n in stages]
+    if sum(n for _, n in stages) != steps or stages[-1][0] != cfg.context or min(min(s) for s in stages) < 1:
+        raise ValueError(
+            f"stages={stages} must be positive (context, steps) pairs whose steps sum to steps={steps} and whose "
+            f"last context is cfg.context={cfg.context}"
+        )
+    context_at = [c for c, n in stages for _ in range(n)]
     torch.manual_seed(seed)
     train_data, held_data, data_info = stdlib_split()
     model = ByteLM(cfg)
+    init_record = None
+    if init is not None:
+        ckpt = torch.load(init, map_location="cpu", weights_only=True)
+        model.load_state_dict(ckpt["state_dict"])
+        init_record = {"path": str(init), **ckpt["record"]}
     decay = [p for p in model.parameters() if p.dim() == 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=lr, betas=(0.9, 0.95))  # fmt: skip
     amp = getattr(torch, dtype)
     g = torch.Generator().manual_seed(seed)
+    gn = torch.Generator().manual_seed(seed + 1000)  # the needles' own stream
     steps_done, tokens, ema, t0 = 0, 0, None, time.perf_counter()
     columns = (TextColumn("[bold]training[/] step {task.fields[step]}"), BarColumn(), TimeElapsedColumn(),
                TimeRemainingColumn(), TextColumn("loss {task.fields[loss]} bits/byte, {task.fields[tps]} tok/s"))  # fmt: skip
@@ -215,7 +273,14 @@ def train(
             warm = min(1.0, (steps_done + 1) / 20)
             for group in opt.param_groups:
                 group["lr"] = lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
-            chunk = windows(train_data, cfg.context, batch, g)
+            chunk = windows(train_data, context_at[steps_done], batch, g)
+            if needle_prob > 0:
+                rows = []
+                for row in chunk:
+                    planted = float(torch.rand((), generator=gn)) < needle_prob
+                    count = int(torch.randint(1, 4, (1,), generator=gn))
+                    rows.append(plant_needles(row, count, gn) if planted else row)
+                chunk = torch.stack(rows)
             with torch.autocast("cpu", dtype=amp, enabled=amp != torch.float32):
                 logits = model(chunk[:, :-1])
             loss = F.cross_entropy(logits.reshape(-1, cfg.vocab), chunk[:, 1:].reshape(-1))
@@ -237,8 +302,8 @@ def train(
     train_bpb = bits_per_byte(model, windows(train_data, cfg.context, 8, ge))
     held_bpb = bits_per_byte(model, windows(held_data, cfg.context, 8, ge))
     record = dict(steps=steps, tokens=tokens, seconds=seconds, tokens_per_s=tokens / seconds, batch=batch,
-                  lr=lr, dtype=dtype, seed=seed, threads=torch.get_num_threads(), train_bpb=train_bpb,
-                  held_out_bpb=held_bpb, eval="8 random 4096-byte windows of each stream", **data_info)  # fmt: skip
+                  lr=lr, dtype=dtype, seed=seed, needle_prob=needle_prob, stages=stages, init=init_record, threads=torch.get_num_threads(), train_bpb=train_bpb,
+                  held_out_bpb=held_bpb, eval=f"8 random {cfg.context}-byte windows of each stream", **data_info)  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     torch.save({"config": dataclasses.asdict(cfg), "state_dict": model.state_dict(), "record": record},
                out / "model.pt")  # fmt: skip
@@ -263,11 +328,31 @@ def describe(record: dict) -> str:
         f"byte-level Llama-style LM ({c['layers']} layers, d_model {c['d_model']}, {c['heads']} heads x "
         f"{c['head_dim']}, SwiGLU {c['ffn']}, RoPE theta {c['rope_theta']:g}) trained here for "
         f"{record['seconds'] / 60:.1f} min ({record['steps']} steps, {record['tokens'] / 1e6:.2f}M bytes at "
-        f"context {c['context']}, {record['dtype']}) on the Python standard library's .py sources "
+        f"context {_stages_text(record, c)}, {record['dtype']}) on the Python standard library's .py sources "
         f"({record['train_files']} files, {record['train_bytes'] / 1e6:.1f} MB); held out: {record['held_out_files']} "
         f"files ({record['holdout_rule']}); train {record['train_bpb']:.2f} / held-out "
         f"{record['held_out_bpb']:.2f} bits/byte"
+        + (
+            f"; {record['needle_prob']:.0%} of the training windows had 1-3 planted needles (a synthetic "
+            f"retrieval task)"
+            if record.get("needle_prob")
+            else ""
+        )
+        + (
+            f"; this run continued from a checkpoint trained for {record['init']['steps']} steps "
+            f"({record['init']['seconds'] / 60:.1f} min, {record['init'].get('needle_prob', 0):.0%} needle windows, "
+            f"held-out {record['init']['held_out_bpb']:.2f} bits/byte)"
+            if record.get("init")
+            else ""
+        )
     )
+
+
+def _stages_text(record: dict, config: dict) -> str:
+    stages = record.get("stages") or [(config["context"], record["steps"])]
+    if len(stages) == 1:
+        return str(stages[0][0])
+    return " then ".join(f"{c} ({n} steps)" for c, n in stages)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -318,6 +403,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    ap.add_argument("--needle-prob", type=float, default=0.0,
+                    help="probability that a training window gets 1-3 planted needles (see plant_needles)")  # fmt: skip
+    ap.add_argument("--stages", nargs="*", default=None, metavar="CONTEXT:STEPS",
+                    help="train in stages, e.g. 4096:900 8192:300 (overrides --context and --steps)")  # fmt: skip
+    ap.add_argument("--init", type=Path, default=None,
+                    help="continue from this checkpoint's weights (same shape; fresh optimizer and schedule)")  # fmt: skip
     ap.add_argument("--out", type=Path, default=CACHE)
     ap.add_argument("--capture", type=int, nargs="*", default=None,
                     help="skip training: load the checkpoint (training it if missing) and capture at these lengths")  # fmt: skip
@@ -334,11 +425,18 @@ def main() -> None:
                   f"{time.perf_counter() - t0:.1f} s; held-out bits/byte {bits.mean():.2f} (first {ctx}: "
                   f"{bits[:ctx].mean():.2f}{beyond})")  # fmt: skip
         return
+    stages = None
+    if args.stages:
+        try:
+            stages = [tuple(int(x) for x in st.split(":")) for st in args.stages]
+        except ValueError:
+            ap.error(f"--stages {' '.join(args.stages)}: expected CONTEXT:STEPS pairs such as 4096:900")
+        args.context, args.steps = stages[-1][0], sum(n for _, n in stages)
     ffn = 64 * math.ceil(8 * args.d_model / 3 / 64)
     cfg = LMConfig(d_model=args.d_model, heads=args.heads, head_dim=args.d_model // args.heads,
                    layers=args.layers, ffn=ffn, context=args.context)  # fmt: skip
     record = train(cfg, steps=args.steps, batch=args.batch, lr=args.lr, dtype=args.dtype, seed=args.seed,
-                   out=args.out)  # fmt: skip
+                   out=args.out, needle_prob=args.needle_prob, stages=stages, init=args.init)  # fmt: skip
     print(describe({"config": dataclasses.asdict(cfg), **record}))
     print(
         f"{record['tokens_per_s']:.0f} bytes/s over {record['steps']} steps; checkpoint: {args.out / 'model.pt'}"

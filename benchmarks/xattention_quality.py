@@ -49,7 +49,6 @@ from longmoe.attention import calibrate_thresholds, xattention
 from longmoe.data import stdlib_split, windows
 
 RESULTS = Path(__file__).resolve().parent / "results"
-_ALNUM = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 
 
 class Prefill:
@@ -86,11 +85,8 @@ def make_needles(held: torch.Tensor, count: int, seqlen: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(count):
-        name = bytes(97 + int(x) for x in torch.randint(0, 26, (6,), generator=g))
-        n = int(torch.randint(16, 33, (1,), generator=g))
-        needle = bytes(_ALNUM[int(x)] for x in torch.randint(0, len(_ALNUM), (n,), generator=g))
-        plant = b"\n" + name + b' = "' + needle + b'"\n'
-        cue = b"\n" + name + b' = "'
+        plant, cue, needle = lm_qkv.needle_lines(g)
+        n = len(needle)
         start = int(torch.randint(0, held.numel() - seqlen - 1, (1,), generator=g))
         filler = bytes(held[start : start + seqlen].tolist())
         at = int(seqlen * (0.05 + 0.10 * float(torch.rand((), generator=g))))

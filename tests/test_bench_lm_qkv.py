@@ -68,3 +68,28 @@ def test_training_is_a_fixed_step_count_and_reproducible(tmp_path):
         assert torch.equal(p, states[1][name]), name
     with pytest.raises(ValueError, match="steps must be a positive int"):
         lm_qkv.train(cfg, steps=0, out=tmp_path / "x", quiet=True)
+
+
+def test_planted_needles_are_recalled_later_and_keep_the_length():
+    """Each needle's line is planted once and recalled once later (the recall, cue + needle + closing quote,
+    has the same bytes as the plant); the window keeps its length; no line lands inside another."""
+    import re
+
+    text = torch.full((2049,), ord(" "), dtype=torch.long)
+    out = lm_qkv.plant_needles(text, 3, torch.Generator().manual_seed(5))
+    assert out.shape == text.shape and out.dtype == torch.long
+    lines = re.findall(rb'\n[a-z]{6} = "[A-Za-z0-9]{16,32}"\n', bytes(out.tolist()))
+    assert len(lines) == 6 and all(lines.count(x) == 2 for x in lines), lines
+    assert torch.equal(lm_qkv.plant_needles(text, 0, torch.Generator()), text)
+
+
+def test_staged_training_and_bad_stages(tmp_path):
+    cfg = lm_qkv.LMConfig(d_model=64, heads=1, head_dim=64, layers=1, ffn=192, context=32)
+    rec = lm_qkv.train(cfg, steps=3, dtype="float32", out=tmp_path, quiet=True, needle_prob=1.0,
+                       stages=[(16, 2), (32, 1)])  # fmt: skip
+    assert rec["tokens"] == 2 * 16 + 32 and rec["stages"] == [(16, 2), (32, 1)] and rec["needle_prob"] == 1.0
+    for stages in ([(16, 2), (32, 2)], [(32, 2), (16, 1)], [(0, 1), (32, 2)]):
+        with pytest.raises(ValueError, match="stages="):
+            lm_qkv.train(cfg, steps=3, out=tmp_path, quiet=True, stages=stages)
+    with pytest.raises(ValueError, match="needle_prob must be in"):
+        lm_qkv.train(cfg, steps=3, out=tmp_path, quiet=True, needle_prob=1.5)
