@@ -3,13 +3,16 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <numeric>
 #include <optional>
+#include <vector>
 
 #include "attention/tile_math.h"
 
@@ -27,6 +30,7 @@ struct Problem {
   // tiles
   int64_t bq, bk;
   bool bf16_dot = false;  // bf16 tiles on AVX512-BF16 dot products (flash_attn_bf16.cpp)
+  bool brgemm = false;    // bf16 forward tiles on AMX micro-kernels (flash_attn_amx.cpp)
 
   bool tile_on(int64_t b, int64_t h, int64_t q0, int64_t k0) const {
     if (mask == nullptr) return true;
@@ -69,6 +73,68 @@ inline void choose_tiles(Problem& p) {
   }
 }
 
+// Work items of one kernel call handed to the intra-op threads costliest first, each thread taking the next
+// item from a shared counter. at::parallel_for's static split gives each thread one contiguous range of
+// items, which is unbalanced when items differ in cost: causal query tiles (the last sees every key tile,
+// the first one) and, above all, heads whose block masks keep different numbers of tiles (the layers of
+// one XAttention call differ up to 6x in density, and a contiguous split puts whole layers on one thread).
+// Every item writes only its own outputs, so the results do not depend on the schedule.
+//
+//   const WorkQueue work(costs);
+//   at::parallel_for(0, work.threads(), 1, [&](int64_t, int64_t) {
+//     /* per-thread scratch */
+//     for (int64_t item; work.next(item);) { ... }
+//   });
+class WorkQueue {
+ public:
+  explicit WorkQueue(const std::vector<int64_t>& cost) : order_(cost.size()) {
+    std::iota(order_.begin(), order_.end(), int64_t{0});
+    std::stable_sort(order_.begin(), order_.end(), [&](int64_t a, int64_t b) { return cost[a] > cost[b]; });
+  }
+  int64_t threads() const {
+    return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(order_.size())));
+  }
+  bool next(int64_t& item) const {
+    const int64_t i = next_.fetch_add(1, std::memory_order_relaxed);
+    if (i >= static_cast<int64_t>(order_.size())) return false;
+    item = order_[i];
+    return true;
+  }
+
+ private:
+  std::vector<int64_t> order_;
+  mutable std::atomic<int64_t> next_{0};
+};
+
+// Tile work of query rows [q0, q0 + mq) of head (b, h): kept key tiles x rows.
+inline int64_t query_tile_cost(const Problem& p, int64_t b, int64_t h, int64_t q0, int64_t mq) {
+  const int64_t kv_end = p.kv_end(q0, mq);
+  if (p.mask == nullptr) return (kv_end + p.bk - 1) / p.bk * mq;
+  int64_t n = 0;
+  for (int64_t k0 = 0; k0 < kv_end; k0 += p.bk) n += p.tile_on(b, h, q0, k0);
+  return n * mq;
+}
+
+// Costs of the forward's items, item = (b * Hq + h) * n_qt + qt (one query tile of one head each).
+inline std::vector<int64_t> query_tile_costs(const Problem& p) {
+  const int64_t n_qt = (p.Sq + p.bq - 1) / p.bq;
+  std::vector<int64_t> cost(p.B * p.Hq * n_qt);
+  for (int64_t b = 0; b < p.B; ++b)
+    for (int64_t h = 0; h < p.Hq; ++h)
+      for (int64_t qt = 0; qt < n_qt; ++qt)
+        cost[(b * p.Hq + h) * n_qt + qt] = query_tile_cost(p, b, h, qt * p.bq, std::min(p.bq, p.Sq - qt * p.bq));
+  return cost;
+}
+
+// Costs of the backward's items, item = b * Hq + h (one whole head each: it owns its dK/dV slab).
+inline std::vector<int64_t> head_costs(const Problem& p) {
+  std::vector<int64_t> cost(p.B * p.Hq, 0);
+  for (int64_t b = 0; b < p.B; ++b)
+    for (int64_t h = 0; h < p.Hq; ++h)
+      for (int64_t q0 = 0; q0 < p.Sq; q0 += p.bq) cost[b * p.Hq + h] += query_tile_cost(p, b, h, q0, std::min(p.bq, p.Sq - q0));
+  return cost;
+}
+
 // Row strides of a (B, S, H, D) tensor with unit inner stride.
 struct Strides {
   int64_t b, s, h;
@@ -94,6 +160,13 @@ inline void recompute_probs(const Problem& p, float* P, int64_t mq, int64_t nk, 
 
 Problem make_problem(const at::Tensor& q, const at::Tensor& k, bool causal, double scale,
                      const std::optional<at::Tensor>& block_mask, int64_t block_size);
+
+// Whether PyTorch's brgemm packs bf16 operands for AMX on this CPU (and LONGMOE_NATIVE_AMX is not "0").
+bool brgemm_bf16_available();
+// Forward with bf16 q/k/v on AMX brgemm tiles (flash_attn_amx.cpp); out_t: at::BFloat16 or float.
+template <typename out_t>
+void forward_brgemm(const Problem& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                    at::Tensor& out, at::Tensor& lse);
 
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
 #define LONGMOE_BF16_DOT 1

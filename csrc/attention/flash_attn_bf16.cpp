@@ -193,10 +193,11 @@ void forward_bf16_dot(const Problem& p, const at::Tensor& q, const at::Tensor& k
   const int64_t D = p.D, bq = p.bq, bk = p.bk, bke = round_up(bk, 2);
   const int64_t n_qt = (p.Sq + bq - 1) / bq;
 
-  at::parallel_for(0, p.B * p.Hq * n_qt, 1, [&](int64_t begin, int64_t end) {
+  const WorkQueue work(query_tile_costs(p));
+  at::parallel_for(0, work.threads(), 1, [&](int64_t, int64_t) {
     std::vector<float> sbuf(bq * bk), acc(bq * D), m(bq), l(bq);
     std::vector<bf16> pb(bq * bke);
-    for (int64_t item = begin; item < end; ++item) {
+    for (int64_t item; work.next(item);) {
       const int64_t qt = item % n_qt, h = (item / n_qt) % p.Hq, b = item / (n_qt * p.Hq);
       const int64_t hk = h / p.q_per_kv, q0 = qt * bq, mq = std::min(bq, p.Sq - q0);
       const bf16* Q = qd + b * qs.b + q0 * qs.s + h * qs.h;
@@ -249,11 +250,12 @@ void backward_bf16_dot(const Problem& p, const at::Tensor& dout, const at::Tenso
   const int64_t D = p.D, bq = p.bq, bk = p.bk, bqe = round_up(bq, 2), bke = round_up(bk, 2);
   const int64_t dp = round_up(D, 32);
 
-  at::parallel_for(0, p.B * p.Hq, 1, [&](int64_t begin, int64_t end) {
+  const WorkQueue work(head_costs(p));
+  at::parallel_for(0, work.threads(), 1, [&](int64_t, int64_t) {
     std::vector<float> pbuf(bq * bk), dpbuf(bq * bk), dqacc(bq * D), lrow(bq), drow(bq);
     std::vector<bf16> pt(bk * bqe), ds(bq * bke), dst(bk * bqe);
     std::vector<uint32_t> qr(bqe / 2 * dp), dor(bqe / 2 * dp);
-    for (int64_t item = begin; item < end; ++item) {
+    for (int64_t item; work.next(item);) {
       const int64_t h = item % p.Hq, b = item / p.Hq, hk = h / p.q_per_kv;
       float* dK = dkd + item * p.Sk * D;
       float* dV = dvd + item * p.Sk * D;

@@ -14,14 +14,25 @@
 // against the visible key groups with one sgemm ([M, S*D] x [S*D, visible]), and runs a two-pass softmax
 // per row, adding each row's per-key-block sums into its query block's scores.
 // GQA/MQA index the kv head h / (Hq / Hkv); K is never repeated per query head.
+//
+// bf16 inputs on a CPU with AMX (brgemm_bf16_available()) stay bf16: K is regrouped straight into the AMX
+// micro-kernel's packed layout (blocks of [S*D, 64] key groups), the reversed query groups are copied as
+// bf16, and the scores GEMM runs as bf16 x bf16 -> fp32 brgemm calls; the softmax scale is applied in the
+// exp. Products of bf16 values are exact in fp32 and sums are fp32 on both paths. (AVX512-BF16 dot products
+// were tried for this GEMM and ran slower than the fp32 path on an AMX CPU.)
 #include "xattention/antidiag.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include <ATen/native/CPUBlas.h>
+
 #include <cmath>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
+#include "attention/attn_problem.h"
 #include "attention/tile_math.h"
 
 namespace longmoe {
@@ -35,6 +46,13 @@ inline int64_t visible_groups(int64_t r, int64_t S, int64_t nkg, bool causal, in
   if (last < 0) return 0;
   return std::min(last / S + 1, nkg);
 }
+
+// Query groups per GEMM (see block_scores_impl).
+constexpr int64_t kRowsPerGemm = 64;
+// AMX GEMMs take the key groups in blocks of kAmxCols columns: a 32K x 8 heads estimate ran in 0.226 s with
+// 256, 0.227-0.229 s with 64 or 128, 0.240 s with 512, and 0.339 s with every visible column in one call.
+// Rows per GEMM (64, 128 or 256) made no difference there.
+constexpr int64_t kAmxCols = 256;
 
 template <typename scalar_t>
 void block_scores_impl(const at::Tensor& q, const at::Tensor& k, int64_t S, int64_t block_size, bool causal,
@@ -51,10 +69,37 @@ void block_scores_impl(const at::Tensor& q, const at::Tensor& k, int64_t S, int6
   const scalar_t* qp = q.data_ptr<scalar_t>();
   const scalar_t* kp = k.data_ptr<scalar_t>();
   const float scale = static_cast<float>(softmax_scale / static_cast<double>(S));
+  namespace cpublas = at::native::cpublas;
+  const bool amx = std::is_same_v<scalar_t, at::BFloat16> && D % 2 == 0 && brgemm_bf16_available();
+  const int64_t NB = kAmxCols;
+  const int64_t nkgp = (nkg + NB - 1) / NB * NB;
 
-  // Regrouped keys: kr[b, hk, j, i*D + d] = K[b, jS+i, hk, d] (0 past Lk).
-  std::vector<float> kr(static_cast<size_t>(B * Hkv * nkg * SD));
-  at::parallel_for(0, B * Hkv * nkg, 64, [&](int64_t begin, int64_t end) {
+  // AMX: kt[b, hk] = Kr^T [SD, nkgp] as nkgp / NB blocks of NB columns, each in the micro-kernel's VNNI
+  // layout (pairs of rows interleaved: element (x, j) of a block at ((x / 2) * NB + j) * 2 + x % 2), with
+  // Kr[j][i*D + d] = K[jS+i, d] (0 past Lk). D is even, so a pair never straddles two key positions; packed
+  // here as 32-bit words rather than by cpublas::pack, which takes at most 64 columns per call.
+  std::vector<at::BFloat16> kt(amx ? static_cast<size_t>(B * Hkv * nkgp * SD) : 0);
+  if (amx) {
+    at::parallel_for(0, B * Hkv * nkgp, 256, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t j = t % nkgp, bh = t / nkgp, hk = bh % Hkv, b = bh / Hkv;
+        uint32_t* dst = reinterpret_cast<uint32_t*>(kt.data() + bh * nkgp * SD);
+        for (int64_t i = 0; i < S; ++i) {
+          const int64_t pos = j * S + i;
+          const scalar_t* src = kp + b * ksb + pos * ksl + hk * ksh;
+          for (int64_t dp = 0; dp < D / 2; ++dp) {
+            uint32_t w = 0;
+            if (j < nkg && pos < Lk) std::memcpy(&w, src + 2 * dp, 4);  // two bf16 (this path runs for bf16 only)
+            dst[(j / NB) * NB * SD / 2 + (i * D / 2 + dp) * NB + j % NB] = w;
+          }
+        }
+      }
+    });
+  }
+
+  // fp32: regrouped keys kr[b, hk, j, i*D + d] = K[b, jS+i, hk, d] (0 past Lk).
+  std::vector<float> kr(amx ? 0 : static_cast<size_t>(B * Hkv * nkg * SD));
+  if (!amx) at::parallel_for(0, B * Hkv * nkg, 64, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t j = t % nkg, bh = t / nkg, hk = bh % Hkv, b = bh / Hkv;
       float* dst = kr.data() + t * SD;
@@ -75,20 +120,31 @@ void block_scores_impl(const at::Tensor& q, const at::Tensor& k, int64_t S, int6
   // Query blocks are taken ~64 query groups at a time (M of the GEMM): one sgemm per chunk against the
   // key groups its last row sees. The regrouped K rows are re-read once per chunk, so one block per GEMM
   // (M = R = 16 at S=8, block 128) is memory-bound: 64 rows measured 0.090 s vs 0.100 s at 16 rows, 0.096 s
-  // at 256 (L=8192, H=8, D=128, causal, 2 cores); larger chunks also waste more causally hidden columns.
-  constexpr int64_t kRowsPerGemm = 64;
+  // at 256 (L=8192, H=8, D=128, causal, 2 cores, fp32); larger chunks also waste more causally hidden columns.
   const int64_t qc = std::max<int64_t>(1, kRowsPerGemm / R);  // query blocks per task
   const int64_t nchunks = (nqb + qc - 1) / qc;
   float* op = out.data_ptr<float>();
   at::parallel_for(0, B * Hq * nchunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qbuf(static_cast<size_t>(qc * R * SD));
-    std::vector<float> sbuf(static_cast<size_t>(qc * R * nkg));
+    std::vector<float> qbuf(amx ? 0 : static_cast<size_t>(qc * R * SD));
+    std::vector<at::BFloat16> qbuf16(amx ? static_cast<size_t>(qc * R * SD) : 0);
+    std::vector<float> sbuf(static_cast<size_t>(qc * R * nkgp));
     for (int64_t t = begin; t < end; ++t) {
       const int64_t c = t % nchunks, bh = t / nchunks, h = bh % Hq, b = bh / Hq, hk = h / group;
       const int64_t r0 = c * qc * R;
       const int64_t nr = std::min(qc * R, nqg - r0);  // real query groups in this chunk (>= 1)
       // Reversed query groups: qbuf[rr, i*D + d] = Q[b, (r0+rr)S + S-1-i, h, d] (0 past Lq).
-      for (int64_t rr = 0; rr < nr; ++rr) {
+      for (int64_t rr = 0; rr < nr && amx; ++rr) {
+        for (int64_t i = 0; i < S; ++i) {
+          const int64_t pos = (r0 + rr) * S + S - 1 - i;
+          at::BFloat16* d = qbuf16.data() + rr * SD + i * D;
+          if (pos >= Lq) {
+            std::fill(d, d + D, at::BFloat16(0.f));
+          } else {
+            std::memcpy(d, qp + b * qsb + pos * qsl + h * qsh, D * sizeof(at::BFloat16));
+          }
+        }
+      }
+      for (int64_t rr = 0; rr < nr && !amx; ++rr) {
         for (int64_t i = 0; i < S; ++i) {
           const int64_t pos = (r0 + rr) * S + S - 1 - i;
           float* d = qbuf.data() + rr * SD + i * D;
@@ -104,24 +160,25 @@ void block_scores_impl(const at::Tensor& q, const at::Tensor& k, int64_t S, int6
       // Visible key groups grow with r; the chunk's last real row sees the most.
       const int64_t nvis = visible_groups(r0 + nr - 1, S, nkg, causal, q_offset);
       if (nvis == 0) continue;
-      const float* kbase = kr.data() + (b * Hkv + hk) * nkg * SD;
-      gemm_rm(false, true, nr, nvis, SD, scale, qbuf.data(), SD, kbase, SD, 0.f, sbuf.data(), nvis);
+      int64_t lds = nvis;  // row stride of the raw scores in sbuf
+      float mult = 1.f;    // what the exp multiplies the shifted scores by: the scale, if not applied yet
+      if (amx) {
+        mult = scale;
+        const at::BFloat16* kbase = kt.data() + (b * Hkv + hk) * nkgp * SD;
+        lds = (nvis + NB - 1) / NB * NB;
+        for (int64_t c0 = 0; c0 < lds; c0 += NB)
+          cpublas::brgemm(nr, NB, SD, SD, NB, lds, false, qbuf16.data(), kbase + c0 * SD, sbuf.data() + c0);
+      } else {
+        const float* kbase = kr.data() + (b * Hkv + hk) * nkg * SD;
+        gemm_rm(false, true, nr, nvis, SD, scale, qbuf.data(), SD, kbase, SD, 0.f, sbuf.data(), nvis);
+      }
       for (int64_t rr = 0; rr < nr; ++rr) {
         const int64_t r = r0 + rr, qb = r / R;
         const int64_t vis = visible_groups(r, S, nkg, causal, q_offset);
         if (vis == 0) continue;  // no visible key group: the row contributes 0
-        float* row = sbuf.data() + rr * nvis;
+        float* row = sbuf.data() + rr * lds;
         // Two-pass softmax: max, then exp and sum; probabilities summed per key block.
-        float mx = kNegInf;
-#pragma omp simd reduction(max : mx)
-        for (int64_t j = 0; j < vis; ++j) mx = std::max(mx, row[j]);
-        float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t j = 0; j < vis; ++j) {
-          const float e = exp_nonpos(row[j] - mx);
-          row[j] = e;
-          sum += e;
-        }
+        const float sum = exp_shifted_inplace(row, vis, row_max(row, vis), mult);
         // Divided by the block's real query groups, so a block row is a distribution over key blocks.
         const int64_t rows_in_block = std::min(R, nqg - qb * R);
         const float w = 1.f / (sum * static_cast<float>(rows_in_block));  // sum >= 1: max term is exp(0)
@@ -135,6 +192,7 @@ void block_scores_impl(const at::Tensor& q, const at::Tensor& k, int64_t S, int6
         }
       }
     }
+    if (amx) cpublas::brgemm_release();
   });
 }
 

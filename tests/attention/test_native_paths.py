@@ -1,0 +1,31 @@
+"""On a CPU with AMX, bf16 inputs take the AMX brgemm tiles (attention forward, XAttention block scores);
+``LONGMOE_NATIVE_AMX=0`` keeps them on the other native paths (AVX512-BF16 dot products or fp32 tiles). The
+suite's bf16 cases run in this process on whatever the CPU picks; this test reruns them in a subprocess with
+the AMX path switched off, so that both paths stay tested on an AMX machine (elsewhere both runs take the
+same path)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_bf16_native_cases_without_amx():
+    env = {**os.environ, "LONGMOE_NATIVE_AMX": "0"}
+    cases = [
+        "tests/attention/test_attention_core.py::test_matches_oracle",
+        "tests/attention/test_xattention_kernels.py::test_native_block_scores",
+        "tests/attention/test_fuzz.py",
+    ]
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *cases, "-k", "bfloat16"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    passed = re.search(r"(\d+) passed", run.stdout)
+    assert passed and int(passed.group(1)) >= 20, run.stdout[-2000:]
