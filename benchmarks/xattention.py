@@ -16,9 +16,10 @@ Inputs (``--inputs``):
   first tokens) and a few stripe keys, over noise, with a different mix per head.
 
 For each S and threshold tau it reports the kept density (of causally visible tiles), the estimation time
-as a % of dense SDPA time, the attention speedup over dense SDPA (block-sparse attention alone, and
-estimate + attention), and the output's relative error vs dense (Frobenius). Goals: speedup
->= 0.6 / (density + 1/(2*stride)); estimation <= 10% of our native dense kernel at 32K. (Raw output error is
+as a % of our native dense kernel's time (and of dense SDPA's), the prefill speedup (estimate + block-sparse
+attention) over the fastest dense baseline of the same run (SDPA or our native kernel), the attention
+speedup alone over SDPA, and the output's relative error vs dense (Frobenius). Goals (issue 15): prefill
+speedup >= 0.6 / (density + 1/(2*stride)); estimation <= 10% of our native dense kernel at 32K. (Raw output error is
 not the quality measure: even the oracle mask has ~9e-2 at tau=0.95 on the LM inputs; downstream quality is
 measured by ``benchmarks/xattention_quality.py``, selectivity by ``benchmarks/xattention_ablation.py``.)
 To separate the estimator from the threshold it also reports, per tau, the true dense attention mass
@@ -245,8 +246,12 @@ def main() -> None:
                     f"L{l}:{d:.3f}/{e:.1e}" for l, (d, e) in enumerate(zip(dens, errs, strict=True))
                 )
             goal = 0.6 / (density + 1 / (2 * args.stride))
-            row = dict(seqlen=s, tau=tau, density=density, est_ms=t_est * 1e3, est_pct_of_dense=100 * t_est / t_sdpa,
+            t_dense_best = min(t_sdpa, t_dense_ours)
+            row = dict(seqlen=s, tau=tau, density=density, est_ms=t_est * 1e3,
+                       est_pct_of_native_dense=100 * t_est / t_dense_ours, est_pct_of_sdpa=100 * t_est / t_sdpa,
                        sdpa_ms=t_sdpa * 1e3, dense_ours_ms=t_dense_ours * 1e3, sparse_ms=t_sparse * 1e3,
+                       speedup_prefill=t_dense_best / (t_sparse + t_est),
+                       dense_baseline="sdpa" if t_sdpa <= t_dense_ours else "native",
                        speedup_attention=t_sdpa / t_sparse, speedup_total=t_sdpa / (t_sparse + t_est),
                        speedup_vs_native_dense=t_dense_ours / t_sparse,
                        speedup_goal=goal, rel_err=rel_err, kept_true_mass=kept_mass, oracle_density=oracle_density,
@@ -269,19 +274,28 @@ def main() -> None:
         w.writerows(rows)
     table = Table(title=f"XAttention vs dense SDPA, CPU, {args.dtype}, causal, H={args.heads}/{args.kv_heads}, D={args.head_dim}, "
                   f"stride {args.stride}, block {args.block_size}, inputs: {args.inputs}")  # fmt: skip
-    for col in ("S", "tau", "density", "estimate % of dense", "attention speedup", "total speedup", "goal (attn)",
-                "vs our dense", "rel err", "true mass kept", "oracle density / rel err", "flex ms"):  # fmt: skip
+    for col in ("S", "tau", "density", "estimate % of our dense", "prefill speedup (vs)", "goal",
+                "attention vs SDPA", "attention vs our dense", "rel err", "true mass kept", "oracle density / rel err",
+                "flex ms"):  # fmt: skip
         table.add_column(col, justify="right")
     for r in rows:
-        ok = r["speedup_attention"] >= r["speedup_goal"]
+        ok = r["speedup_prefill"] >= r["speedup_goal"]
+        est_ok = r["est_pct_of_native_dense"] <= 10
         table.add_row(
-            str(r["seqlen"]), f"{r['tau']:.2f}", f"{r['density']:.3f}", f"{r['est_pct_of_dense']:.1f}%",
-            f"[{'green' if ok else 'red'}]{r['speedup_attention']:.2f}x[/]", f"{r['speedup_total']:.2f}x",
-            f"{r['speedup_goal']:.2f}x", f"{r['speedup_vs_native_dense']:.2f}x", f"{r['rel_err']:.1e}",
+            str(r["seqlen"]), f"{r['tau']:.2f}", f"{r['density']:.3f}",
+            f"[{'green' if est_ok else 'red'}]{r['est_pct_of_native_dense']:.1f}%[/]",
+            f"[{'green' if ok else 'red'}]{r['speedup_prefill']:.2f}x[/] ({r['dense_baseline']})",
+            f"{r['speedup_goal']:.2f}x", f"{r['speedup_attention']:.2f}x", f"{r['speedup_vs_native_dense']:.2f}x",
+            f"{r['rel_err']:.1e}",
             f"{r['kept_true_mass']:.4f}", f"{r['oracle_density']:.3f} / {r['oracle_rel_err']:.1e}",
             f"{r['flex_ms']:.0f}" if r["flex_ms"] else (r["flex_note"][:40] or "-"),
         )  # fmt: skip
     console.print(table)
+    console.print(
+        "prefill speedup: the fastest dense baseline of this run (SDPA or our native kernel) over estimate + "
+        "block-sparse attention; green where it meets the goal 0.6 / (density + 1/(2*stride)), and where the "
+        "estimate is <= 10% of our dense kernel"
+    )
     if args.oracle:
         console.print(
             "true mass kept: the dense attention mass inside XAttention's tiles (mean over block rows); oracle: the "
@@ -301,16 +315,17 @@ def plot(rows, path: Path) -> None:
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
     for s in sorted({r["seqlen"] for r in rows}):
         pts = sorted(
-            (r["density"], r["speedup_attention"], r["rel_err"], r["tau"]) for r in rows if r["seqlen"] == s
+            (r["density"], r["speedup_prefill"], r["rel_err"], r["tau"]) for r in rows if r["seqlen"] == s
         )
         a1.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"S={s}")
         a2.plot([p[0] for p in pts], [p[2] for p in pts], "o-", label=f"S={s}")
         for p in pts:
             a1.annotate(f"{p[3]}", (p[0], p[1]), fontsize=7)
     dens = [x / 100 for x in range(5, 100, 5)]
-    a1.plot(dens, [0.6 / (d + 1 / 16) for d in dens], "k:", label="goal 0.6/(density+1/(2*stride))")
+    stride = rows[0]["stride"]
+    a1.plot(dens, [0.6 / (d + 1 / (2 * stride)) for d in dens], "k:", label="goal 0.6/(density+1/(2*stride))")
     a1.set_xlabel("density (kept fraction of visible tiles)")
-    a1.set_ylabel("speedup vs dense SDPA")
+    a1.set_ylabel("prefill speedup vs the fastest dense")
     a1.legend(fontsize=7)
     a2.set_xlabel("density")
     a2.set_ylabel("relative error vs dense")
