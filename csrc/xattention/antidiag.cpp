@@ -78,19 +78,25 @@ void block_scores_impl(const at::Tensor& q, const at::Tensor& k, int64_t S, int6
   // layout (pairs of rows interleaved: element (x, j) of a block at ((x / 2) * NB + j) * 2 + x % 2), with
   // Kr[j][i*D + d] = K[jS+i, d] (0 past Lk). D is even, so a pair never straddles two key positions; packed
   // here as 32-bit words rather than by cpublas::pack, which takes at most 64 columns per call.
-  std::vector<at::BFloat16> kt(amx ? static_cast<size_t>(B * Hkv * nkgp * SD) : 0);
+  // Uninitialised (at::empty): every word is written below, padding included.
+  const at::Tensor kt_buf = at::empty({amx ? B * Hkv * nkgp * SD / 2 : 0}, q.options().dtype(at::kInt));
+  uint32_t* kt = reinterpret_cast<uint32_t*>(kt_buf.data_ptr<int32_t>());
   if (amx) {
-    at::parallel_for(0, B * Hkv * nkgp, 256, [&](int64_t begin, int64_t end) {
+    // One task per block of NB key groups; the writes of a block are contiguous, its K rows stay in cache.
+    at::parallel_for(0, B * Hkv * (nkgp / NB), 1, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
-        const int64_t j = t % nkgp, bh = t / nkgp, hk = bh % Hkv, b = bh / Hkv;
-        uint32_t* dst = reinterpret_cast<uint32_t*>(kt.data() + bh * nkgp * SD);
+        const int64_t cb = t % (nkgp / NB), bh = t / (nkgp / NB), hk = bh % Hkv, b = bh / Hkv;
+        uint32_t* dst = kt + (bh * nkgp + cb * NB) * SD / 2;
         for (int64_t i = 0; i < S; ++i) {
-          const int64_t pos = j * S + i;
-          const scalar_t* src = kp + b * ksb + pos * ksl + hk * ksh;
           for (int64_t dp = 0; dp < D / 2; ++dp) {
-            uint32_t w = 0;
-            if (j < nkg && pos < Lk) std::memcpy(&w, src + 2 * dp, 4);  // two bf16 (this path runs for bf16 only)
-            dst[(j / NB) * NB * SD / 2 + (i * D / 2 + dp) * NB + j % NB] = w;
+            uint32_t* drow = dst + (i * D / 2 + dp) * NB;
+            for (int64_t jj = 0; jj < NB; ++jj) {
+              const int64_t j = cb * NB + jj, pos = j * S + i;
+              uint32_t w = 0;
+              if (j < nkg && pos < Lk)  // two bf16 (this path runs for bf16 only)
+                std::memcpy(&w, kp + b * ksb + pos * ksl + hk * ksh + 2 * dp, 4);
+              drow[jj] = w;
+            }
           }
         }
       }
@@ -164,7 +170,7 @@ void block_scores_impl(const at::Tensor& q, const at::Tensor& k, int64_t S, int6
       float mult = 1.f;    // what the exp multiplies the shifted scores by: the scale, if not applied yet
       if (amx) {
         mult = scale;
-        const at::BFloat16* kbase = kt.data() + (b * Hkv + hk) * nkgp * SD;
+        const auto* kbase = reinterpret_cast<const at::BFloat16*>(kt + (b * Hkv + hk) * nkgp * SD / 2);
         lds = (nvis + NB - 1) / NB * NB;
         for (int64_t c0 = 0; c0 < lds; c0 += NB)
           cpublas::brgemm(nr, NB, SD, SD, NB, lds, false, qbuf16.data(), kbase + c0 * SD, sbuf.data() + c0);
