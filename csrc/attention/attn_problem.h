@@ -58,7 +58,9 @@ struct Problem {
 inline void choose_tiles(Problem& p) {
   if (p.mask != nullptr) {
     p.bk = p.block_size;
-    p.bq = std::gcd(p.block_size, static_cast<int64_t>(64));
+    // AMX tiles: 128 query rows per tile where the block allows (block-sparse bf16 forward at 16K, per-head
+    // densities 0.09-0.6: 191 ms vs 213 ms with 64 rows; fwd+bwd 1.62 vs 1.76 s).
+    p.bq = std::gcd(p.block_size, static_cast<int64_t>(p.brgemm ? 128 : 64));
     return;
   }
   p.bq = p.bf16_dot ? (p.Sk >= 8192 ? 256 : 64) : 256;
