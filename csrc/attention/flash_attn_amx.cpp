@@ -119,14 +119,7 @@ inline void softmax_row_to_bf16(const float* row, int64_t vis, int64_t bkp, floa
     pr[j] = static_cast<bf16>(e);
   }
   std::fill(pr + vis, pr + bkp, bf16(0.f));
-  if (vis == 0) return;
-  const float corr = exp_nonpos(m - m_new);
-  l = l * corr + sum;
-  m = m_new;
-  if (corr != 1.f) {
-#pragma omp simd
-    for (int64_t d = 0; d < D; ++d) acc[d] *= corr;
-  }
+  if (vis > 0) advance_running_row(m_new, sum, m, l, acc, D);
 }
 
 }  // namespace

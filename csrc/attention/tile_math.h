@@ -147,14 +147,10 @@ inline float exp_shifted_inplace(float* row, int64_t n, float m, float mult) {
   return sum;
 }
 
-// One query row of the online softmax over a key tile: scores row[0:vis] become exp(s - m_new) in place
-// (row[vis:nk] = 0), the running max m and sum l are updated, and the output accumulator row acc[0:D] is
-// rescaled by exp(m_old - m_new). A row with no visible key in this tile is left unchanged.
-inline void online_softmax_row(float* row, int64_t vis, int64_t nk, float& m, float& l, float* acc, int64_t D) {
-  const float m_new = std::max(m, row_max(row, vis));
-  const float sum = vis > 0 ? exp_shifted_inplace(row, vis, m_new, 1.f) : 0.f;
-  std::fill(row + vis, row + nk, 0.f);
-  if (vis == 0) return;
+// The end of one row's online-softmax step over a key tile whose probabilities exp(s - m_new) sum to `sum`:
+// the running max m and sum l move to m_new, and the output accumulator row acc[0:D] is rescaled by
+// exp(m_old - m_new).
+inline void advance_running_row(float m_new, float sum, float& m, float& l, float* acc, int64_t D) {
   const float corr = exp_nonpos(m - m_new);
   l = l * corr + sum;
   m = m_new;
@@ -162,6 +158,16 @@ inline void online_softmax_row(float* row, int64_t vis, int64_t nk, float& m, fl
 #pragma omp simd
     for (int64_t d = 0; d < D; ++d) acc[d] *= corr;
   }
+}
+
+// One query row of the online softmax over a key tile: scores row[0:vis] become exp(s - m_new) in place
+// (row[vis:nk] = 0), the running max m and sum l are updated, and the output accumulator row acc[0:D] is
+// rescaled by exp(m_old - m_new). A row with no visible key in this tile is left unchanged.
+inline void online_softmax_row(float* row, int64_t vis, int64_t nk, float& m, float& l, float* acc, int64_t D) {
+  const float m_new = std::max(m, row_max(row, vis));
+  const float sum = vis > 0 ? exp_shifted_inplace(row, vis, m_new, 1.f) : 0.f;
+  std::fill(row + vis, row + nk, 0.f);
+  if (vis > 0) advance_running_row(m_new, sum, m, l, acc, D);
 }
 
 // The end of a query tile: acc rows divided by their sums, lse = m + log(l); rows that saw no key get 0
