@@ -16,7 +16,7 @@
 // GQA/MQA index the kv head h / (Hq / Hkv); K is never repeated per query head.
 //
 // bf16 inputs on a CPU with AMX (brgemm_bf16_available()) stay bf16: K is regrouped straight into the AMX
-// micro-kernel's packed layout (blocks of [S*D, 64] key groups), the reversed query groups are copied as
+// micro-kernel's packed layout (blocks of 256 key groups), the reversed query groups are copied as
 // bf16, and the scores GEMM runs as bf16 x bf16 -> fp32 brgemm calls; the softmax scale is applied in the
 // exp. Products of bf16 values are exact in fp32 and sums are fp32 on both paths. (AVX512-BF16 dot products
 // were tried for this GEMM and ran slower than the fp32 path on an AMX CPU.)
