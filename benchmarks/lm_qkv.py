@@ -3,6 +3,8 @@
     python benchmarks/lm_qkv.py                  # train 800 steps (~6 min on an idle 2-core CPU), save, report
     python benchmarks/lm_qkv.py --steps 200      # shorter run
     python benchmarks/lm_qkv.py --capture 32768  # load (or train) and capture q/k/v at 32K held-out bytes
+    python benchmarks/lm_qkv.py --stages 4096:900 8192:300 --needle-prob 0.5
+        # the checkpoint behind the README's XAttention figures (34 min on a 2-core AMX Xeon, bf16)
 
 Model: Llama-style, byte vocabulary (256), RMSNorm, RoPE (theta 500000, so positions past the training
 context stay in the slowly rotating range), SwiGLU MLP, no biases; attention is
