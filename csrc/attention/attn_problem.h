@@ -145,6 +145,54 @@ struct Strides {
 
 inline at::Tensor inner_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
+// One query tile of a forward call: rows [q0, q0 + mq) of query head h (KV head hk) of batch b, with its
+// running softmax state: m and l (mq entries each) and the output accumulator acc [mq, D].
+struct QueryTile {
+  int64_t b, h, hk, q0, mq;
+  float *m, *l, *acc;
+};
+
+// The outer loops of the forward, shared by the fp32 (flash_attn.cpp), AVX512-BF16 (flash_attn_bf16.cpp)
+// and AMX (flash_attn_amx.cpp) kernels, which differ only in their tile GEMMs. Query tiles go to the threads
+// costliest first (WorkQueue). Per thread, `make_scratch()` builds that kernel's buffers (destroyed when the
+// thread is done). Per query tile the softmax state is reset, `start(scratch, t)` prepares the tile (its Q
+// rows), `tile(scratch, t, k0, nk)` runs for every key tile [k0, k0 + nk) that the causal bound and the
+// block mask keep, and the rows are finished into lse (B, Hq, Sq) and stored into out (B, Sq, Hq, D).
+template <typename out_t, typename MakeScratch, typename Start, typename Tile>
+void forward_query_tiles(const Problem& p, at::Tensor& out, at::Tensor& lse, MakeScratch make_scratch, Start start,
+                         Tile tile) {
+  out_t* od = out.data_ptr<out_t>();
+  float* lsed = lse.data_ptr<float>();
+  const Strides os(out);
+  const int64_t D = p.D, bq = p.bq, n_qt = (p.Sq + bq - 1) / bq;
+  const WorkQueue work(query_tile_costs(p));
+  at::parallel_for(0, work.threads(), 1, [&](int64_t, int64_t) {
+    auto scratch = make_scratch();
+    std::vector<float> m(bq), l(bq), acc(bq * D);
+    for (int64_t item; work.next(item);) {
+      QueryTile t;
+      t.h = (item / n_qt) % p.Hq;
+      t.b = item / (n_qt * p.Hq);
+      t.hk = t.h / p.q_per_kv;
+      t.q0 = (item % n_qt) * bq;
+      t.mq = std::min(bq, p.Sq - t.q0);
+      t.m = m.data();
+      t.l = l.data();
+      t.acc = acc.data();
+      std::fill(m.begin(), m.end(), kNegInf);
+      std::fill(l.begin(), l.end(), 0.f);
+      std::fill(acc.begin(), acc.end(), 0.f);
+      start(scratch, t);
+      const int64_t kv_end = p.kv_end(t.q0, t.mq);
+      for (int64_t k0 = 0; k0 < kv_end; k0 += p.bk) {
+        if (p.tile_on(t.b, t.h, t.q0, k0)) tile(scratch, t, k0, std::min(p.bk, kv_end - k0));
+      }
+      finish_rows(t.acc, t.mq, D, t.m, t.l, lsed + (t.b * p.Hq + t.h) * p.Sq + t.q0);
+      store_rows(t.acc, D, t.mq, D, od + t.b * os.b + t.q0 * os.s + t.h * os.h, os.s);
+    }
+  });
+}
+
 // Backward: turn the [mq, nk] score tile S (already scaled) into probabilities P = exp(S - lse) in place,
 // with the forward's (possibly global) lse per row; invisible entries and rows with lse = -inf (no key
 // seen in the forward, hence no gradient) become 0.

@@ -123,45 +123,28 @@ template <typename scalar_t, typename out_t>
 void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                     at::Tensor& out, at::Tensor& lse) {
   const ForwardOperands<scalar_t, out_t> f(q, k, v, out, lse);
-  const scalar_t *qd = f.q, *kd = f.k, *vd = f.v;
-  out_t* od = f.out;
-  float* ld_ = f.lse;
-  const Strides &qs = f.qs, &ks = f.ks, &vs = f.vs, &os = f.os;
   const int64_t D = p.D, bq = p.bq, bk = p.bk;
-  const int64_t n_qt = (p.Sq + bq - 1) / bq;
-
-  const WorkQueue work(query_tile_costs(p));
-  at::parallel_for(0, work.threads(), 1, [&](int64_t, int64_t) {
-    std::vector<float> qbuf(bq * D), kbuf(bk * D), vbuf(bk * D), sbuf(bq * bk), acc(bq * D);
-    std::vector<float> m(bq), l(bq);
-    for (int64_t item; work.next(item);) {
-      const int64_t qt = item % n_qt, h = (item / n_qt) % p.Hq, b = item / (n_qt * p.Hq);
-      const int64_t hk = h / p.q_per_kv, q0 = qt * bq, mq = std::min(bq, p.Sq - q0);
-      int64_t ldq, ldk, ldv;
-      const float* Q = load_rows(qd + b * qs.b + q0 * qs.s + h * qs.h, qs.s, mq, D, qbuf.data(), &ldq);
-      std::fill(m.begin(), m.end(), kNegInf);
-      std::fill(l.begin(), l.end(), 0.f);
-      std::fill(acc.begin(), acc.end(), 0.f);
-      const int64_t kv_end = p.kv_end(q0, mq);
-      for (int64_t k0 = 0; k0 < kv_end; k0 += bk) {
-        if (!p.tile_on(b, h, q0, k0)) continue;
-        const int64_t nk = std::min(bk, kv_end - k0);
-        const float* K = load_rows(kd + b * ks.b + k0 * ks.s + hk * ks.h, ks.s, nk, D, kbuf.data(), &ldk);
-        const float* V = load_rows(vd + b * vs.b + k0 * vs.s + hk * vs.h, vs.s, nk, D, vbuf.data(), &ldv);
-        float* S = sbuf.data();
-        gemm_rm(false, true, mq, nk, D, p.scale, Q, ldq, K, ldk, 0.f, S, nk);
-        for (int64_t i = 0; i < mq; ++i) {
-          float* row = S + i * nk;
-          const int64_t vis = p.visible(q0 + i, k0, nk);
-          online_softmax_row(row, vis, nk, m[i], l[i], acc.data() + i * D, D);
-        }
-        gemm_rm(false, false, mq, D, nk, 1.f, S, nk, V, ldv, 1.f, acc.data(), D);
-      }
-      float* lrow = ld_ + (b * p.Hq + h) * p.Sq + q0;
-      finish_rows(acc.data(), mq, D, m.data(), l.data(), lrow);
-      store_rows(acc.data(), D, mq, D, od + b * os.b + q0 * os.s + h * os.h, os.s);
-    }
-  });
+  struct Scratch {
+    std::vector<float> qbuf, kbuf, vbuf, sbuf;
+    const float* Q = nullptr;
+    int64_t ldq = 0;
+  };
+  forward_query_tiles<out_t>(
+      p, out, lse, [&] { return Scratch{std::vector<float>(bq * D), std::vector<float>(bk * D),
+                                        std::vector<float>(bk * D), std::vector<float>(bq * bk)}; },
+      [&](Scratch& s, const QueryTile& t) {
+        s.Q = load_rows(f.q + t.b * f.qs.b + t.q0 * f.qs.s + t.h * f.qs.h, f.qs.s, t.mq, D, s.qbuf.data(), &s.ldq);
+      },
+      [&](Scratch& s, const QueryTile& t, int64_t k0, int64_t nk) {
+        int64_t ldk, ldv;
+        const float* K = load_rows(f.k + t.b * f.ks.b + k0 * f.ks.s + t.hk * f.ks.h, f.ks.s, nk, D, s.kbuf.data(), &ldk);
+        const float* V = load_rows(f.v + t.b * f.vs.b + k0 * f.vs.s + t.hk * f.vs.h, f.vs.s, nk, D, s.vbuf.data(), &ldv);
+        float* S = s.sbuf.data();
+        gemm_rm(false, true, t.mq, nk, D, p.scale, s.Q, s.ldq, K, ldk, 0.f, S, nk);
+        for (int64_t i = 0; i < t.mq; ++i)
+          online_softmax_row(S + i * nk, p.visible(t.q0 + i, k0, nk), nk, t.m[i], t.l[i], t.acc + i * D, D);
+        gemm_rm(false, false, t.mq, D, nk, 1.f, S, nk, V, ldv, 1.f, t.acc, D);
+      });
 }
 
 // Decode: one query row per head (Sq == 1), no block mask, GQA/MQA. The q_per_kv query heads that share a

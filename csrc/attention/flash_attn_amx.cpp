@@ -129,44 +129,29 @@ void forward_brgemm(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
                     at::Tensor& out, at::Tensor& lse) {
   const PackedTiles tiles = pack_tiles(p, k, v);
   const bf16* qd = q.data_ptr<bf16>();
-  out_t* od = out.data_ptr<out_t>();
-  float* lsed = lse.data_ptr<float>();
-  const Strides qs(q), os(out);
+  const Strides qs(q);
   const int64_t D = p.D, bq = p.bq, bk = p.bk, bkp = tiles.bkp;
-  const int64_t n_qt = (p.Sq + bq - 1) / bq;
-
-  const WorkQueue work(query_tile_costs(p));
-  at::parallel_for(0, work.threads(), 1, [&](int64_t, int64_t) {
-    std::vector<float> sbuf(bq * bkp), acc(bq * D), m(bq), l(bq);
-    std::vector<bf16> pb(bq * bkp);
-    for (int64_t item; work.next(item);) {
-      const int64_t qt = item % n_qt, h = (item / n_qt) % p.Hq, b = item / (n_qt * p.Hq);
-      const int64_t hk = h / p.q_per_kv, q0 = qt * bq, mq = std::min(bq, p.Sq - q0);
-      const bf16* Q = qd + b * qs.b + q0 * qs.s + h * qs.h;
-      std::fill(m.begin(), m.end(), kNegInf);
-      std::fill(l.begin(), l.end(), 0.f);
-      std::fill(acc.begin(), acc.end(), 0.f);
-      const int64_t kv_end = p.kv_end(q0, mq);
-      for (int64_t k0 = 0; k0 < kv_end; k0 += bk) {
-        if (!p.tile_on(b, h, q0, k0)) continue;
-        const int64_t t = k0 / bk, nk = std::min(bk, kv_end - k0);
-        float* S = sbuf.data();
-        const bf16* KT = tiles.k_tile(b, hk, p.Hkv, t);
-        const bf16* VR = tiles.v_tile(b, hk, p.Hkv, t);
+  struct Scratch {
+    std::vector<float> sbuf;
+    std::vector<bf16> pb;
+    const bf16* Q = nullptr;
+    ~Scratch() { cpublas::brgemm_release(); }  // the thread's AMX state, once its tiles are done
+  };
+  forward_query_tiles<out_t>(
+      p, out, lse, [&] { return Scratch{std::vector<float>(bq * bkp), std::vector<bf16>(bq * bkp)}; },
+      [&](Scratch& s, const QueryTile& t) { s.Q = qd + t.b * qs.b + t.q0 * qs.s + t.h * qs.h; },
+      [&](Scratch& s, const QueryTile& t, int64_t k0, int64_t nk) {
+        float* S = s.sbuf.data();
+        const bf16* KT = tiles.k_tile(t.b, t.hk, p.Hkv, k0 / bk);
+        const bf16* VR = tiles.v_tile(t.b, t.hk, p.Hkv, k0 / bk);
         for (int64_t c0 = 0; c0 < bkp; c0 += kPackN)  // S = Q K^T, kPackN key columns at a time
-          cpublas::brgemm(mq, kPackN, D, qs.s, kPackN, bkp, false, Q, KT + c0 * D, S + c0);
-        for (int64_t i = 0; i < mq; ++i)
-          softmax_row_to_bf16(S + i * bkp, p.visible(q0 + i, k0, nk), bkp, p.scale, m[i], l[i], acc.data() + i * D,
-                              D, pb.data() + i * bkp);
+          cpublas::brgemm(t.mq, kPackN, D, qs.s, kPackN, bkp, false, s.Q, KT + c0 * D, S + c0);
+        for (int64_t i = 0; i < t.mq; ++i)
+          softmax_row_to_bf16(S + i * bkp, p.visible(t.q0 + i, k0, nk), bkp, p.scale, t.m[i], t.l[i],
+                              t.acc + i * D, D, s.pb.data() + i * bkp);
         for (int64_t d0 = 0; d0 < D; d0 += kPackN)  // acc += P V, kPackN output columns at a time
-          cpublas::brgemm(mq, kPackN, bkp, bkp, kPackN, D, true, pb.data(), VR + d0 * bkp, acc.data() + d0);
-      }
-      float* lrow = lsed + (b * p.Hq + h) * p.Sq + q0;
-      finish_rows(acc.data(), mq, D, m.data(), l.data(), lrow);
-      store_rows(acc.data(), D, mq, D, od + b * os.b + q0 * os.s + h * os.h, os.s);
-    }
-    cpublas::brgemm_release();
-  });
+          cpublas::brgemm(t.mq, kPackN, bkp, bkp, kPackN, D, true, s.pb.data(), VR + d0 * bkp, t.acc + d0);
+      });
 }
 
 template void forward_brgemm<float>(const Problem&, const at::Tensor&, const at::Tensor&, const at::Tensor&,

@@ -187,44 +187,28 @@ void forward_bf16_dot(const Problem& p, const at::Tensor& q, const at::Tensor& k
   const Packed kt = pack_heads(p, k, /*transpose=*/true);
   const Packed vr = pack_heads(p, v, /*transpose=*/false);
   const bf16* qd = bf16_ptr(q);
-  out_t* od = out.data_ptr<out_t>();
-  float* lsed = lse.data_ptr<float>();
-  const Strides qs(q), os(out);
+  const Strides qs(q);
   const int64_t D = p.D, bq = p.bq, bk = p.bk, bke = round_up(bk, 2);
-  const int64_t n_qt = (p.Sq + bq - 1) / bq;
-
-  const WorkQueue work(query_tile_costs(p));
-  at::parallel_for(0, work.threads(), 1, [&](int64_t, int64_t) {
-    std::vector<float> sbuf(bq * bk), acc(bq * D), m(bq), l(bq);
-    std::vector<bf16> pb(bq * bke);
-    for (int64_t item; work.next(item);) {
-      const int64_t qt = item % n_qt, h = (item / n_qt) % p.Hq, b = item / (n_qt * p.Hq);
-      const int64_t hk = h / p.q_per_kv, q0 = qt * bq, mq = std::min(bq, p.Sq - q0);
-      const bf16* Q = qd + b * qs.b + q0 * qs.s + h * qs.h;
-      const uint32_t* KT = kt.slab(b, hk, p.Hkv);
-      const uint32_t* VR = vr.slab(b, hk, p.Hkv);
-      std::fill(m.begin(), m.end(), kNegInf);
-      std::fill(l.begin(), l.end(), 0.f);
-      std::fill(acc.begin(), acc.end(), 0.f);
-      const int64_t kv_end = p.kv_end(q0, mq);
-      for (int64_t k0 = 0; k0 < kv_end; k0 += bk) {
-        if (!p.tile_on(b, h, q0, k0)) continue;
-        const int64_t nk = std::min(bk, kv_end - k0), nke = round_up(nk, 2);
-        float* S = sbuf.data();
-        gemm_bf16(mq, nk, D / 2, Q, qs.s, KT + k0, kt.np, S, nk, p.scale, false);
-        for (int64_t i = 0; i < mq; ++i) {
+  struct Scratch {
+    std::vector<float> sbuf;
+    std::vector<bf16> pb;
+    const bf16* Q = nullptr;
+  };
+  forward_query_tiles<out_t>(
+      p, out, lse, [&] { return Scratch{std::vector<float>(bq * bk), std::vector<bf16>(bq * bke)}; },
+      [&](Scratch& s, const QueryTile& t) { s.Q = qd + t.b * qs.b + t.q0 * qs.s + t.h * qs.h; },
+      [&](Scratch& s, const QueryTile& t, int64_t k0, int64_t nk) {
+        const int64_t nke = round_up(nk, 2);
+        float* S = s.sbuf.data();
+        gemm_bf16(t.mq, nk, D / 2, s.Q, qs.s, kt.slab(t.b, t.hk, p.Hkv) + k0, kt.np, S, nk, p.scale, false);
+        for (int64_t i = 0; i < t.mq; ++i) {
           float* row = S + i * nk;
-          const int64_t vis = p.visible(q0 + i, k0, nk);
-          online_softmax_row(row, vis, nk, m[i], l[i], acc.data() + i * D, D);
-          row_to_bf16(row, nk, pb.data() + i * nke, nke);
+          online_softmax_row(row, p.visible(t.q0 + i, k0, nk), nk, t.m[i], t.l[i], t.acc + i * D, D);
+          row_to_bf16(row, nk, s.pb.data() + i * nke, nke);
         }
-        gemm_bf16(mq, D, nke / 2, pb.data(), nke, VR + (k0 / 2) * vr.np, vr.np, acc.data(), D, 1.f, true);
-      }
-      float* lrow = lsed + (b * p.Hq + h) * p.Sq + q0;
-      finish_rows(acc.data(), mq, D, m.data(), l.data(), lrow);
-      store_rows(acc.data(), D, mq, D, od + b * os.b + q0 * os.s + h * os.h, os.s);
-    }
-  });
+        gemm_bf16(t.mq, D, nke / 2, s.pb.data(), nke, vr.slab(t.b, t.hk, p.Hkv) + (k0 / 2) * vr.np, vr.np, t.acc,
+                  D, 1.f, true);
+      });
 }
 
 template <typename grad_t>
