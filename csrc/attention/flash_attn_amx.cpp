@@ -111,7 +111,7 @@ inline void softmax_row_to_bf16(const float* row, int64_t vis, int64_t bkp, floa
     const __m256bh b = _mm512_cvtneps_pbh(ve);
     std::memcpy(pr + j, &b, 32);
   }
-  sum = _mm512_reduce_add_ps(vsum);
+  sum = reduce_add16(vsum);
 #endif
   for (; j < vis; ++j) {
     const float e = exp_nonpos(row[j] * scale - m_new);

@@ -83,13 +83,33 @@ inline float exp_nonpos(float x) {
 }
 
 #if defined(__AVX512F__)
+// The AVX-512 helpers below use the zero-masked forms of max/roundscale/scalef and reduce through memory:
+// GCC 12's unmasked forms start from _mm512_undefined_ps and flood the build with -Wmaybe-uninitialized.
+constexpr __mmask16 kAll16 = 0xFFFF;
+
+inline float reduce_add16(__m512 v) {
+  alignas(64) float t[16];
+  _mm512_store_ps(t, v);
+  float s = 0.f;
+  for (float x : t) s += x;
+  return s;
+}
+
+inline float reduce_max16(__m512 v) {
+  alignas(64) float t[16];
+  _mm512_store_ps(t, v);
+  float m = t[0];
+  for (float x : t) m = std::max(m, x);
+  return m;
+}
+
 // exp_nonpos on 16 lanes: the same range reduction and polynomial, in AVX-512 instructions (GCC compiles
 // loops over exp_nonpos into masked 8-lane code, which profiled as 1.5x the GEMM time of a bf16 forward).
 inline __m512 exp_nonpos16(__m512 x) {
   const __mmask16 tiny = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_LT_OQ);
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm512_maskz_max_ps(kAll16, x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_maskz_roundscale_ps(kAll16, _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
   r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
   __m512 q = _mm512_set1_ps(1.9875691500e-4f);
@@ -99,7 +119,7 @@ inline __m512 exp_nonpos16(__m512 x) {
   q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.6666665459e-1f));
   q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(5.0000001201e-1f));
   q = _mm512_fmadd_ps(_mm512_mul_ps(q, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_maskz_mov_ps(static_cast<__mmask16>(~tiny), _mm512_scalef_ps(q, n));
+  return _mm512_maskz_scalef_ps(static_cast<__mmask16>(~tiny), q, n);
 }
 #endif
 
@@ -111,8 +131,8 @@ inline float row_max(const float* x, int64_t n) {
   int64_t j = 0;
 #if defined(__AVX512F__)
   __m512 v = _mm512_set1_ps(kNegInf);
-  for (; j + 16 <= n; j += 16) v = _mm512_max_ps(v, _mm512_loadu_ps(x + j));
-  mx = _mm512_reduce_max_ps(v);
+  for (; j + 16 <= n; j += 16) v = _mm512_maskz_max_ps(kAll16, v, _mm512_loadu_ps(x + j));
+  mx = reduce_max16(v);
 #elif defined(__AVX2__)
   __m256 v = _mm256_set1_ps(kNegInf);
   for (; j + 8 <= n; j += 8) v = _mm256_max_ps(v, _mm256_loadu_ps(x + j));
@@ -137,7 +157,7 @@ inline float exp_shifted_inplace(float* row, int64_t n, float m, float mult) {
     _mm512_storeu_ps(row + j, e);
     vsum = _mm512_add_ps(vsum, e);
   }
-  sum = _mm512_reduce_add_ps(vsum);
+  sum = reduce_add16(vsum);
 #endif
   for (; j < n; ++j) {
     const float e = exp_nonpos((row[j] - m) * mult);
