@@ -187,13 +187,15 @@ def plant_needles(window: torch.Tensor, count: int, g: torch.Generator) -> torch
     """Training text with ``count`` needles: window (seqlen + 1,) int64 of text -> the same shape, where each
     needle's line is inserted at a random point of the first half and recalled (cue, needle, closing quote)
     at a random later point; text past seqlen + 1 bytes is cut. A synthetic retrieval task mixed into
-    training (as long-context training mixes do) so that a model this small can learn to copy a needle."""
+    training, as long-context training mixes do. (At 4 layers x 2 heads it did not teach the model to copy:
+    1,400 steps with needles in every window still copied 0/20; see the README's XAttention figures.)"""
     n = window.numel()
     text = bytes(window.tolist())
     inserts = []  # (position in the original text, bytes): all chosen first, so no line lands inside another
     for _ in range(count):
         plant, cue, needle = needle_lines(g)
         at = int(torch.randint(0, n // 2, (1,), generator=g))
+        # recalls end 3 lines (<= 48 bytes each) before the window's end, so most survive the cut
         recall = int(torch.randint(at + 1, max(at + 2, n - 3 * 48), (1,), generator=g))
         inserts += [(at, plant), (recall, cue + needle + b'"\n')]
     for at, line in sorted(inserts, key=lambda x: x[0], reverse=True):
