@@ -15,6 +15,8 @@
 #include <vector>
 
 #include "attention/tile_math.h"
+#include "cpu_amx.h"
+#include "work_queue.h"
 
 namespace longmoe {
 
@@ -74,39 +76,6 @@ inline void choose_tiles(Problem& p) {
     }
   }
 }
-
-// Work items of one kernel call handed to the intra-op threads costliest first, each thread taking the next
-// item from a shared counter. at::parallel_for's static split gives each thread one contiguous range of
-// items, which is unbalanced when items differ in cost: causal query tiles (the last sees every key tile,
-// the first one) and, above all, heads whose block masks keep different numbers of tiles (the layers of
-// one XAttention call differ up to 6x in density, and a contiguous split puts whole layers on one thread).
-// Every item writes only its own outputs, so the results do not depend on the schedule.
-//
-//   const WorkQueue work(costs);
-//   at::parallel_for(0, work.threads(), 1, [&](int64_t, int64_t) {
-//     /* per-thread scratch */
-//     for (int64_t item; work.next(item);) { ... }
-//   });
-class WorkQueue {
- public:
-  explicit WorkQueue(const std::vector<int64_t>& cost) : order_(cost.size()) {
-    std::iota(order_.begin(), order_.end(), int64_t{0});
-    std::stable_sort(order_.begin(), order_.end(), [&](int64_t a, int64_t b) { return cost[a] > cost[b]; });
-  }
-  int64_t threads() const {
-    return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(order_.size())));
-  }
-  bool next(int64_t& item) const {
-    const int64_t i = next_.fetch_add(1, std::memory_order_relaxed);
-    if (i >= static_cast<int64_t>(order_.size())) return false;
-    item = order_[i];
-    return true;
-  }
-
- private:
-  std::vector<int64_t> order_;
-  mutable std::atomic<int64_t> next_{0};
-};
 
 // Tile work of query rows [q0, q0 + mq) of head (b, h): kept key tiles x rows.
 inline int64_t query_tile_cost(const Problem& p, int64_t b, int64_t h, int64_t q0, int64_t mq) {
@@ -211,8 +180,6 @@ inline void recompute_probs(const Problem& p, float* P, int64_t mq, int64_t nk, 
 Problem make_problem(const at::Tensor& q, const at::Tensor& k, bool causal, double scale,
                      const std::optional<at::Tensor>& block_mask, int64_t block_size);
 
-// Whether PyTorch's brgemm packs bf16 operands for AMX on this CPU (and LONGMOE_NATIVE_AMX is not "0").
-bool brgemm_bf16_available();
 // Forward with bf16 q/k/v on AMX brgemm tiles (flash_attn_amx.cpp); out_t: at::BFloat16 or float.
 template <typename out_t>
 void forward_brgemm(const Problem& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
