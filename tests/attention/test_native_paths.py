@@ -1,8 +1,8 @@
-"""On a CPU with AMX, bf16 inputs take the AMX brgemm tiles (attention forward, XAttention block scores);
-``LONGMOE_NATIVE_AMX=0`` keeps them on the other native paths (AVX512-BF16 dot products or fp32 tiles). The
-suite's bf16 cases run in this process on whatever the CPU picks; this test reruns them in a subprocess with
-the AMX path switched off, so that both paths stay tested on an AMX machine (elsewhere both runs take the
-same path)."""
+"""On a CPU with AMX, bf16 inputs take the AMX brgemm tiles (attention forward, XAttention block scores, the
+expert GEMMs of MoE experts with few rows); ``LONGMOE_NATIVE_AMX=0`` keeps them on the other native paths
+(AVX512-BF16 dot products or fp32 tiles, mm_out for the experts). The suite's bf16 cases run in this process
+on whatever the CPU picks; this test reruns them in a subprocess with the AMX path switched off, so that both
+paths stay tested on an AMX machine (elsewhere both runs take the same path)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ def test_bf16_native_cases_without_amx():
         "tests/attention/test_attention_core.py::test_matches_oracle",
         "tests/attention/test_xattention_kernels.py::test_native_block_scores",
         "tests/attention/test_fuzz.py",
+        "tests/moe/test_layer.py::test_native_grouped_mm_shapes",
+        "tests/moe/test_layer.py::test_native_grouped_mm_kinds",
     ]
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *cases, "-k", "bfloat16"],

@@ -267,3 +267,44 @@ def test_native_grouped_mm_kinds(dtype):
         op(x, w, [0, 5, 0, 9, 0, 0], 0)
     with pytest.raises(RuntimeError, match="kind must be 0"):
         op(x, w, counts, 3)
+
+
+@pytest.mark.parametrize(
+    "counts,out_f,in_f",
+    [
+        ([0, 33, 1, 600, 17, 2], 96, 70),  # K = 70: A copied with zero columns; 600 rows: mm_out for fwd/dx
+        ([64, 0, 1025, 7], 130, 1024),  # 1025 rows: mm_out for all kinds; 130 outputs: column tail 2
+        ([0, 0, 300, 0], 64, 128),  # every row to one expert
+        ([3, 5, 0, 2], 48, 33),  # odd input width: forward on mm_out (no 32-bit row pairs)
+    ],
+    ids=["k-tail", "big-expert", "one-expert", "odd-width"],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_native_grouped_mm_shapes(counts, out_f, in_f, dtype):
+    """moe_grouped_mm at the shapes that split its CPU paths (on AMX CPUs, bf16 experts with few rows run on
+    brgemm tiles and the rest on mm_out): K and column tails, odd rows per expert, empty experts, experts over
+    the row limit, all rows to one expert. Within twice a same-dtype per-expert torch.mm's error of fp64."""
+    n, e = sum(counts), len(counts)
+    g = torch.Generator().manual_seed(1)
+    x, dy = torch.randn(n, in_f, generator=g), torch.randn(n, out_f, generator=g)
+    w = torch.randn(e, out_f, in_f, generator=g) / in_f**0.5
+    segs = list(pairwise(torch.tensor([0, *counts]).cumsum(0).tolist()))
+
+    def per_expert(x, dy, w):
+        return (
+            torch.cat([x[a:b] @ w[i].t() for i, (a, b) in enumerate(segs)]),
+            torch.cat([dy[a:b] @ w[i] for i, (a, b) in enumerate(segs)]),
+            torch.stack([dy[a:b].t() @ x[a:b] for a, b in segs]),
+        )
+
+    oracle = per_expert(x.double(), dy.double(), w.double())
+    x, dy, w = x.to(dtype), dy.to(dtype), w.to(dtype)
+    same = per_expert(x, dy, w)
+    op = torch.ops.longmoe.moe_grouped_mm
+    ours = (op(x, w, counts, 0), op(dy, w, counts, 1), op(dy, x, counts, 2))
+    for name, o, s_, want in zip(("y", "dx", "dw"), ours, same, oracle, strict=True):
+        assert o.dtype == dtype
+        assert_within_oracle(name, o, s_, want, dtype)
+    for i, c in enumerate(counts):
+        if c == 0:
+            assert (ours[2][i] == 0).all(), f"dw of empty expert {i} is not zero"
