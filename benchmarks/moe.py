@@ -309,6 +309,11 @@ def main() -> None:
         help="MoEConfig.dispatch_chunks values for the EP runs (chunked dispatch overlap)",
     )
     ap.add_argument("--ep-only", action="store_true", help="skip the single-process providers")
+    ap.add_argument(
+        "--keep-cpu-memory",
+        action="store_true",
+        help="longmoe.runtime.keep_cpu_memory() first: freed memory stays in the heap (all providers, EP ranks)",
+    )
     ap.add_argument("--out", type=Path, default=RESULTS / "moe.csv")
     args = ap.parse_args()
 
@@ -316,6 +321,9 @@ def main() -> None:
     if not longmoe.runtime.native_available():
         raise SystemExit("longmoe._C is not built: run `make venv` first")
     torch.set_num_threads(args.threads)
+    if args.keep_cpu_memory:
+        longmoe.runtime.keep_cpu_memory()
+        os.environ["LONGMOE_KEEP_CPU_MEMORY"] = "1"  # spawned EP ranks set it at import
     cf = args.capacity_factor or None
     rows, splits = [], {}
     # Token counts outermost, in the order given: a sweep stopped early has every shape at the first counts.
@@ -330,7 +338,7 @@ def main() -> None:
         x = torch.randn(tokens, args.hidden, dtype=dtype)
         with torch.no_grad():
             counts = layer(x)[1].tokens_per_expert
-        meta = run_metadata(load_avg_1min=round(os.getloadavg()[0], 2))
+        meta = run_metadata(load_avg_1min=round(os.getloadavg()[0], 2), keep_cpu_memory=args.keep_cpu_memory)
         console.print(
             f"{dtype_name} E:k:F={shape} T={tokens}: rows per expert min {int(counts.min())} "
             f"median {int(counts.median())} max {int(counts.max())}, {int((counts == 0).sum())} empty; "

@@ -35,6 +35,10 @@ from longmoe.attention import (  # noqa: E402
     merge_attention_partials,
 )
 
+# Opt-in: keep freed CPU memory in the heap (see longmoe/runtime/memory.py).
+if _os.environ.get("LONGMOE_KEEP_CPU_MEMORY", "0") == "1":
+    runtime.keep_cpu_memory()
+
 # Load the C++ kernels now so torch.ops.longmoe.* exist after `import longmoe` (warns once if not built).
 runtime.load_native()
 

@@ -22,6 +22,7 @@ from longmoe.runtime.distributed import (
 )
 from longmoe.runtime.exchanger import CommStats, ExchangeError, ExchangeTimeout, P2PExchanger
 from longmoe.runtime.launcher import SpawnError, free_port, spawn
+from longmoe.runtime.memory import keep_cpu_memory
 from longmoe.runtime.native import load_native, native_available, native_build_info
 
 __all__ = [
@@ -35,6 +36,8 @@ __all__ = [
     "load_native",
     "native_available",
     "native_build_info",
+    # CPU memory
+    "keep_cpu_memory",
     # process groups
     "TORCHRUN_ENV_VARS",
     "default_dist_backend_for",
