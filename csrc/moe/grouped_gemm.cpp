@@ -10,7 +10,8 @@
 // kind 2, dw:       a = dy (N, out), b = x (N, in) -> (E, out, in), dw[e] = dy_e^T @ x_e (0 if e has no rows)
 // counts (E): rows of each expert, contiguous in expert order, summing to N.
 //
-// bf16 on AMX CPUs: experts with few rows run on brgemm tiles instead (grouped_gemm_amx.cpp), the rest here.
+// Experts with few rows run on oneDNN brgemm micro-kernels instead where that is faster (bf16 on AMX, the fp32
+// forward; grouped_gemm_brgemm.cpp); the rest here.
 #include "moe/grouped_gemm.h"
 
 #include <ATen/ATen.h>
@@ -42,7 +43,7 @@ at::Tensor moe_grouped_mm_cpu(const at::Tensor& a, const at::Tensor& b, at::IntA
     TORCH_CHECK(a.size(1) == k_dim, "a has ", a.size(1), " features; expected ", k_dim, " for kind ", kind);
     out = at::empty({N, kind == 0 ? b.size(1) : b.size(2)}, a.options());
   }
-  const int64_t done_rows = moe_grouped_mm_amx(a, b, counts, kind, out);  // experts with <= done_rows rows
+  const int64_t done_rows = moe_grouped_mm_brgemm(a, b, counts, kind, out);  // experts with <= done_rows rows
   int64_t start = 0;
   for (int64_t e = 0; e < E; ++e) {
     const int64_t n = counts[e];

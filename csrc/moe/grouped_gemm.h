@@ -7,10 +7,10 @@ namespace longmoe {
 
 at::Tensor moe_grouped_mm_cpu(const at::Tensor& a, const at::Tensor& b, at::IntArrayRef counts, int64_t kind);
 
-// The same GEMMs on AMX micro-kernels into `out` (already shaped) for bf16 on AMX CPUs (grouped_gemm_amx.cpp):
-// computes the experts with at most R rows and returns R, or returns -1 (nothing done) when the call is not
-// eligible (dtype, CPU, layout).
-int64_t moe_grouped_mm_amx(const at::Tensor& a, const at::Tensor& b, at::IntArrayRef counts, int64_t kind,
-                           at::Tensor& out);
+// The same GEMMs on oneDNN brgemm micro-kernels into `out` (already shaped): bf16 on AMX CPUs, the fp32 forward
+// (grouped_gemm_brgemm.cpp). Computes the experts with at most R rows and returns R, or returns -1 (nothing
+// done) when the call is not eligible (dtype, kind, CPU, layout, LONGMOE_NATIVE_AMX / LONGMOE_NATIVE_BRGEMM=0).
+int64_t moe_grouped_mm_brgemm(const at::Tensor& a, const at::Tensor& b, at::IntArrayRef counts, int64_t kind,
+                              at::Tensor& out);
 
 }  // namespace longmoe

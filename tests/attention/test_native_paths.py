@@ -1,8 +1,9 @@
 """On a CPU with AMX, bf16 inputs take the AMX brgemm tiles (attention forward, XAttention block scores, the
 expert GEMMs of MoE experts with few rows); ``LONGMOE_NATIVE_AMX=0`` keeps them on the other native paths
-(AVX512-BF16 dot products or fp32 tiles, mm_out for the experts). The suite's bf16 cases run in this process
-on whatever the CPU picks; this test reruns them in a subprocess with the AMX path switched off, so that both
-paths stay tested on an AMX machine (elsewhere both runs take the same path)."""
+(AVX512-BF16 dot products or fp32 tiles, mm_out for the experts). The fp32 expert forward takes brgemm on
+AVX-512 builds (``LONGMOE_NATIVE_BRGEMM=0``: mm_out). The suite's cases run in this process on whatever the
+CPU picks; these tests rerun them in a subprocess with those paths switched off, so that both paths stay
+tested on such a machine (elsewhere both runs take the same path)."""
 
 from __future__ import annotations
 
@@ -21,8 +22,6 @@ def test_bf16_native_cases_without_amx():
         "tests/attention/test_attention_core.py::test_matches_oracle",
         "tests/attention/test_xattention_kernels.py::test_native_block_scores",
         "tests/attention/test_fuzz.py",
-        "tests/moe/test_layer.py::test_native_grouped_mm_shapes",
-        "tests/moe/test_layer.py::test_native_grouped_mm_kinds",
     ]
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *cases, "-k", "bfloat16"],
@@ -31,3 +30,19 @@ def test_bf16_native_cases_without_amx():
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     passed = re.search(r"(\d+) passed", run.stdout)
     assert passed and int(passed.group(1)) >= 20, run.stdout[-2000:]
+
+
+def test_grouped_mm_cases_without_brgemm():
+    """The expert GEMM cases (bf16 and fp32) with the brgemm paths off: every expert on mm_out."""
+    env = {**os.environ, "LONGMOE_NATIVE_AMX": "0", "LONGMOE_NATIVE_BRGEMM": "0"}
+    cases = [
+        "tests/moe/test_layer.py::test_native_grouped_mm_shapes",
+        "tests/moe/test_layer.py::test_native_grouped_mm_kinds",
+    ]
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *cases],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    passed = re.search(r"(\d+) passed", run.stdout)
+    assert passed and int(passed.group(1)) >= 11, run.stdout[-2000:]

@@ -1,5 +1,6 @@
-// bf16 grouped expert GEMMs on oneDNN's AMX micro-kernels (at::native::cpublas::brgemm), for experts with few
-// rows: the fine-grained MoE regime (64-256 experts, top-8, 30-600 rows per expert at 2K-8K tokens).
+// Grouped expert GEMMs on oneDNN's micro-kernels (at::native::cpublas::brgemm) for experts with few rows: the
+// fine-grained MoE regime (64-256 experts, top-8, 30-600 rows per expert at 2K-8K tokens). bf16 on AMX CPUs
+// (all three kinds), and the fp32 forward (AVX-512; see grouped_forward_f32).
 //
 // Why: at::mm_out per expert costs about 60 us of fixed work per bf16 call on an AMX CPU (oneDNN reorders the
 // weight into its blocked layout inside every call), against ~10 us of AMX work for 64 rows x 128 x 1024; 256
@@ -14,8 +15,9 @@
 // 107 -> 60 ms, 64 x 256 120 -> 91 ms; 8K tokens: 234 -> 156, 279 -> 240, 389 -> 363 ms.
 //
 // Same contract as moe_grouped_mm_cpu (grouped_gemm.cpp): kind 0 y = x_e w_e^T, kind 1 dx = dy_e w_e, kind 2
-// dw_e = dy_e^T x_e. VNNI layout of a packed [K, N] block (K rows padded to even, N = kNB columns padded with
-// zeros): element (k, n) at ((k / 2) * kNB + n) * 2 + k % 2, i.e. uint32 word (k / 2, n) holds rows 2p, 2p+1.
+// dw_e = dy_e^T x_e. bf16 VNNI layout of a packed [K, N] block (K rows zero-padded to kpad(K), N = kNB columns
+// zero-padded): element (k, n) at ((k / 2) * kNB + n) * 2 + k % 2, i.e. uint32 word (k / 2, n) holds rows 2p
+// and 2p + 1 of column n.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
@@ -25,6 +27,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "cpu_amx.h"
@@ -46,6 +49,19 @@ constexpr int64_t kMB = 64;   // rows per brgemm call: 64 rows x K stay in L2 ac
 // overtook these kernels (one thread, H 1024, 8K tokens x top-8: at 512 rows per expert brgemm won dx and dw
 // and tied the forward; at 1024 rows mm_out won the forward and dx by 10-15%, brgemm still won dw by 15%).
 constexpr int64_t kMaxRows[3] = {512, 512, 1024};
+// fp32 forward: experts of at most kMaxRowsF32 rows, K (input width) at least kMinKF32. One thread, 8K tokens:
+// at 1024 rows per expert brgemm still matched mm_out; with K = 64-256 (the down projection) it lost 5-10%.
+constexpr int64_t kMaxRowsF32 = 1024, kMinKF32 = 512;
+
+// LONGMOE_NATIVE_BRGEMM=0 keeps fp32 on mm_out (as LONGMOE_NATIVE_AMX=0 does bf16), so that both paths are
+// testable on one machine.
+bool brgemm_f32_enabled() {
+  static const bool on = [] {
+    const char* env = std::getenv("LONGMOE_NATIVE_BRGEMM");
+    return !(env != nullptr && std::string(env) == "0");
+  }();
+  return on;
+}
 
 // Zero-masked forms of the shuffles below: the plain intrinsics pass GCC 12 an undefined source register
 // and it warns (-Wmaybe-uninitialized) at every use.
@@ -232,12 +248,50 @@ void run_expert(Scratch& s, const bf16* A, int64_t ld_src, bool zero_padded, int
   }
 }
 
+// fp32 forward (kind 0) on oneDNN's AVX-512 brgemm (no VNNI): B = w_e^T packed per kNB columns by a 32-bit
+// transpose, results straight into the output. One thread, H 1024 -> 2F, top-8: 256 experts x 128 at 2K tokens
+// 43.7 -> 27.2 ms, 8K 122 -> 95 ms; 128 x 256 57 -> 49 and 204 -> 179 ms. (The fp32 dx and dw stay on mm_out: with B packed or read in
+// place they were no faster than MKL's own small GEMMs here, and dw at 64-row experts was 20% slower.)
+void grouped_forward_f32(const at::Tensor& a, const at::Tensor& b, at::IntArrayRef counts, at::Tensor& out) {
+  const int64_t E = static_cast<int64_t>(counts.size()), in = b.size(2), outf = b.size(1);
+  std::vector<int64_t> start(E + 1, 0), cost(E);
+  for (int64_t e = 0; e < E; ++e) start[e + 1] = start[e] + counts[e];
+  for (int64_t e = 0; e < E; ++e) cost[e] = counts[e] > kMaxRowsF32 ? 0 : counts[e];
+  const float* ad = a.data_ptr<float>();
+  const float* bd = b.data_ptr<float>();
+  float* od = out.data_ptr<float>();
+  const WorkQueue work(cost);
+  at::parallel_for(0, work.threads(), 1, [&](int64_t, int64_t) {
+    Buffer<float> bp;
+    bp.resize(in * kNB);
+    for (int64_t e; work.next(e);) {
+      const int64_t n = counts[e], r0 = start[e];
+      if (n == 0 || n > kMaxRowsF32) continue;  // nothing, or the caller's mm_out
+      const float* w = bd + e * outf * in;
+      for (int64_t c0 = 0; c0 < outf; c0 += kNB) {
+        const int64_t nc = std::min(kNB, outf - c0);
+        transpose_u32(reinterpret_cast<const uint32_t*>(w + c0 * in), in, nc, in, reinterpret_cast<uint32_t*>(bp.data()),
+                      kNB);
+        for (int64_t m0 = 0; m0 < n; m0 += kMB)
+          cpublas::brgemm(std::min(kMB, n - m0), nc, in, in, kNB, outf, false, ad + (r0 + m0) * in, bp.data(),
+                          od + (r0 + m0) * outf + c0);
+      }
+    }
+    cpublas::brgemm_release(false);
+  });
+}
+
 }  // namespace
 
-int64_t moe_grouped_mm_amx(const at::Tensor& a, const at::Tensor& b, at::IntArrayRef counts, int64_t kind,
-                           at::Tensor& out) {
-  if (a.scalar_type() != at::kBFloat16 || !brgemm_bf16_available() || !a.is_contiguous() || !b.is_contiguous())
-    return -1;
+int64_t moe_grouped_mm_brgemm(const at::Tensor& a, const at::Tensor& b, at::IntArrayRef counts, int64_t kind,
+                              at::Tensor& out) {
+  if (!a.is_contiguous() || !b.is_contiguous()) return -1;
+  if (a.scalar_type() == at::kFloat) {
+    if (kind != 0 || b.size(2) < kMinKF32 || !brgemm_f32_enabled()) return -1;
+    grouped_forward_f32(a, b, counts, out);
+    return kMaxRowsF32;
+  }
+  if (a.scalar_type() != at::kBFloat16 || !brgemm_bf16_available()) return -1;
   const int64_t E = static_cast<int64_t>(counts.size());
   // K of the packed operand must be even where a row pair of a (or w) is read as one 32-bit word.
   const int64_t in = kind == 2 ? b.size(1) : b.size(2), outf = kind == 2 ? a.size(1) : b.size(1);
@@ -301,7 +355,7 @@ int64_t moe_grouped_mm_amx(const at::Tensor& a, const at::Tensor& b, at::IntArra
 
 #else  // no AVX512-BF16 / AVX512-BW at build time: the mm_out path only
 
-int64_t moe_grouped_mm_amx(const at::Tensor&, const at::Tensor&, at::IntArrayRef, int64_t, at::Tensor&) { return -1; }
+int64_t moe_grouped_mm_brgemm(const at::Tensor&, const at::Tensor&, at::IntArrayRef, int64_t, at::Tensor&) { return -1; }
 
 #endif
 
