@@ -43,8 +43,8 @@ namespace {
 using bf16 = at::BFloat16;
 namespace cpublas = at::native::cpublas;
 
-constexpr int64_t kNB = 64;         // output columns per packed block (the brgemm N)
-constexpr int64_t kMB = 64;   // rows per brgemm call: 64 rows x K stay in L2 across the column blocks
+constexpr int64_t kNB = 64;  // output columns per packed block (the brgemm N)
+constexpr int64_t kMB = 64;  // rows per brgemm call: 64 rows x K stay in L2 across the column blocks
 // Experts with more rows than this run at::mm_out, by kind (forward, dx, dw): where oneDNN's own blocking
 // overtook these kernels (one thread, H 1024, 8K tokens x top-8: at 512 rows per expert brgemm won dx and dw
 // and tied the forward; at 1024 rows mm_out won the forward and dx by 10-15%, brgemm still won dw by 15%).
@@ -250,8 +250,9 @@ void run_expert(Scratch& s, const bf16* A, int64_t ld_src, bool zero_padded, int
 
 // fp32 forward (kind 0) on oneDNN's AVX-512 brgemm (no VNNI): B = w_e^T packed per kNB columns by a 32-bit
 // transpose, results straight into the output. One thread, H 1024 -> 2F, top-8: 256 experts x 128 at 2K tokens
-// 43.7 -> 27.2 ms, 8K 122 -> 95 ms; 128 x 256 57 -> 49 and 204 -> 179 ms. (The fp32 dx and dw stay on mm_out: with B packed or read in
-// place they were no faster than MKL's own small GEMMs here, and dw at 64-row experts was 20% slower.)
+// 43.7 -> 27.2 ms, 8K 122 -> 95 ms; 128 x 256 57 -> 49 and 204 -> 179 ms. (The fp32 dx and dw stay on mm_out:
+// with B packed or read in place they were no faster than MKL's own small GEMMs here, and dw at 64-row experts
+// was 20% slower.)
 void grouped_forward_f32(const at::Tensor& a, const at::Tensor& b, at::IntArrayRef counts, at::Tensor& out) {
   const int64_t E = static_cast<int64_t>(counts.size()), in = b.size(2), outf = b.size(1);
   std::vector<int64_t> start(E + 1, 0), cost(E);
@@ -270,8 +271,8 @@ void grouped_forward_f32(const at::Tensor& a, const at::Tensor& b, at::IntArrayR
       const float* w = bd + e * outf * in;
       for (int64_t c0 = 0; c0 < outf; c0 += kNB) {
         const int64_t nc = std::min(kNB, outf - c0);
-        transpose_u32(reinterpret_cast<const uint32_t*>(w + c0 * in), in, nc, in, reinterpret_cast<uint32_t*>(bp.data()),
-                      kNB);
+        transpose_u32(reinterpret_cast<const uint32_t*>(w + c0 * in), in, nc, in,
+                      reinterpret_cast<uint32_t*>(bp.data()), kNB);
         for (int64_t m0 = 0; m0 < n; m0 += kMB)
           cpublas::brgemm(std::min(kMB, n - m0), nc, in, in, kNB, outf, false, ad + (r0 + m0) * in, bp.data(),
                           od + (r0 + m0) * outf + c0);
@@ -355,7 +356,9 @@ int64_t moe_grouped_mm_brgemm(const at::Tensor& a, const at::Tensor& b, at::IntA
 
 #else  // no AVX512-BF16 / AVX512-BW at build time: the mm_out path only
 
-int64_t moe_grouped_mm_brgemm(const at::Tensor&, const at::Tensor&, at::IntArrayRef, int64_t, at::Tensor&) { return -1; }
+int64_t moe_grouped_mm_brgemm(const at::Tensor&, const at::Tensor&, at::IntArrayRef, int64_t, at::Tensor&) {
+  return -1;
+}
 
 #endif
 
