@@ -15,7 +15,7 @@
 #include <vector>
 
 #include "attention/tile_math.h"
-#include "cpu_amx.h"
+#include "cpu_paths.h"
 #include "work_queue.h"
 
 namespace longmoe {

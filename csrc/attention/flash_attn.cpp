@@ -17,7 +17,6 @@
 
 #include <cstdlib>
 #include <numeric>
-#include <string>
 #include <vector>
 
 #include "attention/attn_problem.h"
@@ -64,10 +63,7 @@ void check_common(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 // bf16 inputs take the AVX512-BF16 dot-product tiles when the CPU has them (about 2x the fp32 GEMM
 // rate on the dev box); LONGMOE_NATIVE_BF16_DOT=0 keeps them on the fp32 tiles (for comparisons).
 bool bf16_dot_eligible(const at::Tensor& q, const std::optional<at::Tensor>& block_mask, int64_t block_size) {
-  static const bool enabled = [] {
-    const char* env = std::getenv("LONGMOE_NATIVE_BF16_DOT");
-    return __builtin_cpu_supports("avx512bf16") && !(env != nullptr && std::string(env) == "0");
-  }();
+  static const bool enabled = __builtin_cpu_supports("avx512bf16") && !native_path_off("LONGMOE_NATIVE_BF16_DOT");
   return enabled && q.scalar_type() == at::kBFloat16 && q.size(3) % 2 == 0 &&
          (!block_mask.has_value() || block_size % 2 == 0);
 }

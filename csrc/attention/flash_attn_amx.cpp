@@ -16,7 +16,6 @@
 
 #include <cstdlib>
 #include <cstring>
-#include <string>
 #include <vector>
 
 #include "attention/attn_problem.h"
@@ -25,10 +24,8 @@
 namespace longmoe {
 
 bool brgemm_bf16_available() {
-  static const bool ok = [] {
-    const char* env = std::getenv("LONGMOE_NATIVE_AMX");
-    return at::native::cpublas::could_pack(at::kBFloat16) && !(env != nullptr && std::string(env) == "0");
-  }();
+  static const bool ok =
+      at::native::cpublas::could_pack(at::kBFloat16) && !native_path_off("LONGMOE_NATIVE_AMX");
   return ok;
 }
 

@@ -27,10 +27,9 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
-#include <string>
 #include <vector>
 
-#include "cpu_amx.h"
+#include "cpu_paths.h"
 #include "moe/grouped_gemm.h"
 #include "work_queue.h"
 
@@ -56,10 +55,7 @@ constexpr int64_t kMaxRowsF32 = 1024, kMinKF32 = 512;
 // LONGMOE_NATIVE_BRGEMM=0 keeps fp32 on mm_out (as LONGMOE_NATIVE_AMX=0 does bf16), so that both paths are
 // testable on one machine.
 bool brgemm_f32_enabled() {
-  static const bool on = [] {
-    const char* env = std::getenv("LONGMOE_NATIVE_BRGEMM");
-    return !(env != nullptr && std::string(env) == "0");
-  }();
+  static const bool on = !native_path_off("LONGMOE_NATIVE_BRGEMM");
   return on;
 }
 
@@ -248,20 +244,32 @@ void run_expert(Scratch& s, const bf16* A, int64_t ld_src, bool zero_padded, int
   }
 }
 
+// First row of each expert (E + 1 entries, the last = total rows) and its work-queue cost: rows + empty_cost,
+// or 0 for experts over max_rows (left to the caller's mm_out).
+struct ExpertWork {
+  std::vector<int64_t> start, cost;
+  ExpertWork(at::IntArrayRef counts, int64_t max_rows, int64_t empty_cost)
+      : start(counts.size() + 1, 0), cost(counts.size()) {
+    for (size_t e = 0; e < counts.size(); ++e) {
+      start[e + 1] = start[e] + counts[e];
+      cost[e] = counts[e] > max_rows ? 0 : counts[e] + empty_cost;
+    }
+  }
+};
+
 // fp32 forward (kind 0) on oneDNN's AVX-512 brgemm (no VNNI): B = w_e^T packed per kNB columns by a 32-bit
 // transpose, results straight into the output. One thread, H 1024 -> 2F, top-8: 256 experts x 128 at 2K tokens
 // 43.7 -> 27.2 ms, 8K 122 -> 95 ms; 128 x 256 57 -> 49 and 204 -> 179 ms. (The fp32 dx and dw stay on mm_out:
 // with B packed or read in place they were no faster than MKL's own small GEMMs here, and dw at 64-row experts
 // was 20% slower.)
 void grouped_forward_f32(const at::Tensor& a, const at::Tensor& b, at::IntArrayRef counts, at::Tensor& out) {
-  const int64_t E = static_cast<int64_t>(counts.size()), in = b.size(2), outf = b.size(1);
-  std::vector<int64_t> start(E + 1, 0), cost(E);
-  for (int64_t e = 0; e < E; ++e) start[e + 1] = start[e] + counts[e];
-  for (int64_t e = 0; e < E; ++e) cost[e] = counts[e] > kMaxRowsF32 ? 0 : counts[e];
+  const int64_t in = b.size(2), outf = b.size(1);
+  const ExpertWork ew(counts, kMaxRowsF32, 0);
+  const std::vector<int64_t>& start = ew.start;
   const float* ad = a.data_ptr<float>();
   const float* bd = b.data_ptr<float>();
   float* od = out.data_ptr<float>();
-  const WorkQueue work(cost);
+  const WorkQueue work(ew.cost);
   at::parallel_for(0, work.threads(), 1, [&](int64_t, int64_t) {
     Buffer<float> bp;
     bp.resize(in * kNB);
@@ -293,20 +301,18 @@ int64_t moe_grouped_mm_brgemm(const at::Tensor& a, const at::Tensor& b, at::IntA
     return kMaxRowsF32;
   }
   if (a.scalar_type() != at::kBFloat16 || !brgemm_bf16_available()) return -1;
-  const int64_t E = static_cast<int64_t>(counts.size());
   // K of the packed operand must be even where a row pair of a (or w) is read as one 32-bit word.
   const int64_t in = kind == 2 ? b.size(1) : b.size(2), outf = kind == 2 ? a.size(1) : b.size(1);
   if ((kind == 0 && in % 2 != 0) || (kind == 1 && outf % 2 != 0)) return -1;
-  std::vector<int64_t> start(E + 1, 0), cost(E);
-  for (int64_t e = 0; e < E; ++e) start[e + 1] = start[e] + counts[e];
   const int64_t max_rows = kMaxRows[kind];
-  for (int64_t e = 0; e < E; ++e) cost[e] = counts[e] > max_rows ? 0 : counts[e] + 1;
+  const ExpertWork ew(counts, max_rows, 1);  // an empty expert still zero-fills its dw
+  const std::vector<int64_t>& start = ew.start;
 
   const bf16* ad = a.data_ptr<bf16>();
   const bf16* bd = b.data_ptr<bf16>();
   bf16* od = out.data_ptr<bf16>();
   const auto blocks = [](int64_t N) { return (N + kNB - 1) / kNB; };
-  const WorkQueue work(cost);
+  const WorkQueue work(ew.cost);
   at::parallel_for(0, work.threads(), 1, [&](int64_t, int64_t) {
     Scratch s;
     s.c.resize(kMB * kNB);

@@ -16,33 +16,30 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def _rerun(env: dict, cases: list[str], extra: list[str], min_passed: int, timeout: int) -> None:
+    """Run the pytest `cases` in a subprocess with `env` added; all must pass, at least `min_passed` of them."""
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *cases, *extra],
+        cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    passed = re.search(r"(\d+) passed", run.stdout)
+    assert passed and int(passed.group(1)) >= min_passed, run.stdout[-2000:]
+
+
 def test_bf16_native_cases_without_amx():
-    env = {**os.environ, "LONGMOE_NATIVE_AMX": "0"}
     cases = [
         "tests/attention/test_attention_core.py::test_matches_oracle",
         "tests/attention/test_xattention_kernels.py::test_native_block_scores",
         "tests/attention/test_fuzz.py",
     ]
-    run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *cases, "-k", "bfloat16"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
-    passed = re.search(r"(\d+) passed", run.stdout)
-    assert passed and int(passed.group(1)) >= 20, run.stdout[-2000:]
+    _rerun({"LONGMOE_NATIVE_AMX": "0"}, cases, ["-k", "bfloat16"], min_passed=20, timeout=900)
 
 
 def test_grouped_mm_cases_without_brgemm():
     """The expert GEMM cases (bf16 and fp32) with the brgemm paths off: every expert on mm_out."""
-    env = {**os.environ, "LONGMOE_NATIVE_AMX": "0", "LONGMOE_NATIVE_BRGEMM": "0"}
     cases = [
         "tests/moe/test_layer.py::test_native_grouped_mm_shapes",
         "tests/moe/test_layer.py::test_native_grouped_mm_kinds",
     ]
-    run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *cases],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
-    passed = re.search(r"(\d+) passed", run.stdout)
-    assert passed and int(passed.group(1)) >= 11, run.stdout[-2000:]
+    _rerun({"LONGMOE_NATIVE_AMX": "0", "LONGMOE_NATIVE_BRGEMM": "0"}, cases, [], min_passed=11, timeout=600)
