@@ -14,7 +14,7 @@
 #include <optional>
 #include <vector>
 
-#include "attention/tile_math.h"
+#include "tile_math.h"
 #include "cpu_paths.h"
 #include "work_queue.h"
 

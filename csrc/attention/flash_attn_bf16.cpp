@@ -17,7 +17,7 @@
 #include <cstring>
 #include <vector>
 
-#include "attention/tile_math.h"
+#include "tile_math.h"
 
 namespace longmoe {
 namespace {

@@ -18,7 +18,7 @@
 // results do not depend on the thread count.
 #include "moe/moe_dispatch.h"
 
-#include "attention/tile_math.h"
+#include "tile_math.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>

@@ -33,7 +33,7 @@
 #include <vector>
 
 #include "attention/attn_problem.h"
-#include "attention/tile_math.h"
+#include "tile_math.h"
 
 namespace longmoe {
 namespace {
