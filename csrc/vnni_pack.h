@@ -1,5 +1,5 @@
 // bf16 operands in the VNNI layout of oneDNN's brgemm micro-kernels (at::native::cpublas::brgemm with
-// is_vnni), packed by AVX-512 code of our own, and the fp32 -> bf16 store of their results. Shared by the
+// is_vnni), packed by AVX-512 code of our own. Shared by the
 // grouped expert GEMMs (moe/grouped_gemm_brgemm.cpp) and the AMX attention forward (attention/flash_attn_amx.cpp).
 //
 // Layout of a packed [K, N] block, N = kVnniN columns (zero-padded), K rows zero-padded to an even count (here
@@ -17,12 +17,16 @@
 
 #include "tile_math.h"
 
+namespace longmoe {
+
+using bf16 = at::BFloat16;
+
+}  // namespace longmoe
+
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
 #define LONGMOE_VNNI_PACK 1
 
 namespace longmoe {
-
-using bf16 = at::BFloat16;
 
 constexpr int64_t kVnniN = 64;  // columns per packed block (the brgemm N)
 
@@ -125,22 +129,6 @@ inline void pack_cols(const bf16* src, int64_t ld, int64_t K, int64_t nc, bf16* 
   const int64_t filled = nc < kVnniN ? 0 : K * kVnniN;
   std::memset(static_cast<void*>(dst + filled), 0, (kpad(K) * kVnniN - filled) * sizeof(bf16));
   transpose_u32(reinterpret_cast<const uint32_t*>(src), ld / 2, nc, K / 2, reinterpret_cast<uint32_t*>(dst), kVnniN);
-}
-
-// dst[r * ldd + c] = bf16(src[r * lds + c]), round to nearest even.
-inline void store_bf16(const float* src, int64_t lds, int64_t R, int64_t C, bf16* dst, int64_t ldd) {
-  for (int64_t r = 0; r < R; ++r) {
-    const float* s = src + r * lds;
-    bf16* d = dst + r * ldd;
-    for (int64_t c = 0; c < C; c += 16) {
-      const int64_t n = std::min<int64_t>(16, C - c);
-      const __mmask16 m = static_cast<__mmask16>((1u << n) - 1u);
-      const __m256bh v = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, s + c));
-      __m256i bits;
-      std::memcpy(&bits, &v, sizeof(bits));
-      _mm256_mask_storeu_epi16(d + c, m, bits);
-    }
-  }
 }
 
 }  // namespace longmoe

@@ -20,6 +20,7 @@
 
 #include "attention/attn_problem.h"
 #include "tile_math.h"
+#include "vnni_pack.h"
 
 namespace longmoe {
 
@@ -31,12 +32,14 @@ bool brgemm_bf16_available() {
 
 namespace {
 
-using bf16 = at::BFloat16;
 namespace cpublas = at::native::cpublas;
 
 // oneDNN's packing takes at most kPackN columns with a leading dimension equal to the width, so B operands
 // are packed, and the GEMMs run, in column blocks of kPackN.
 constexpr int64_t kPackN = 64;
+#if defined(LONGMOE_VNNI_PACK)
+static_assert(kPackN == kVnniN);
+#endif
 
 // Packed key tiles of one call. Tile t of (b, hk) covers keys [t * bk, t * bk + nk), zero-padded to bkp =
 // bk rounded up to kPackN: K^T [D, bkp] as bkp / kPackN blocks of [D, kPackN], and V [bkp, D] as
@@ -64,8 +67,16 @@ PackedTiles pack_tiles(const Problem& p, const at::Tensor& k, const at::Tensor& 
   const bf16* kd = k.data_ptr<bf16>();
   const bf16* vd = v.data_ptr<bf16>();
   const Strides ks(k), vs(v);
+#if defined(LONGMOE_VNNI_PACK)
+  // Our AVX-512 packers (vnni_pack.h): K^T blocks are a 32-bit transpose of K's rows, which needs every row to
+  // start on a 4-byte boundary; V blocks interleave row pairs. (oneDNN's scalar reorder below took 10% of a
+  // block-sparse forward at 8K, density 0.16.)
+  const bool words = ks.b % 2 == 0 && ks.s % 2 == 0 && ks.h % 2 == 0 && reinterpret_cast<uintptr_t>(kd) % 4 == 0;
+#else
+  const bool words = false;
+#endif
   at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
-    std::vector<bf16> kbuf(D * kPackN), vbuf(bkp * kPackN);
+    std::vector<bf16> kbuf, vbuf;
     for (int64_t i = begin; i < end; ++i) {
       const int64_t t = i % out.n_kt, hk = (i / out.n_kt) % p.Hkv, b = i / (out.n_kt * p.Hkv);
       const int64_t k0 = t * bk, nk = std::min(bk, p.Sk - k0);
@@ -73,6 +84,20 @@ PackedTiles pack_tiles(const Problem& p, const at::Tensor& k, const at::Tensor& 
       const bf16* vrows = vd + b * vs.b + k0 * vs.s + hk * vs.h;
       bf16* kdst = out.kt.data_ptr<bf16>() + i * D * bkp;
       bf16* vdst = out.vr.data_ptr<bf16>() + i * D * bkp;
+#if defined(LONGMOE_VNNI_PACK)
+      if (words) {
+        for (int64_t c0 = 0; c0 < bkp; c0 += kPackN) {  // K^T columns = keys c0 .. c0 + kPackN
+          if (c0 < nk)
+            pack_cols(krows + c0 * ks.s, ks.s, D, std::min(kPackN, nk - c0), kdst + c0 * D);
+          else
+            std::memset(static_cast<void*>(kdst + c0 * D), 0, D * kPackN * sizeof(bf16));
+        }
+        pack_rows(vrows, vs.s, nk, D, vdst, bkp);  // V column blocks d0 at vdst + d0 * bkp
+        continue;
+      }
+#endif
+      kbuf.resize(D * kPackN);
+      vbuf.resize(bkp * kPackN);
       for (int64_t c0 = 0; c0 < bkp; c0 += kPackN) {  // K^T columns = keys c0 .. c0 + kPackN
         std::fill(kbuf.begin(), kbuf.end(), bf16(0.f));
         for (int64_t j = c0; j < std::min(nk, c0 + kPackN); ++j)

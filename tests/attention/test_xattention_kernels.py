@@ -30,6 +30,7 @@ NATIVE_CASES = [
     (1, 200, 120, 2, 1, 32, 4, 32, True, None),  # Lq > Lk: leading rows see no key
     (1, 1025, 1025, 2, 2, 128, 8, 128, False, None),
     (2, 50, 333, 4, 4, 16, 16, 32, False, None),
+    (1, 300, 2100, 2, 1, 64, 4, 64, True, None),  # 525 key groups: several packed key blocks, the last partial
 ]
 TRITON_CASES = [  # the interpreter runs every program in Python: small shapes only
     (2, 45, 70, 4, 1, 16, 4, 16, True, None),
@@ -69,6 +70,18 @@ def test_native_block_scores(case, dtype):
     stride, block, causal, q_offset = case[6:]
     off = k.shape[1] - q.shape[1] if q_offset is None else q_offset
     _check_scores(torch.ops.longmoe.xattn_block_scores(q, k, stride, block, causal, off), q, k, case)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_native_block_scores_odd_row_strides(dtype):
+    """K and Q rows at odd element strides (views of wider rows): bf16 rows then do not start on 4-byte
+    boundaries, so the AMX path packs K element pairs one by one instead of by its 32-bit transpose."""
+    case = (1, 150, 260, 3, 1, 32, 4, 32, True, None)
+    q = torch.randn(1, 150, 3, 33).to(dtype)[..., :32]
+    k = torch.randn(1, 260, 1, 33).to(dtype)[..., 1:]
+    assert k.stride(1) % 2 == 1 and k.storage_offset() == 1
+    _check_scores(torch.ops.longmoe.xattn_block_scores(q, k, 4, 32, True, 110), q, k, case)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
