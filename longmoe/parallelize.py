@@ -155,13 +155,16 @@ def build_meshes(config: ParallelConfig) -> ParallelMeshes:
 
 
 def _sparse_fields(sparse: XAttentionConfig | None) -> dict[str, int]:
-    """``ParallelConfig.sparse`` as ints for the cross-rank check (thresholds as a CRC of their fp64 bytes)."""
+    """``ParallelConfig.sparse`` as ints for the cross-rank check (thresholds and sharpness as CRCs of their fp64
+    bytes)."""
     if sparse is None:
         return dict(sparse=0)
     tau = torch.as_tensor(sparse.threshold, dtype=torch.float64).flatten()
+    sharp = torch.tensor([sparse.sharpness], dtype=torch.float64)
     return dict(sparse=1, sparse_threshold_crc=zlib.crc32(tau.numpy().tobytes()), sparse_stride=sparse.stride,
                 sparse_block_size=sparse.block_size, sparse_selection=SELECTIONS.index(sparse.selection),
-                sparse_head_selection=HEAD_SELECTIONS.index(sparse.head_selection))  # fmt: skip
+                sparse_head_selection=HEAD_SELECTIONS.index(sparse.head_selection),
+                sparse_sharpness_crc=zlib.crc32(sharp.numpy().tobytes()))  # fmt: skip
 
 
 def _group(mesh, dim: str):
@@ -267,7 +270,8 @@ def _apply_local_sparse(model: nn.Module, sparse: XAttentionConfig, core_cls) ->
 
     register_hf_attention()
     set_xattention_thresholds(model, sparse.threshold, stride=sparse.stride, block_size=sparse.block_size,
-                              selection=sparse.selection, head_selection=sparse.head_selection)  # fmt: skip
+                              selection=sparse.selection, head_selection=sparse.head_selection,
+                              sharpness=sparse.sharpness)  # fmt: skip
     model.set_attn_implementation("longmoe_xattention")
 
 

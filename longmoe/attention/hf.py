@@ -29,7 +29,7 @@ import torch
 
 from longmoe.attention._masks import resolve_mask
 from longmoe.attention.flash_attention import flash_attention
-from longmoe.attention.xattention import HEAD_SELECTIONS, SELECTIONS, xattention
+from longmoe.attention.xattention import HEAD_SELECTIONS, SELECTIONS, _check_sharpness, xattention
 
 __all__ = [
     "HF_ATTENTION_NAMES",
@@ -40,13 +40,15 @@ __all__ = [
 ]
 
 HF_ATTENTION_NAMES: tuple[str, ...] = ("longmoe_xattention", "longmoe_dense")
-_ATTR = "longmoe_xattention"  # module attribute: {"threshold", "stride", "block_size", "selection", "head_selection"}
+# module attribute: {"threshold", "stride", "block_size", "selection", "head_selection", "sharpness"}
+_ATTR = "longmoe_xattention"
 _DEFAULTS = {
     "threshold": 0.9,
     "stride": 8,
     "block_size": 128,
     "selection": "paper",
     "head_selection": "group",
+    "sharpness": 1.0,
 }
 
 
@@ -101,7 +103,7 @@ def hf_xattention_forward(
     # softmax_scale: the model's `scaling`, used by the estimate as well as the attention.
     out = xattention(q, k, v, threshold=thr, stride=cfg["stride"], block_size=cfg["block_size"],
                      causal=causal, softmax_scale=scaling, selection=cfg["selection"],
-                     head_selection=cfg["head_selection"])  # fmt: skip
+                     head_selection=cfg["head_selection"], sharpness=cfg["sharpness"])  # fmt: skip
     return out, None
 
 
@@ -150,9 +152,11 @@ def set_xattention_thresholds(
     block_size: int | None = None,
     selection: str | None = None,
     head_selection: str | None = None,
+    sharpness: float | None = None,
 ) -> None:
-    """Set XAttention thresholds (and optionally stride, block size, selection rule ``"paper"`` / ``"ranked"``
-    and GQA ``head_selection`` ``"group"`` / ``"head"``) on every attention module of ``model``.
+    """Set XAttention thresholds (and optionally stride, block size, selection rule ``"paper"`` / ``"ranked"``,
+    GQA ``head_selection`` ``"group"`` / ``"head"`` and the estimate's ``sharpness``, see
+    :func:`~longmoe.attention.xattention_estimate_ref`) on every attention module of ``model``.
 
     thresholds: one float or (heads_q,) tensor for every layer, or a dict keyed by attention-module name
     (``"model.layers.0.self_attn"``, as :func:`~longmoe.attention.xattention_calibrate.load_thresholds`
@@ -162,6 +166,8 @@ def set_xattention_thresholds(
         raise ValueError(f"selection must be one of {SELECTIONS}; got {selection!r}")
     if head_selection is not None and head_selection not in HEAD_SELECTIONS:
         raise ValueError(f"head_selection must be one of {HEAD_SELECTIONS}; got {head_selection!r}")
+    if sharpness is not None:
+        _check_sharpness(sharpness, "sharpness")
     modules = _attention_modules(model)
     if not modules:
         raise ValueError(
@@ -212,4 +218,6 @@ def set_xattention_thresholds(
             cfg["selection"] = selection
         if head_selection is not None:
             cfg["head_selection"] = head_selection
+        if sharpness is not None:
+            cfg["sharpness"] = float(sharpness)
         setattr(mod, _ATTR, cfg)

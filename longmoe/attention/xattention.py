@@ -90,9 +90,27 @@ HEAD_SELECTIONS: tuple[str, ...] = ("group", "head")
 _REF_CHUNK = 2048
 
 
+def _check_sharpness(sharpness, name: str) -> None:
+    if (
+        isinstance(sharpness, bool)
+        or not isinstance(sharpness, (int, float))
+        or not math.isfinite(sharpness)
+        or sharpness <= 0
+    ):
+        raise ValueError(f"{name} must be a positive finite number; got {sharpness!r}")
+
+
+def _estimate_scale(softmax_scale: float | None, head_dim: int, sharpness: float) -> float | None:
+    """The scale of the estimate's softmax: ``sharpness * softmax_scale`` (None: the kernels' default)."""
+    if sharpness == 1:
+        return None if softmax_scale is None else float(softmax_scale)
+    base = 1.0 / math.sqrt(head_dim) if softmax_scale is None else float(softmax_scale)
+    return float(sharpness) * base
+
+
 def _check_estimate_args(
     q, k, stride, block_size, threshold, causal, q_offset, softmax_scale=None, selection="paper",
-    head_selection="group",
+    head_selection="group", sharpness=1.0,
 ):  # fmt: skip
     if q.dim() != 4 or k.dim() != 4:
         raise ValueError(
@@ -126,6 +144,7 @@ def _check_estimate_args(
         or softmax_scale <= 0
     ):
         raise ValueError(f"softmax_scale must be a positive finite number or None; got {softmax_scale!r}")
+    _check_sharpness(sharpness, "sharpness")
     if selection not in SELECTIONS:
         raise ValueError(f"selection must be one of {SELECTIONS}; got {selection!r}")
     if head_selection not in HEAD_SELECTIONS:
@@ -285,6 +304,7 @@ def xattention_estimate_ref(
     softmax_scale: float | None = None,
     selection: Selection = "paper",
     head_selection: HeadSelection = "group",
+    sharpness: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Antidiagonal block scores and the selected block mask, in plain PyTorch (fp32, fp64 for fp64 inputs).
 
@@ -302,6 +322,13 @@ def xattention_estimate_ref(
             docstring.
         head_selection: ``"group"`` (default; GQA group mean, one mask per KV group) or ``"head"`` (each
             query head selects on its own scores).
+        sharpness: multiplies the estimate's softmax scale (the sums are scaled by ``sharpness *
+            softmax_scale / stride``); 1 (default) is the paper's estimator. Not in the paper: an antidiagonal
+            sum averages ``stride`` logits, so the block distribution it gives is flatter than the true
+            one and a row's τ cutoff keeps too many tiles where attention is peaked. On the byte LM's
+            held-out 8K Q/K (``benchmarks/xattention_ablation.py``) ``sharpness=2`` kept the same true mass
+            with fewer tiles (density over the oracle's at equal mass, stride 4: 1.32x -> 1.24x at mass
+            0.95). It also lowers the mass kept at a given τ, so τ needs recalibrating with it.
 
     Returns:
         block_scores: (batch, heads_q, ceil(seqlen_q/block_size), ceil(seqlen_k/block_size)) fp32 (fp64),
@@ -310,10 +337,11 @@ def xattention_estimate_ref(
         block_mask: bool, same shape, the tiles to compute.
     """
     _check_estimate_args(q, k, stride, block_size, threshold, causal, q_offset, softmax_scale, selection,
-                         head_selection)  # fmt: skip
+                         head_selection, sharpness)  # fmt: skip
     lq, lk = q.shape[1], k.shape[1]
     off = lk - lq if q_offset is None else q_offset
-    blocks = _block_scores_ref(q, k, stride, block_size, causal, off, softmax_scale)
+    scale = _estimate_scale(softmax_scale, q.shape[3], sharpness)
+    blocks = _block_scores_ref(q, k, stride, block_size, causal, off, scale)
     return _estimate_finish(blocks, k, threshold, causal, off, lq, block_size, selection, head_selection)
 
 
@@ -337,6 +365,7 @@ def xattention_estimate(
     softmax_scale: float | None = None,
     selection: Selection = "paper",
     head_selection: HeadSelection = "group",
+    sharpness: float = 1.0,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Block scores and block mask (see :func:`xattention_estimate_ref` for shapes and semantics).
@@ -348,7 +377,7 @@ def xattention_estimate(
     selection are shared PyTorch code. Scores are fp32 (fp64 for fp64 inputs).
     """
     _check_estimate_args(q, k, stride, block_size, threshold, causal, q_offset, softmax_scale, selection,
-                         head_selection)  # fmt: skip
+                         head_selection, sharpness)  # fmt: skip
     if q.dtype != k.dtype or q.device != k.device:
         raise ValueError(
             f"q and k must share dtype and device; got {q.dtype}/{q.device} and {k.dtype}/{k.device}"
@@ -358,7 +387,7 @@ def xattention_estimate(
     name = select_backend(q, backend=backend)
     if name in ("native", "triton") and q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         name = "reference"  # the kernels compute in fp32; fp64 is the test oracle's dtype
-    scale = None if softmax_scale is None else float(softmax_scale)
+    scale = _estimate_scale(softmax_scale, q.shape[3], sharpness)
     if name == "native":
         blocks = torch.ops.longmoe.xattn_block_scores(q, k, stride, block_size, bool(causal), off, scale)
     elif name == "triton":
@@ -407,6 +436,7 @@ def xattention(
     softmax_scale: float | None = None,
     selection: Selection = "paper",
     head_selection: HeadSelection = "group",
+    sharpness: float = 1.0,
     return_lse: bool = False,
     return_density: bool = False,
     backend: str | None = None,
@@ -415,15 +445,16 @@ def xattention(
 
     q: (batch, seqlen_q, heads_q, head_dim); k, v: (batch, seqlen_k, heads_kv, head_dim). ``causal``
     defaults to False (as SDPA's ``is_causal``); ``softmax_scale`` (default ``1/sqrt(head_dim)``) is used by
-    both the estimate and the attention; ``selection`` / ``head_selection`` as
-    :func:`xattention_estimate_ref`. Returns out like q; with ``return_lse`` also lse (batch, heads_q,
+    both the estimate and the attention; ``selection`` / ``head_selection`` / ``sharpness`` (the estimate's
+    only) as :func:`xattention_estimate_ref`. Returns out like q; with ``return_lse`` also lse (batch, heads_q,
     seqlen_q) fp32 (as :func:`~longmoe.attention.flash_attention`); with ``return_density`` last the kept
     fraction of the causally visible tiles (a float). ``backend`` (``native`` / ``triton`` /
     ``reference``) forces one for both the estimate and the attention.
     """
     _, mask = xattention_estimate(q.detach(), k.detach(), stride=stride, block_size=block_size,
                                   threshold=threshold, causal=causal, softmax_scale=softmax_scale,
-                                  selection=selection, head_selection=head_selection, backend=backend)  # fmt: skip
+                                  selection=selection, head_selection=head_selection, sharpness=sharpness,
+                                  backend=backend)  # fmt: skip
     out, lse = block_sparse_attention(q, k, v, block_mask=mask, block_size=block_size, causal=causal,
                                       softmax_scale=softmax_scale, return_lse=True, backend=backend)  # fmt: skip
     res = (out, lse) if return_lse else (out,)
@@ -447,6 +478,7 @@ class XAttentionConfig:
     block_size: int = 128
     selection: Selection = "paper"
     head_selection: HeadSelection = "group"
+    sharpness: float = 1.0
 
     def __post_init__(self):
         t = self.threshold
@@ -475,6 +507,7 @@ class XAttentionConfig:
             raise ValueError(
                 f"XAttentionConfig.head_selection={self.head_selection!r}: expected one of {HEAD_SELECTIONS}"
             )
+        _check_sharpness(self.sharpness, "XAttentionConfig.sharpness")
 
     def for_heads(self, start: int, stop: int, heads_q: int) -> XAttentionConfig:
         """The settings for query heads ``start:stop`` of ``heads_q`` (slices a per-head threshold)."""
@@ -494,7 +527,8 @@ class XAttentionConfig:
         Returns out like q (and lse (batch, heads_q, seqlen) fp32 with ``return_lse``)."""
         return xattention(q, k, v, threshold=self.threshold, stride=self.stride, block_size=self.block_size,
                           causal=causal, softmax_scale=softmax_scale, selection=self.selection,
-                          head_selection=self.head_selection, return_lse=return_lse)  # fmt: skip
+                          head_selection=self.head_selection, sharpness=self.sharpness,
+                          return_lse=return_lse)  # fmt: skip
 
 
 def block_density(mask: torch.Tensor, seqlen_q: int, seqlen_k: int, block_size: int, causal: bool) -> float:

@@ -147,10 +147,10 @@ class _Sample:
 
     __slots__ = ("before", "total", "positive", "floor", "mass", "visible", "row_weight", "n_visible")
 
-    def __init__(self, q, k, stride, block_size, causal, selection, head_selection, softmax_scale):
+    def __init__(self, q, k, stride, block_size, causal, selection, head_selection, softmax_scale, sharpness):
         scores, _ = xattention_estimate(
             q, k, stride=stride, block_size=block_size, threshold=1.0, causal=causal,
-            softmax_scale=softmax_scale, selection=selection, head_selection=head_selection,
+            softmax_scale=softmax_scale, selection=selection, head_selection=head_selection, sharpness=sharpness,
         )  # fmt: skip
         # The estimator's own selection arithmetic (_selection_order, τ * total in the scores' dtype), so the
         # kept set here is the estimator's bit for bit; the bisection's τ is evaluated after rounding to that
@@ -201,6 +201,7 @@ def calibrate_thresholds(
     softmax_scale: float | None = None,
     selection: str = "paper",
     head_selection: str = "group",
+    sharpness: float = 1.0,
     grid: Sequence[float] | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-head XAttention thresholds from sample inputs (see the module docstring for the search).
@@ -212,8 +213,9 @@ def calibrate_thresholds(
             head's true attention mass on every calibration sequence (worst sequence, not the mean).
         density_budget: in (0, 1]: largest τ per head whose mean density over the sequences is at most
             this. Exactly one of ``target_mass`` and ``density_budget``.
-        stride, block_size, causal, softmax_scale, selection, head_selection: the estimator settings the
-            thresholds will be used with (``causal`` defaults to False, as SDPA's ``is_causal``).
+        stride, block_size, causal, softmax_scale, selection, head_selection, sharpness: the estimator
+            settings the thresholds will be used with (``causal`` defaults to False, as SDPA's ``is_causal``;
+            the true mass always uses ``softmax_scale``, never the sharpness).
         grid: None for bisection (resolution 2^-20), or candidate τ values in (0, 1] to choose from.
 
     Returns:
@@ -247,7 +249,9 @@ def calibrate_thresholds(
             heads = q.shape[2]
         elif q.shape[2] != heads:
             raise ValueError(f"samples[{i}] has heads_q={q.shape[2]}; samples[0] has heads_q={heads}")
-        prepared.append(_Sample(q, k, stride, block_size, causal, selection, head_selection, softmax_scale))
+        prepared.append(
+            _Sample(q, k, stride, block_size, causal, selection, head_selection, softmax_scale, sharpness)
+        )
     if not prepared:
         raise ValueError("samples must hold at least one (q, k) pair; got none")
     device = prepared[0].before.device

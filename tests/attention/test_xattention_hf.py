@@ -84,7 +84,7 @@ def test_xattention_sparse_equals_masked_reference(monkeypatch):
 
     def recording(q, k, v, **kw):
         est = {n: kw[n] for n in ("stride", "block_size", "threshold", "causal", "softmax_scale", "selection",
-                                  "head_selection")}  # fmt: skip
+                                  "head_selection", "sharpness")}  # fmt: skip
         recorded.append((xattention_estimate(q, k, **est)[1], kw["block_size"]))
         return real(q, k, v, **kw)
 
@@ -121,6 +121,8 @@ def test_set_thresholds_bad_inputs():
         set_xattention_thresholds(ours, torch.full((3,), 0.9))
     with pytest.raises(ValueError, match=r"\(0, 1\]"):
         set_xattention_thresholds(ours, 1.5)
+    with pytest.raises(ValueError, match=r"sharpness must be a positive finite number; got -2.0"):
+        set_xattention_thresholds(ours, 0.9, sharpness=-2.0)
     with pytest.raises(ValueError, match="default"):
         set_xattention_thresholds(ours, {0: 0.9})
 

@@ -30,7 +30,18 @@ NATIVE_CASES = [
     (1, 200, 120, 2, 1, 32, 4, 32, True, None),  # Lq > Lk: leading rows see no key
     (1, 1025, 1025, 2, 2, 128, 8, 128, False, None),
     (2, 50, 333, 4, 4, 16, 16, 32, False, None),
-    (1, 300, 2100, 2, 1, 64, 4, 64, True, None),  # 525 key groups: several packed key blocks, the last partial
+    (
+        1,
+        300,
+        2100,
+        2,
+        1,
+        64,
+        4,
+        64,
+        True,
+        None,
+    ),  # 525 key groups: several packed key blocks, the last partial
 ]
 TRITON_CASES = [  # the interpreter runs every program in Python: small shapes only
     (2, 45, 70, 4, 1, 16, 4, 16, True, None),

@@ -206,6 +206,47 @@ def test_softmax_scale_is_honoured(causal):
         xattention_estimate_ref(q, k, softmax_scale=-1.0)
 
 
+def test_sharpness_scales_the_estimate_only():
+    """sharpness multiplies the estimate's softmax scale (default 1/sqrt(d) or the given one) and nothing
+    else: every backend's scores equal the reference at the product scale, the attention keeps its own
+    scale, and XAttentionConfig passes it through."""
+    from longmoe.attention import XAttentionConfig
+
+    torch.manual_seed(5)
+    q, k = torch.randn(1, 160, 4, 32, dtype=torch.float64), torch.randn(1, 160, 2, 32, dtype=torch.float64)
+    v = torch.randn(1, 160, 2, 32, dtype=torch.float64)
+    for scale, gamma in ((None, 2.0), (0.3, 0.5)):
+        base = 1 / math.sqrt(32) if scale is None else scale
+        want = _block_scores_ref(q, k, 8, 32, True, 0, softmax_scale=gamma * base)
+        got, mask = xattention_estimate_ref(q, k, stride=8, block_size=32, threshold=0.8, causal=True,
+                                            softmax_scale=scale, sharpness=gamma, head_selection="head")  # fmt: skip
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-13)
+        unsharp, unsharp_mask = xattention_estimate_ref(q, k, stride=8, block_size=32, threshold=0.8, causal=True,
+                                                        softmax_scale=scale, head_selection="head")  # fmt: skip
+        assert (got - unsharp).abs().max() > 1e-3
+        assert bool((mask != unsharp_mask).any()), (
+            "same mask: the checks below could not tell the settings apart"
+        )
+        if native_available():
+            nat, _ = xattention_estimate(q.float(), k.float(), stride=8, block_size=32, causal=True,
+                                         softmax_scale=scale, sharpness=gamma, head_selection="head",
+                                         backend="native")  # fmt: skip
+            torch.testing.assert_close(nat.double(), want, rtol=0, atol=1e-5)  # fp32 kernel, as above
+        out = xattention(q, k, v, threshold=0.8, stride=8, block_size=32, causal=True, softmax_scale=scale,
+                         sharpness=gamma, head_selection="head")  # fmt: skip
+        _, group_mask = xattention_estimate_ref(q, k, stride=8, block_size=32, threshold=0.8, causal=True,
+                                                softmax_scale=scale, sharpness=gamma)  # fmt: skip
+        ref = block_sparse_attention(
+            q, k, v, block_mask=mask, block_size=32, causal=True, softmax_scale=scale
+        )
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+        cfg = XAttentionConfig(threshold=0.8, stride=8, block_size=32, sharpness=gamma)
+        via_cfg = cfg(q, k, v, causal=True, softmax_scale=scale)
+        ref_group = block_sparse_attention(q, k, v, block_mask=group_mask, block_size=32, causal=True,
+                                           softmax_scale=scale)  # fmt: skip
+        torch.testing.assert_close(via_cfg, ref_group, rtol=0, atol=1e-12)
+
+
 def test_return_lse_and_keyword_only_block_mask():
     q, k, v = torch.randn(1, 130, 4, 16), torch.randn(1, 130, 2, 16), torch.randn(1, 130, 2, 16)
     out, lse, density = xattention(q, k, v, threshold=1.0, block_size=32, causal=True, return_lse=True,

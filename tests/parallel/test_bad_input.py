@@ -79,6 +79,7 @@ CASES = {
     "sparse per-head length": (lambda: ulysses_attention(q, kv, kv, sparse=XAttentionConfig(threshold=torch.full((3,), 0.9))), ValueError, ["3 per-head values", "heads_q=4"]),
     "sparse threshold": (lambda: XAttentionConfig(threshold=1.5), ValueError, ["XAttentionConfig.threshold=1.5", "(0, 1]"]),
     "sparse block": (lambda: XAttentionConfig(stride=8, block_size=12), ValueError, ["block_size=12", "multiple of stride=8"]),
+    "sparse sharpness": (lambda: XAttentionConfig(sharpness=0.0), ValueError, ["XAttentionConfig.sharpness", "positive finite", "0.0"]),
     "config sparse ring": (lambda: ParallelConfig(algorithm="token_ring", sparse=XAttentionConfig()), ValueError, ["algorithm='token_ring'", "Ulysses"]),
     "config sparse type": (lambda: ParallelConfig(sparse=0.9), TypeError, ["sparse=0.9", "XAttentionConfig"]),
 }  # fmt: skip
