@@ -12,13 +12,14 @@ stream, never on the held-out bytes.
 Methods (all causal, block 128):
 
 * ``paper`` / ``ranked``: the two selection rules (``selection=``) at stride 8;
-* ``paper s=4`` / ``paper s=16``: other strides;
+* ``paper s=2`` / ``paper s=4`` / ``paper s=16``: other strides (the estimate costs ~1/(2 stride) of dense
+  attention's FLOPs);
 * ``diagonal`` / ``random``: the scoring patterns the paper ablates against the antidiagonal (XAttention
   Table 7): the S x S tile's main diagonal (queries not reversed) and a random permutation of the stride
   offsets, each with the paper's selection, stride 8 (reference math, this script);
 * ``calibrated m``: per-head τ for target true mass m (paper rule, stride 8); its τ column is m;
 * ``paper s=S sharpness g``: the estimate's softmax sharpened by g (``sharpness=``, not in the paper), stride
-  4 and 8, g chosen on the calibration windows (``choose_sharpness``), at τ up to 0.99 since sharper scores
+  2, 4 and 8, g chosen on the calibration windows (``choose_sharpness``), at τ up to 0.99 since sharper scores
   keep less mass at a given τ;
 * ``oracle``: the tiles with the most true mass until τ of each row (plus sink and diagonal).
 
@@ -168,13 +169,13 @@ def main() -> None:
     # (at τ = 0.9 and 0.95, same stride) with the fewest tiles, averaged over windows and both levels.
     t0 = time.perf_counter()
     calib_mass = [true_block_mass(cq.float(), ck.float(), causal=True, block_size=bs) for cq, ck in samples]
-    sharp = {st: choose_sharpness(samples, calib_mass, st, bs) for st in (4, 8)}
+    sharp = {st: choose_sharpness(samples, calib_mass, st, bs) for st in (2, 4, 8)}
     console.print(f"sharpness chosen on the training windows in {time.perf_counter() - t0:.0f} s: "
                   + "; ".join(f"stride {st}: {g} (mean density vs the paper estimator at equal mass "
                               f"{r:.3f})" for st, (g, r) in sharp.items()))  # fmt: skip
 
     ests = {}
-    for stride in (4, 8, 16):
+    for stride in (2, 4, 8, 16):
         ests[stride], _ = xattention_estimate(q, k, stride=stride, block_size=bs, threshold=1.0, causal=True)
     sharp_ests = {
         st: xattention_estimate(q, k, stride=st, block_size=bs, threshold=1.0, causal=True, sharpness=g)[0]
@@ -187,7 +188,8 @@ def main() -> None:
     methods = []
     for tau in args.thresholds:
         methods += [("paper", tau, sel(ests[8], tau)), ("ranked", tau, sel(ests[8], tau, "ranked")),
-                    ("paper s=4", tau, sel(ests[4], tau)), ("paper s=16", tau, sel(ests[16], tau)),
+                    ("paper s=2", tau, sel(ests[2], tau)), ("paper s=4", tau, sel(ests[4], tau)),
+                    ("paper s=16", tau, sel(ests[16], tau)),
                     ("diagonal", tau, sel(variants["diagonal"], tau)), ("random", tau, sel(variants["random"], tau))]  # fmt: skip
         if tau in calibrated:
             methods.append((f"calibrated {tau}", tau, sel(ests[8], calibrated[tau])))
