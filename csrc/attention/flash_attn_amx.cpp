@@ -72,8 +72,6 @@ PackedTiles pack_tiles(const Problem& p, const at::Tensor& k, const at::Tensor& 
   // start on a 4-byte boundary; V blocks interleave row pairs. (oneDNN's scalar reorder below took 10% of a
   // block-sparse forward at 8K, density 0.16.)
   const bool words = ks.b % 2 == 0 && ks.s % 2 == 0 && ks.h % 2 == 0 && reinterpret_cast<uintptr_t>(kd) % 4 == 0;
-#else
-  const bool words = false;
 #endif
   at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
     std::vector<bf16> kbuf, vbuf;
