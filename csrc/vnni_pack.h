@@ -30,6 +30,12 @@ namespace longmoe {
 
 constexpr int64_t kVnniN = 64;  // columns per packed block (the brgemm N)
 
+// Whether every row of a bf16 tensor with these element strides starts on a 4-byte boundary, so that its
+// element pairs can be moved as uint32 words (transpose_u32 / pack_cols need it).
+inline bool rows_are_words(const bf16* base, int64_t s0, int64_t s1, int64_t s2) {
+  return s0 % 2 == 0 && s1 % 2 == 0 && s2 % 2 == 0 && reinterpret_cast<uintptr_t>(base) % 4 == 0;
+}
+
 // Zero-masked forms of the shuffles below (kAll16 in tile_math.h): the plain intrinsics pass GCC 12 an
 // undefined source register and it warns (-Wmaybe-uninitialized) at every use.
 constexpr __mmask8 kAll8 = 0xFF;

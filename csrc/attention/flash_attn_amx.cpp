@@ -71,7 +71,7 @@ PackedTiles pack_tiles(const Problem& p, const at::Tensor& k, const at::Tensor& 
   // Our AVX-512 packers (vnni_pack.h): K^T blocks are a 32-bit transpose of K's rows, which needs every row to
   // start on a 4-byte boundary; V blocks interleave row pairs. (oneDNN's scalar reorder below took 10% of a
   // block-sparse forward at 8K, density 0.16.)
-  const bool words = ks.b % 2 == 0 && ks.s % 2 == 0 && ks.h % 2 == 0 && reinterpret_cast<uintptr_t>(kd) % 4 == 0;
+  const bool words = rows_are_words(kd, ks.b, ks.s, ks.h);
 #endif
   at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
     std::vector<bf16> kbuf, vbuf;

@@ -86,7 +86,7 @@ void block_scores_impl(const at::Tensor& q, const at::Tensor& k, int64_t S, int6
 #if defined(LONGMOE_VNNI_PACK)
   // Rows of S*D/2 words at a time by a 16 x 16 word transpose (vnni_pack.h) where every K row starts on a
   // 4-byte boundary. (The word-by-word gather below took 47% of a 16K x 8 heads bf16 estimate.)
-  const bool words = ksb % 2 == 0 && ksl % 2 == 0 && ksh % 2 == 0 && reinterpret_cast<uintptr_t>(kp) % 4 == 0;
+  const bool words = rows_are_words(reinterpret_cast<const bf16*>(kp), ksb, ksl, ksh);  // read on the AMX (bf16) path
 #endif
   if (amx) {
     // One task per block of NB key groups; the writes of a block are contiguous, its K rows stay in cache.
