@@ -29,7 +29,7 @@ import torch
 
 from longmoe.attention._masks import resolve_mask
 from longmoe.attention.flash_attention import flash_attention
-from longmoe.attention.xattention import HEAD_SELECTIONS, SELECTIONS, _check_sharpness, xattention
+from longmoe.attention.xattention import HEAD_SELECTIONS, SELECTIONS, _check_positive_finite, xattention
 
 __all__ = [
     "HF_ATTENTION_NAMES",
@@ -167,7 +167,7 @@ def set_xattention_thresholds(
     if head_selection is not None and head_selection not in HEAD_SELECTIONS:
         raise ValueError(f"head_selection must be one of {HEAD_SELECTIONS}; got {head_selection!r}")
     if sharpness is not None:
-        _check_sharpness(sharpness, "sharpness")
+        _check_positive_finite(sharpness, "sharpness")
     modules = _attention_modules(model)
     if not modules:
         raise ValueError(

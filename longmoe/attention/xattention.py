@@ -90,14 +90,15 @@ HEAD_SELECTIONS: tuple[str, ...] = ("group", "head")
 _REF_CHUNK = 2048
 
 
-def _check_sharpness(sharpness, name: str) -> None:
+def _check_positive_finite(value, name: str, also: str = "") -> None:
+    """Raise a ValueError naming ``name`` unless ``value`` is a positive finite int or float (not a bool)."""
     if (
-        isinstance(sharpness, bool)
-        or not isinstance(sharpness, (int, float))
-        or not math.isfinite(sharpness)
-        or sharpness <= 0
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
     ):
-        raise ValueError(f"{name} must be a positive finite number; got {sharpness!r}")
+        raise ValueError(f"{name} must be a positive finite number{also}; got {value!r}")
 
 
 def _estimate_scale(softmax_scale: float | None, head_dim: int, sharpness: float) -> float | None:
@@ -137,14 +138,9 @@ def _check_estimate_args(
         raise ValueError(f"threshold must be in (0, 1]; got {threshold!r}")
     if q_offset is not None and (not isinstance(q_offset, int) or q_offset < 0):
         raise ValueError(f"q_offset must be a non-negative int; got {q_offset!r}")
-    if softmax_scale is not None and (
-        isinstance(softmax_scale, bool)
-        or not isinstance(softmax_scale, (int, float))
-        or not math.isfinite(softmax_scale)
-        or softmax_scale <= 0
-    ):
-        raise ValueError(f"softmax_scale must be a positive finite number or None; got {softmax_scale!r}")
-    _check_sharpness(sharpness, "sharpness")
+    if softmax_scale is not None:
+        _check_positive_finite(softmax_scale, "softmax_scale", " or None")
+    _check_positive_finite(sharpness, "sharpness")
     if selection not in SELECTIONS:
         raise ValueError(f"selection must be one of {SELECTIONS}; got {selection!r}")
     if head_selection not in HEAD_SELECTIONS:
@@ -507,7 +503,7 @@ class XAttentionConfig:
             raise ValueError(
                 f"XAttentionConfig.head_selection={self.head_selection!r}: expected one of {HEAD_SELECTIONS}"
             )
-        _check_sharpness(self.sharpness, "XAttentionConfig.sharpness")
+        _check_positive_finite(self.sharpness, "XAttentionConfig.sharpness")
 
     def for_heads(self, start: int, stop: int, heads_q: int) -> XAttentionConfig:
         """The settings for query heads ``start:stop`` of ``heads_q`` (slices a per-head threshold)."""
