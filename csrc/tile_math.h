@@ -87,24 +87,25 @@ inline float exp_nonpos(float x) {
 // forms start from _mm512_undefined_ps and flood the build with -Wmaybe-uninitialized.
 constexpr __mmask16 kAll16 = 0xFFFF;
 
-// A tree over 128-bit quarters: (q0 + q1) + (q2 + q3), then within the quarter. (A 16-term sequential sum
-// through memory took 13% of the AMX attention forward's own time: one per row and key tile.)
-inline float reduce_add16(__m512 v) {
-  const __m128 a = _mm_add_ps(_mm512_maskz_extractf32x4_ps(0xF, v, 0), _mm512_maskz_extractf32x4_ps(0xF, v, 1));
-  const __m128 b = _mm_add_ps(_mm512_maskz_extractf32x4_ps(0xF, v, 2), _mm512_maskz_extractf32x4_ps(0xF, v, 3));
-  __m128 s = _mm_add_ps(a, b);
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+// The 16 lanes of v combined by op (lane-wise on __m128: add or max) as a tree over 128-bit quarters,
+// (q0 op q1) op (q2 op q3), then within the quarter. (A 16-term sequential sum through memory took 13% of the
+// AMX attention forward's own time: one per row and key tile.)
+template <typename Op>
+inline float reduce16(__m512 v, Op op) {
+  const __m128 a = op(_mm512_maskz_extractf32x4_ps(0xF, v, 0), _mm512_maskz_extractf32x4_ps(0xF, v, 1));
+  const __m128 b = op(_mm512_maskz_extractf32x4_ps(0xF, v, 2), _mm512_maskz_extractf32x4_ps(0xF, v, 3));
+  __m128 s = op(a, b);
+  s = op(s, _mm_movehl_ps(s, s));
+  s = op(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
 }
 
-inline float reduce_max16(__m512 v) {  // the same tree (any order gives the same max)
-  const __m128 a = _mm_max_ps(_mm512_maskz_extractf32x4_ps(0xF, v, 0), _mm512_maskz_extractf32x4_ps(0xF, v, 1));
-  const __m128 b = _mm_max_ps(_mm512_maskz_extractf32x4_ps(0xF, v, 2), _mm512_maskz_extractf32x4_ps(0xF, v, 3));
-  __m128 m = _mm_max_ps(a, b);
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  m = _mm_max_ss(m, _mm_movehdup_ps(m));
-  return _mm_cvtss_f32(m);
+inline float reduce_add16(__m512 v) {
+  return reduce16(v, [](__m128 a, __m128 b) { return _mm_add_ps(a, b); });
+}
+
+inline float reduce_max16(__m512 v) {
+  return reduce16(v, [](__m128 a, __m128 b) { return _mm_max_ps(a, b); });
 }
 
 // exp_nonpos on 16 lanes: the same range reduction and polynomial, in AVX-512 instructions (GCC compiles
