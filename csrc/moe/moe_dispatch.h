@@ -27,4 +27,8 @@ at::Tensor moe_unpermute_cpu(const at::Tensor& y, const at::Tensor& row_map,
 // dout (T, H), y (N, H), row_map (T, k) -> dprobs (T, k): dot(dout[t], y[row_map[t, j]]), 0 if dropped.
 at::Tensor moe_unpermute_probs_grad_cpu(const at::Tensor& dout, const at::Tensor& y, const at::Tensor& row_map);
 
+// key (T, n) floating -> (T, k) int64: the first k indices of a stable descending sort of each row (NaN first),
+// ordered by value; router_topk.cpp.
+at::Tensor topk_lowest_index_cpu(const at::Tensor& key, int64_t k);
+
 }  // namespace longmoe

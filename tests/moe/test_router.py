@@ -232,3 +232,37 @@ def test_router_dtype(router_dtype):
     want = torch.nn.functional.linear(x, layer.router.weight) if router_dtype == "input" else (
         torch.nn.functional.linear(x.float(), layer.router.weight.float()))  # fmt: skip
     torch.testing.assert_close(out.logits, want.float(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+def test_native_topk_lowest_index_matches_the_stable_sort_rule(dtype):
+    """The native top-k (torch.ops.longmoe.topk_lowest_index) against a stable descending sort: ties (few
+    distinct values) go to the lower index, NaN ranks first, odd widths around the 16-lane chunks, k from 1
+    to n, no rows, and a strided key."""
+    from longmoe.moe.router import topk_lowest_index, topk_lowest_index_ref
+
+    g = torch.Generator().manual_seed(3)
+    for tokens, n in ((0, 8), (1, 1), (5, 7), (37, 16), (64, 17), (300, 64), (129, 256), (33, 257)):
+        key = torch.randint(0, 4, (tokens, n), generator=g).to(dtype)  # many ties
+        if tokens > 3:
+            key[1, n // 2] = float("nan")
+            key[2, :: max(n // 3, 1)] = float("nan")  # several NaNs in one row
+            key[3] = torch.randn(n, generator=g).to(dtype)  # distinct values
+        for k in sorted({1, min(2, n), min(8, n), max(n - 1, 1), n}):
+            want = torch.sort(key.float(), dim=-1, descending=True, stable=True).indices[:, :k]
+            got = topk_lowest_index(key, k, backend="native")
+            assert got.dtype == torch.int64 and got.shape == (tokens, k)
+            assert torch.equal(got, want), (tokens, n, k)
+            assert torch.equal(topk_lowest_index_ref(key, k), want), (tokens, n, k)
+    wide = torch.randn(40, 300, generator=g).to(dtype)
+    strided = wide[:, 7:263]  # row stride 300, 256 columns
+    assert torch.equal(topk_lowest_index(strided, 8, backend="native"), topk_lowest_index_ref(strided, 8))
+    assert torch.equal(topk_lowest_index(wide.t(), 5, backend="native"), topk_lowest_index_ref(wide.t(), 5))
+
+
+def test_native_topk_lowest_index_checks():
+    key = torch.randn(4, 6)
+    with pytest.raises(RuntimeError, match=r"k=7 must be in \[1, n=6\]"):
+        torch.ops.longmoe.topk_lowest_index(key, 7)
+    with pytest.raises(RuntimeError, match=r"key must be \(num_tokens, n\); got shape \[6\]"):
+        torch.ops.longmoe.topk_lowest_index(key[0], 2)
