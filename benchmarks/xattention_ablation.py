@@ -79,6 +79,21 @@ def pattern_scores(q, k, stride, block_size, perm, chunk=2048):
     return out
 
 
+def mask_stats(mask, mass, seqlen: int, block_size: int) -> tuple[float, float, float]:
+    """(density, true mass kept, worst head's mass) of a causal block mask (batch, heads, nqb, nkb) against
+    the true block mass: kept fraction of the visible tiles; mass inside the kept tiles, mean over the block
+    rows that have mass; the lowest per-head mean."""
+    vis = _visible_tiles(seqlen, seqlen, block_size, True, mask.device)
+    kept = (mass * mask).sum(-1)  # (batch, heads, nqb)
+    return ((mask & vis).sum().item() / (vis.sum().item() * mask.shape[0] * mask.shape[1]),
+            kept.sum().item() / (mass.sum(-1) > 0).sum().item(), kept.mean(-1).min().item())  # fmt: skip
+
+
+def paper_mask(scores, tau, seqlen: int, block_size: int):
+    """The paper rule's causal mask of full-prefill block scores at threshold tau."""
+    return _select_blocks(scores, tau, True, 0, seqlen, block_size, "paper")
+
+
 SHARPNESS_GRID = (1.0, 1.5, 2.0, 3.0)
 TAU_GRID = [0.8 + 0.005 * i for i in range(40)] + [0.9975, 0.999, 1.0]
 
@@ -91,24 +106,18 @@ def choose_sharpness(samples, masses, stride: int, block_size: int) -> tuple[flo
     ratios = {g: [] for g in SHARPNESS_GRID}
     for (q, k), mass in zip(samples, masses, strict=True):
         n = q.shape[1]
-        vis = _visible_tiles(n, n, block_size, True, q.device)
-        n_vis = vis.sum().item() * q.shape[2]
-        rows = (mass.sum(-1) > 0).sum().item()
         curves = {}
         for g in SHARPNESS_GRID:
             scores, _ = xattention_estimate(q, k, stride=stride, block_size=block_size, threshold=1.0,
                                             causal=True, sharpness=g)  # fmt: skip
-            pts = []
-            for tau in TAU_GRID:
-                m = _select_blocks(scores, tau, True, 0, n, block_size, "paper")
-                pts.append(((mass * m).sum().item() / rows, (m & vis).sum().item() / n_vis))
-            curves[g] = (scores, pts)
-        base_scores = curves[1.0][0]
+            curves[g] = (scores, [mask_stats(paper_mask(scores, tau, n, block_size), mass, n, block_size)[:2]
+                                  for tau in TAU_GRID])  # fmt: skip
         for tau in (0.9, 0.95):
-            m = _select_blocks(base_scores, tau, True, 0, n, block_size, "paper")
-            target, base_density = (mass * m).sum().item() / rows, (m & vis).sum().item() / n_vis
+            base_density, target, _ = mask_stats(
+                paper_mask(curves[1.0][0], tau, n, block_size), mass, n, block_size
+            )
             for g in SHARPNESS_GRID:
-                dens = [d for kept, d in curves[g][1] if kept >= target]
+                dens = [d for d, kept in curves[g][1] if kept >= target]
                 ratios[g].append(min(dens) / base_density if dens else 2.0)
     mean = {g: sum(r) / len(r) for g, r in ratios.items()}
     best = min(SHARPNESS_GRID, key=lambda g: (round(mean[g], 6), g))
@@ -140,14 +149,7 @@ def main() -> None:
     console.print(
         f"held-out Q/K (1, {n}, {heads}, {q.shape[3]}) {args.dtype}; true block mass in {time.perf_counter() - t0:.0f} s"
     )
-    vis = _visible_tiles(n, n, bs, True, q.device)
-    n_vis = vis.sum().item() * heads
-    rows_with_mass = (mass.sum(-1) > 0).sum().item()
-
-    def stats(mask):
-        kept = (mass * mask).sum(-1)  # (1, H, nqb)
-        return ((mask & vis).sum().item() / n_vis, kept.sum().item() / rows_with_mass,
-                kept.mean(-1).min().item())  # fmt: skip
+    stats = lambda mask: mask_stats(mask, mass, n, bs)  # noqa: E731
 
     # calibration on training windows (not the held-out bytes above)
     train, _, _ = stdlib_split()
