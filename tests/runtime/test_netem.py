@@ -208,6 +208,14 @@ def test_exchanger_bytes_match_the_kernel_counters():
         )
 
 
+# Slow enough that the links, not the 2 cores, set the pace. At 400 Mbit/s, 4 ranks each sending to both
+# neighbours at once (8 flows, 400 MB/s through veth, tbf and forwarding) ran CPU-bound on this VM: a ring
+# timed like a switch (both ways 1.66-1.72x one way, where separate links give about 1x) and a switch's one-way
+# rate came out at 39-42 MB/s for 47.8. At 200 / 50 Mbit/s: ring 1.04x both ways and 1.97x two hops, mesh
+# 1.03x / 1.04x, switch 2.06x both ways, one-way rates within 1.5%.
+_DETECT_RATE, _DETECT_INTER = "200mbit", "50mbit"
+
+
 def _detect(rank, world):
     from longmoe.parallel import measure_topology
     from longmoe.runtime.netem import read_tx_bytes
@@ -226,14 +234,14 @@ def _detect(rank, world):
 def test_measure_topology_learns_the_emulated_links(topology, kind, nodes):
     """4 ranks: the measured per-direction bandwidth is the configured one (TCP payload rate) within 15%,
     and the timed patterns tell a ring (two-hop messages share links) from a full mesh from a switch (a
-    rank's sends to both neighbours share one NIC), and find two nodes behind a slow middle link (400 vs
-    100 Mbit/s). Each rank reads its own links' kernel counters."""
+    rank's sends to both neighbours share one NIC), and find two nodes behind a slow middle link (200 vs
+    50 Mbit/s). Each rank reads its own links' kernel counters."""
     from longmoe.runtime.netem import goodput
 
-    with EmulatedCluster(world_size=4, topology=topology, rate="400mbit", inter_rate="100mbit") as c:
+    with EmulatedCluster(world_size=4, topology=topology, rate=_DETECT_RATE, inter_rate=_DETECT_INTER) as c:
         res = c.spawn(_detect, timeout_s=150)
         egress = [{link.name for link in c.links if link.netns == c.namespaces[r]} for r in range(4)]
-    want, want_inter = goodput(parse_rate("400mbit")), goodput(parse_rate("100mbit"))
+    want, want_inter = goodput(parse_rate(_DETECT_RATE)), goodput(parse_rate(_DETECT_INTER))
     for r, (got_kind, got_nodes, bw, inter, notes, tx) in enumerate(res):
         assert (got_kind, got_nodes) == (kind, nodes), (
             f"rank {r}: {got_kind!r} x {got_nodes}, {topology}: {notes}"
