@@ -24,6 +24,7 @@ TORCH_LIBRARY(longmoe, m) {
   m.def("moe_unpermute_probs_grad(Tensor dout, Tensor y, Tensor row_map) -> Tensor");
   m.def("moe_grouped_mm(Tensor a, Tensor b, int[] counts, int kind) -> Tensor");
   m.def("topk_lowest_index(Tensor key, int k) -> Tensor");
+  m.def("mm_bf16_f32(Tensor a, Tensor b) -> Tensor");
   m.def(
       "xattn_block_scores(Tensor q, Tensor k, int stride, int block_size, bool causal, int q_offset, "
       "float? softmax_scale=None) -> Tensor");
@@ -38,6 +39,7 @@ TORCH_LIBRARY_IMPL(longmoe, CPU, m) {
   m.impl("moe_unpermute_probs_grad", &longmoe::moe_unpermute_probs_grad_cpu);
   m.impl("moe_grouped_mm", &longmoe::moe_grouped_mm_cpu);
   m.impl("topk_lowest_index", &longmoe::topk_lowest_index_cpu);
+  m.impl("mm_bf16_f32", &longmoe::mm_bf16_f32_cpu);
   m.impl("xattn_block_scores", &longmoe::xattn_block_scores_cpu);
 }
 

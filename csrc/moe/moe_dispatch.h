@@ -31,4 +31,7 @@ at::Tensor moe_unpermute_probs_grad_cpu(const at::Tensor& dout, const at::Tensor
 // ordered by value; router_topk.cpp.
 at::Tensor topk_lowest_index_cpu(const at::Tensor& key, int64_t k);
 
+// a (M, K) bf16, b (K, N) bf16 -> (M, N) fp32 = a.float() @ b.float() on bf16 micro-kernels; router_gemm.cpp.
+at::Tensor mm_bf16_f32_cpu(const at::Tensor& a, const at::Tensor& b);
+
 }  // namespace longmoe

@@ -31,6 +31,7 @@ __all__ = [
     "topk_routing",
     "topk_lowest_index",
     "topk_lowest_index_ref",
+    "router_logits_f32",
     "sparsemixer_routing",
     "expert_capacity",
     "apply_capacity",
@@ -96,6 +97,51 @@ def topk_lowest_index(key: torch.Tensor, k: int, *, backend: str | None = None) 
         if select_backend(key, backend=backend) == "native":
             return torch.ops.longmoe.topk_lowest_index(key, k)
     return topk_lowest_index_ref(key, k)
+
+
+class _RouterLogitsBf16(torch.autograd.Function):
+    """fp32 ``x @ weight.T`` of bf16 x (num_tokens, hidden) and weight (num_experts, hidden) on the CPU: the
+    forward on bf16 micro-kernels with fp32 output (``torch.ops.longmoe.mm_bf16_f32``), the backward as
+    autograd runs ``F.linear(x.float(), weight.float())``."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(x, weight)
+        return torch.ops.longmoe.mm_bf16_f32(x, weight.t())
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        dx = (g @ weight.float()).to(x.dtype) if ctx.needs_input_grad[0] else None
+        dw = (g.t() @ x.float()).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        return dx, dw
+
+
+def router_logits_f32(x: torch.Tensor, weight: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """Router logits in the accumulation dtype (``MoEConfig.router_dtype="float32"``, as Megatron-core's
+    ``moe_router_dtype="fp32"``): ``F.linear(x.to(ct), weight.to(ct))`` with ct fp32 (fp64 for fp64 x), and its
+    gradients cast back to x's and weight's dtypes. x: (num_tokens, hidden); weight: (num_experts, hidden);
+    returns (num_tokens, num_experts) in ct.
+
+    bf16 x and weight on the CPU (native backend) take the forward on bf16 micro-kernels with fp32
+    accumulation instead of an fp32 GEMM: a product of two bf16 values is exact in fp32, so the logits are the
+    fp32 GEMM's up to summation order. 2048 tokens x 1024 -> 256 experts, one core of an AMX Xeon: 6.4 -> 1.0 ms;
+    8K tokens 26 -> 6.5 ms. The backward's gradient is fp32 and stays on fp32 GEMMs."""
+    ct = accumulation_dtype(x.dtype)
+    if (
+        x.dim() == 2
+        and x.dtype == weight.dtype == torch.bfloat16
+        and ct == torch.float32
+        and select_backend(x, backend=backend) == "native"
+    ):
+        return _RouterLogitsBf16.apply(x, weight)
+    return F.linear(x.to(ct), weight.to(ct))
+
+
+@register_fake("mm_bf16_f32")
+def _mm_bf16_f32_fake(a, b):
+    """Fake (meta) kernel of the C++ op, for torch.compile: (M, N) fp32."""
+    return a.new_empty((a.shape[0], b.shape[1]), dtype=torch.float32)
 
 
 @register_fake("topk_lowest_index")
@@ -281,7 +327,7 @@ class TopKRouter(nn.Module):
         if cfg.router_dtype == "input":  # as Hugging Face: logits in the activation dtype, scores upcast
             logits = F.linear(x, self.weight.to(x.dtype)).to(ct)
         else:
-            logits = F.linear(x.to(ct), self.weight.to(ct))
+            logits = router_logits_f32(x, self.weight)
         probs, ids, scores = topk_routing(
             logits,
             top_k=cfg.top_k,

@@ -221,17 +221,77 @@ def test_expert_bias_counts_the_slots_kept_after_capacity():
     assert counted.max() <= math.ceil(0.5 * 64 * 2 / 4)
 
 
+def _fp32_gemm_bound(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Elementwise bound on |fl(a @ b) - a @ b| for an fp32 GEMM summed in any order with exact products:
+    gamma_K * (|a| @ |b|), gamma_K = K u / (1 - K u), u = 2^-24."""
+    k, u = a.shape[1], 2.0**-24
+    return k * u / (1 - k * u) * (a.double().abs() @ b.double().abs())
+
+
 @pytest.mark.parametrize("router_dtype", ["float32", "input"])
 def test_router_dtype(router_dtype):
-    """``input``: logits in the activation dtype (Hugging Face's bf16 router); ``float32``: fp32 logits."""
+    """``input``: logits in the activation dtype (Hugging Face's bf16 router); ``float32``: fp32 logits, equal
+    to the fp32 GEMM of the same bf16 operands within fp32 summation error (on CPUs with bf16 micro-kernels
+    they are summed there), with that GEMM's gradients exactly."""
     cfg = MoEConfig(hidden_size=64, ffn_hidden_size=8, num_experts=8, top_k=2, router_dtype=router_dtype)
     layer = MoELayer(cfg).to(torch.bfloat16)
-    x = torch.randn(32, 64, dtype=torch.bfloat16)
+    x = torch.randn(32, 64, dtype=torch.bfloat16, requires_grad=True)
     out = layer.router(x)
     assert out.logits.dtype == torch.float32 and out.probs.dtype == torch.float32
-    want = torch.nn.functional.linear(x, layer.router.weight) if router_dtype == "input" else (
-        torch.nn.functional.linear(x.float(), layer.router.weight.float()))  # fmt: skip
-    torch.testing.assert_close(out.logits, want.float(), rtol=0, atol=0)
+    if router_dtype == "input":
+        want = torch.nn.functional.linear(x, layer.router.weight)
+        torch.testing.assert_close(out.logits, want.float(), rtol=0, atol=0)
+        return
+    w = layer.router.weight.detach().clone().requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    want = torch.nn.functional.linear(x2.float(), w.float())
+    exact = x.detach().double() @ w.detach().double().t()
+    assert ((out.logits.double() - exact).abs() <= _fp32_gemm_bound(x.detach(), w.detach().t())).all()
+    g = torch.randn_like(want)
+    out.logits.backward(g)
+    want.backward(g)
+    assert torch.equal(x.grad, x2.grad) and torch.equal(layer.router.weight.grad, w.grad)
+
+
+@pytest.mark.parametrize("b_layout", ["rows", "transposed", "strided"])
+def test_native_mm_bf16_f32(b_layout):
+    """torch.ops.longmoe.mm_bf16_f32 (bf16 micro-kernels, fp32 output) vs the fp64 product of the same bf16
+    operands, within the fp32 GEMM's own summation bound (which the fp32 mm meets too): odd M, N around the
+    64-column blocks, K not a multiple of the 32-wide tile rows (and odd), a strided a, empty dimensions, and
+    Inf / NaN propagated as the fp32 mm propagates them."""
+    g = torch.Generator().manual_seed(5)
+    op = torch.ops.longmoe.mm_bf16_f32
+    for m, k, n in ((1, 32, 1), (37, 48, 3), (130, 1024, 256), (64, 100, 65), (5, 7, 300), (70, 64, 128)):
+        a = torch.randn(m, k, generator=g).bfloat16()
+        if b_layout == "rows":
+            b = torch.randn(k, n, generator=g).bfloat16()
+        elif b_layout == "transposed":  # a router weight (num_experts, hidden) seen as (hidden, num_experts)
+            b = torch.randn(n, k, generator=g).bfloat16().t()
+        else:  # every other row of a wider tensor, columns strided too
+            b = torch.randn(2 * k, 2 * n, generator=g).bfloat16()[::2, ::2]
+            a = torch.randn(m, 3 * k, generator=g).bfloat16()[:, 1::3]
+        got = op(a, b)
+        assert got.dtype == torch.float32 and got.shape == (m, n)
+        exact, bound = a.double() @ b.double(), _fp32_gemm_bound(a, b)
+        assert ((a.float() @ b.float()).double() - exact).abs().le(bound).all()  # the bound holds for fp32 mm
+        err = (got.double() - exact).abs()
+        assert err.le(bound).all(), (m, k, n, float((err - bound).max()))
+    a = torch.randn(6, 64, generator=g).bfloat16()
+    b = torch.randn(64, 70, generator=g).bfloat16()
+    a[1, 3], a[2, 5], a[3, 0] = float("inf"), float("nan"), float("-inf")
+    got, want = op(a, b), a.float() @ b.float()
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
+    assert torch.equal(got[got.isinf()], want[want.isinf()])
+    assert op(a[:0], b).shape == (0, 70) and op(a, b[:, :0]).shape == (6, 0)
+    assert torch.equal(op(a[:, :0], b[:0]), torch.zeros(6, 70))
+
+
+def test_native_mm_bf16_f32_checks():
+    a, b = torch.randn(4, 8).bfloat16(), torch.randn(8, 3).bfloat16()
+    with pytest.raises(RuntimeError, match="a and b must be bfloat16; got Float and BFloat16"):
+        torch.ops.longmoe.mm_bf16_f32(a.float(), b)
+    with pytest.raises(RuntimeError, match=r"a \(M, K\) and b \(K, N\) expected; got a \[4, 8\], b \[3, 8\]"):
+        torch.ops.longmoe.mm_bf16_f32(a, b.t())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
