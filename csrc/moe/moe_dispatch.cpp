@@ -69,6 +69,29 @@ inline float dot16(const scalar_t* a, const scalar_t* b, int64_t n, int64_t& end
 }
 #endif
 
+// o[h] = scalar_t(acc_t(x[h]) * w), h < n: a probs-weighted permuted row. bf16 with AVX-512 runs 16 lanes at a
+// time with c10's own rounding (round to nearest even on the bits, NaN -> 0x7FC0, no denormal flush), so the
+// result is the scalar loop's bit for bit (16K rows x 1024, one thread: 3.6 -> 3.0 ms; an unweighted copy 2.5 ms).
+template <typename scalar_t, typename acc_t>
+inline void scale_row(const scalar_t* x, acc_t w, scalar_t* o, int64_t n) {
+  int64_t h = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    const __m512 wv = _mm512_set1_ps(w);
+    for (; h + 16 <= n; h += 16) {
+      const __m512 v = _mm512_mul_ps(load16(x + h), wv);
+      const __m512i u = _mm512_castps_si512(v);
+      const __m512i odd = _mm512_and_si512(_mm512_maskz_srli_epi32(kAll16, u, 16), _mm512_set1_epi32(1));
+      const __m512i bias = _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF));
+      __m512i r = _mm512_maskz_srli_epi32(kAll16, _mm512_add_epi32(u, bias), 16);
+      r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + h), _mm512_maskz_cvtepi32_epi16(kAll16, r));
+    }
+  }
+#endif
+  for (; h < n; ++h) o[h] = static_cast<scalar_t>(static_cast<acc_t>(x[h]) * w);
+}
+
 int64_t row_grain(int64_t row_bytes) { return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(row_bytes, 1)); }
 
 void check_rows(const at::Tensor& t, const char* name, const char* shape) {
@@ -160,36 +183,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_dispatch_map_cpu(const at::Te
   return {row_map, src_slot, tokens_per_expert};
 }
 
-at::Tensor moe_permute_cpu(const at::Tensor& x, const at::Tensor& src_slot, int64_t top_k,
-                           const std::optional<at::Tensor>& probs) {
-  check_rows(x, "x", "(num_tokens, hidden)");
-  check_index(src_slot, "src_slot", 1, "(num_rows,)");
-  TORCH_CHECK(top_k >= 1, "top_k must be >= 1; got ", top_k);
-  const at::Tensor xc = x.contiguous(), src = src_slot.contiguous();
-  const int64_t tokens = xc.size(0), hidden = xc.size(1), rows = src.size(0), slots = tokens * top_k;
-  at::Tensor out = at::empty({rows, hidden}, xc.options());
+void moe_permute_into(const at::Tensor& x, const int64_t* src_slot, int64_t rows, int64_t top_k,
+                      const std::optional<at::Tensor>& probs, at::Tensor& out) {
+  const at::Tensor xc = x.contiguous();
+  const int64_t tokens = xc.size(0), hidden = xc.size(1), slots = tokens * top_k;
+  TORCH_CHECK(out.is_contiguous() && out.size(0) >= rows && out.size(1) == hidden &&
+                  out.scalar_type() == xc.scalar_type(),
+              "moe_permute_into: out must be contiguous (>= ", rows, ", ", hidden, ") ", xc.scalar_type());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xc.scalar_type(), "moe_permute", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const at::Tensor pc = probs_as(probs, tokens, top_k, c10::CppTypeToScalarType<acc_t>::value);
     const acc_t* p = pc.defined() ? pc.data_ptr<acc_t>() : nullptr;
     const scalar_t* xp = xc.data_ptr<scalar_t>();
-    const int64_t* sp = src.data_ptr<int64_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, rows, row_grain(hidden * xc.element_size()), [&](int64_t r0, int64_t r1) {
       for (int64_t i = r0; i < r1; ++i) {
-        const int64_t s = sp[i];
+        const int64_t s = src_slot[i];
         TORCH_CHECK(s >= 0 && s < slots, "src_slot[", i, "]=", s, " is outside [0, num_tokens * top_k = ", slots, ")");
         const scalar_t* xr = xp + (s / top_k) * hidden;
         scalar_t* o = op + i * hidden;
         if (p == nullptr) {
           std::memcpy(o, xr, hidden * sizeof(scalar_t));
         } else {
-          const acc_t w = p[s];
-          for (int64_t h = 0; h < hidden; ++h) o[h] = static_cast<scalar_t>(static_cast<acc_t>(xr[h]) * w);
+          scale_row(xr, p[s], o, hidden);
         }
       }
     });
   });
+}
+
+at::Tensor moe_permute_cpu(const at::Tensor& x, const at::Tensor& src_slot, int64_t top_k,
+                           const std::optional<at::Tensor>& probs) {
+  check_rows(x, "x", "(num_tokens, hidden)");
+  check_index(src_slot, "src_slot", 1, "(num_rows,)");
+  TORCH_CHECK(top_k >= 1, "top_k must be >= 1; got ", top_k);
+  const at::Tensor src = src_slot.contiguous();
+  at::Tensor out = at::empty({src.size(0), x.size(1)}, x.options());
+  moe_permute_into(x, src.data_ptr<int64_t>(), src.size(0), top_k, probs, out);
   return out;
 }
 

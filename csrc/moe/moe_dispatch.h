@@ -19,6 +19,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_dispatch_map_cpu(const at::Te
 at::Tensor moe_permute_cpu(const at::Tensor& x, const at::Tensor& src_slot, int64_t topk,
                            const std::optional<at::Tensor>& probs);
 
+// The same for the rows i < rows of src_slot (a pointer into it: a range of rows), into out's first rows
+// (contiguous, (>= rows, H), x's dtype): the grouped expert GEMMs' gathered operands (grouped_gemm.cpp).
+void moe_permute_into(const at::Tensor& x, const int64_t* src_slot, int64_t rows, int64_t top_k,
+                      const std::optional<at::Tensor>& probs, at::Tensor& out);
+
 // y (N, H), row_map (T, k) -> out (T, H): out[t] = sum_j probs[t, j] * y[row_map[t, j]] over kept slots,
 // accumulated in order j = 0..k-1 in fp32 (fp64 for fp64 inputs).
 at::Tensor moe_unpermute_cpu(const at::Tensor& y, const at::Tensor& row_map,

@@ -76,6 +76,17 @@ def test_dispatch_map_is_stable_sort(shape, backend):
     assert bool((m.row_map.reshape(-1).cpu()[flat < 0] == -1).all())
 
 
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal shapes and dtypes, NaN where the other is NaN, and equal bit patterns everywhere else (signed zeros
+    and subnormals included). NaN payloads may differ: torch's vectorised bf16 conversion writes 0xFFFF, c10's
+    scalar one 0x7FC0."""
+    if a.dtype != b.dtype or a.shape != b.shape or not torch.equal(a.isnan(), b.isnan()):
+        return False
+    ints = {8: torch.int64, 4: torch.int32, 2: torch.int16}[a.element_size()]
+    keep = ~a.isnan()
+    return torch.equal(a.view(ints)[keep], b.view(ints)[keep])
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_permute_unpermute_bit_exact(shape, backend):
@@ -98,11 +109,15 @@ def test_permute_unpermute_bit_exact(shape, backend):
         ids = _expert_ids(tokens, top_k, experts)
         m = moe_dispatch_map(ids, experts, backend=backend)
         x = torch.randn(tokens, hidden, dtype=dtype, device=DEVICE)
+        # weighted rows that round at the edges: NaN, Inf, subnormal products
+        if tokens and dtype != torch.float16:
+            special = [float("nan"), float("inf"), -float("inf"), 1e-38, -2e-39, 3.3e38, 1.00390625]
+            x[0, : min(hidden, 7)] = torch.tensor(special[: min(hidden, 7)], dtype=dtype)
         probs = torch.rand(tokens, top_k, device=DEVICE)
         y = torch.randn(m.num_rows, hidden, dtype=dtype, device=DEVICE)
         for p in (None, probs):
             got = moe_permute_forward(x, m.src_slot, top_k, p, backend=backend)
-            assert torch.equal(got, moe_permute_ref(x, m.src_slot, top_k, p)), (
+            assert _same_bits(got, moe_permute_ref(x, m.src_slot, top_k, p)), (
                 f"{dtype} permute probs={p is not None}"
             )
             got = moe_unpermute_forward(y, m.row_map, p, backend=backend)
@@ -191,3 +206,16 @@ def test_native_ops_schema_and_fake_kernels():
     ):
         row_map, src_slot, tpe = torch.ops.longmoe.moe_dispatch_map(torch.empty(40, 2, dtype=torch.long), 5)
         assert row_map.shape == (40, 2) and tpe.shape == (5,) and src_slot.dim() == 1
+
+
+@pytest.mark.skipif(not native_available(), reason="the native extension is not built")
+def test_native_weighted_bf16_rows_round_ties_to_even():
+    """bf16 rows times a weight whose fp32 product lies exactly halfway between two bf16 values:
+    1.9921875 * 1.0019607543945312 = 1.99609375 (fp32 0x3FFF8000) goes up to the even 2.0, -1.9921875 likewise
+    down to -2.0; the 16-lane path (32 columns) and the scalar tail (3) both, against torch's own conversion."""
+    w = torch.tensor([0x3F804040], dtype=torch.int32).view(torch.float32).item()
+    x = torch.tensor([[1.9921875, -1.9921875, 1.0] * 11 + [1.9921875, 1.0]]).to(torch.bfloat16)  # 35 columns
+    src = torch.zeros(1, dtype=torch.int64)
+    got = moe_permute_forward(x, src, 1, torch.full((1, 1), w), backend="native")
+    assert _same_bits(got, moe_permute_ref(x, src, 1, torch.full((1, 1), w)))
+    assert got[0, :3].tolist() == [2.0, -2.0, 1.0] and got[0, 33:].tolist() == [2.0, 1.0]
