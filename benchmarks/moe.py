@@ -59,7 +59,7 @@ from rich.table import Table
 
 import longmoe
 from longmoe.moe import MoEConfig, MoELayer, moe_dispatch_map, moe_permute, moe_unpermute
-from longmoe.moe.experts import _dx_operand
+from longmoe.moe.experts import _activation, _dx_operand
 from longmoe.runtime import spawn
 
 STAGES = ("router", "permute", "all-to-all", "experts", "unpermute")
@@ -233,12 +233,24 @@ def stage_split(layer: MoELayer, x: torch.Tensor, repeats: int, sync=None) -> di
             route = layer.router(x)
             mark("router")
             dmap = moe_dispatch_map(route.expert_ids, cfg.num_experts)
-            rows = moe_permute(x, dmap)
-            mark("permute")
-            if layer.dispatcher is None:
+            if layer.dispatcher is None and layer.experts.gathers(x):
+                # as GroupedExperts.forward_tokens: "permute" is the dispatch map only, the rows are gathered
+                # inside the expert GEMMs
+                mark("permute")
+                ex, counts = layer.experts, dmap.tokens_per_expert.tolist()
+                h = torch.ops.longmoe.moe_grouped_mm(x, ex.linear_fc1, counts, 0, dmap.src_slot, cfg.top_k)
+                y = torch.ops.longmoe.moe_grouped_mm(
+                    _activation(h, cfg.activation, ex.ffn), ex.linear_fc2, counts, 0
+                )
+                mark("experts")
+            elif layer.dispatcher is None:
+                rows = moe_permute(x, dmap)
+                mark("permute")
                 y = layer.experts(rows, dmap.tokens_per_expert)
                 mark("experts")
             else:
+                rows = moe_permute(x, dmap)
+                mark("permute")
                 local, counts, state = layer.dispatcher.dispatch(rows, dmap.tokens_per_expert)
                 mark("all-to-all")
                 y_local = layer.experts(local, counts)

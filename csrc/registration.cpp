@@ -22,7 +22,9 @@ TORCH_LIBRARY(longmoe, m) {
   m.def("moe_permute(Tensor x, Tensor src_slot, int top_k, Tensor? probs) -> Tensor");
   m.def("moe_unpermute(Tensor y, Tensor row_map, Tensor? probs) -> Tensor");
   m.def("moe_unpermute_probs_grad(Tensor dout, Tensor y, Tensor row_map) -> Tensor");
-  m.def("moe_grouped_mm(Tensor a, Tensor b, int[] counts, int kind) -> Tensor");
+  m.def(
+      "moe_grouped_mm(Tensor a, Tensor b, int[] counts, int kind, Tensor? src_slot=None, int top_k=1, "
+      "bool gather_b=False) -> Tensor");
   m.def("topk_lowest_index(Tensor key, int k) -> Tensor");
   m.def("mm_bf16_f32(Tensor a, Tensor b) -> Tensor");
   m.def(

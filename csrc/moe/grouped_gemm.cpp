@@ -10,42 +10,35 @@
 // kind 2, dw:       a = dy (N, out), b = x (N, in) -> (E, out, in), dw[e] = dy_e^T @ x_e (0 if e has no rows)
 // counts (E): rows of each expert, contiguous in expert order, summing to N.
 //
+// Gathered operand (src_slot given): the row operand is not materialised in expert order; its row i is
+// tokens[src_slot[i] / top_k], as moe_permute would write it, with `tokens` = a (kinds 0, 1 and 2) or b (kind 2
+// with gather_b). The rows are gathered per pass of consecutive experts into a reused scratch, so that the
+// layer's (T * top_k, H) permuted copy of x (64 MB fp32 at 2K tokens x top-8, H 1024) is neither written nor
+// kept for the backward. The results are bit-identical to moe_permute followed by the plain op. (Gathering the
+// probs-weighted output gradient for the second GEMM's backward the same way, twice, was slower than one
+// moe_permute shared by its dx and dw: each gather costs about what the permute does on this CPU.)
+//
 // Experts with few rows run on oneDNN brgemm micro-kernels instead where that is faster (bf16 on AMX, the fp32
 // forward; grouped_gemm_brgemm.cpp); the rest here.
 #include "moe/grouped_gemm.h"
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <numeric>
+#include <vector>
+
+#include "moe/moe_dispatch.h"
 
 namespace longmoe {
 
-at::Tensor moe_grouped_mm_cpu(const at::Tensor& a, const at::Tensor& b, at::IntArrayRef counts, int64_t kind) {
-  TORCH_CHECK(kind >= 0 && kind <= 2, "kind must be 0 (x @ w^T), 1 (dy @ w) or 2 (dy^T @ x); got ", kind);
-  TORCH_CHECK(a.dim() == 2, "a must be 2-D (num_rows, features); got shape ", a.sizes());
-  TORCH_CHECK(a.scalar_type() == b.scalar_type(), "a and b must share a dtype; got ", a.scalar_type(), " and ",
-              b.scalar_type());
-  const int64_t E = static_cast<int64_t>(counts.size());
-  const int64_t N = a.size(0);
-  int64_t total = 0;
-  for (int64_t c : counts) {
-    TORCH_CHECK(c >= 0, "counts must be >= 0; got ", counts);
-    total += c;
-  }
-  TORCH_CHECK(total == N, "counts sum to ", total, "; expected a's rows ", N);
-  at::Tensor out;
-  if (kind == 2) {
-    TORCH_CHECK(b.dim() == 2 && b.size(0) == N, "kind 2: b must be (num_rows=", N, ", in); got ", b.sizes());
-    out = at::empty({E, a.size(1), b.size(1)}, a.options());
-  } else {
-    TORCH_CHECK(b.dim() == 3 && b.size(0) == E, "b must be (num_experts=", E, ", out, in); got ", b.sizes());
-    const int64_t k_dim = kind == 0 ? b.size(2) : b.size(1);
-    TORCH_CHECK(a.size(1) == k_dim, "a has ", a.size(1), " features; expected ", k_dim, " for kind ", kind);
-    out = at::empty({N, kind == 0 ? b.size(1) : b.size(2)}, a.options());
-  }
+namespace {
+
+// Every expert's GEMM into `out`: brgemm for the experts it takes, mm_out for the rest. Operands already checked.
+void grouped_mm_into(const at::Tensor& a, const at::Tensor& b, at::IntArrayRef counts, int64_t kind, at::Tensor& out) {
   const int64_t done_rows = moe_grouped_mm_brgemm(a, b, counts, kind, out);  // experts with <= done_rows rows
   int64_t start = 0;
-  for (int64_t e = 0; e < E; ++e) {
+  for (int64_t e = 0; e < static_cast<int64_t>(counts.size()); ++e) {
     const int64_t n = counts[e];
     if (n <= done_rows) {
       start += n;
@@ -63,6 +56,82 @@ at::Tensor moe_grouped_mm_cpu(const at::Tensor& a, const at::Tensor& b, at::IntA
       at::mm_out(dst, a.narrow(0, start, n), kind == 0 ? b.select(0, e).t() : b.select(0, e));
     }
     start += n;
+  }
+}
+
+// Bytes of gathered rows per pass: the scratch they are gathered into is reused from pass to pass, so it
+// stays in cache instead of streaming a (num_rows, features) copy through memory.
+constexpr int64_t kGatherBytes = int64_t{1} << 20;
+
+}  // namespace
+
+at::Tensor moe_grouped_mm_cpu(const at::Tensor& a, const at::Tensor& b, at::IntArrayRef counts, int64_t kind,
+                              const std::optional<at::Tensor>& src_slot, int64_t top_k, bool gather_b) {
+  TORCH_CHECK(kind >= 0 && kind <= 2, "kind must be 0 (x @ w^T), 1 (dy @ w) or 2 (dy^T @ x); got ", kind);
+  TORCH_CHECK(a.dim() == 2, "a must be 2-D (num_rows, features); got shape ", a.sizes());
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), "a and b must share a dtype; got ", a.scalar_type(), " and ",
+              b.scalar_type());
+  const bool gather = src_slot.has_value();
+  TORCH_CHECK(gather || !gather_b, "gather_b needs src_slot");
+  TORCH_CHECK(!gather_b || kind == 2, "gather_b applies to kind 2 (dy^T @ x) only; got kind ", kind);
+  // The gathered operand: a (token rows), or b for kind 2 with gather_b; its rows are x[src_slot[i] / top_k].
+  const at::Tensor& tokens = gather_b ? b : a;
+  at::Tensor src;
+  if (gather) {
+    src = src_slot->contiguous();
+    TORCH_CHECK(src.dim() == 1 && src.scalar_type() == at::kLong, "src_slot must be 1-D int64; got ", src.sizes(),
+                " ", src.scalar_type());
+    TORCH_CHECK(top_k >= 1, "top_k must be >= 1; got ", top_k);
+    TORCH_CHECK(tokens.dim() == 2, gather_b ? "b" : "a", " (the gathered tokens) must be 2-D; got shape ",
+                tokens.sizes());
+  }
+  const int64_t E = static_cast<int64_t>(counts.size());
+  const int64_t N = gather && !gather_b ? src.size(0) : a.size(0);
+  int64_t total = 0;
+  for (int64_t c : counts) {
+    TORCH_CHECK(c >= 0, "counts must be >= 0; got ", counts);
+    total += c;
+  }
+  TORCH_CHECK(total == N, "counts sum to ", total, "; expected ", gather && !gather_b ? "src_slot's" : "a's",
+              " rows ", N);
+  at::Tensor out;
+  if (kind == 2) {
+    const int64_t b_rows = gather_b ? src.size(0) : b.size(0);
+    TORCH_CHECK(b.dim() == 2 && b_rows == N, "kind 2: b must be (num_rows=", N, ", in)",
+                gather_b ? " after the gather" : "", "; got ", b.sizes());
+    out = at::empty({E, a.size(1), b.size(1)}, a.options());
+  } else {
+    TORCH_CHECK(b.dim() == 3 && b.size(0) == E, "b must be (num_experts=", E, ", out, in); got ", b.sizes());
+    const int64_t k_dim = kind == 0 ? b.size(2) : b.size(1);
+    TORCH_CHECK(a.size(1) == k_dim, "a has ", a.size(1), " features; expected ", k_dim, " for kind ", kind);
+    out = at::empty({N, kind == 0 ? b.size(1) : b.size(2)}, a.options());
+  }
+  if (!gather) {
+    grouped_mm_into(a, b, counts, kind, out);
+    return out;
+  }
+  // Passes over consecutive experts holding about kGatherBytes of gathered rows (at least the largest expert):
+  // gather the pass's rows into the scratch, then run its experts on it.
+  const int64_t row_bytes = tokens.size(1) * tokens.element_size();
+  const int64_t most = counts.empty() ? 0 : *std::max_element(counts.begin(), counts.end());
+  const int64_t budget = std::max<int64_t>({kGatherBytes / std::max<int64_t>(row_bytes, 1), most, 1});
+  at::Tensor scratch = at::empty({std::min(budget, N), tokens.size(1)}, tokens.options());
+  const int64_t* sp = src.data_ptr<int64_t>();
+  for (int64_t e0 = 0, r0 = 0; e0 < E;) {
+    int64_t e1 = e0, rows = 0;
+    while (e1 < E && (e1 == e0 || rows + counts[e1] <= budget)) rows += counts[e1++];
+    at::Tensor g = scratch.narrow(0, 0, rows);
+    moe_permute_into(tokens, sp + r0, rows, top_k, std::nullopt, g);
+    const at::IntArrayRef cnt = counts.slice(e0, e1 - e0);
+    if (kind == 2) {
+      at::Tensor o = out.narrow(0, e0, e1 - e0);
+      grouped_mm_into(gather_b ? a.narrow(0, r0, rows) : g, gather_b ? g : b.narrow(0, r0, rows), cnt, 2, o);
+    } else {
+      at::Tensor o = out.narrow(0, r0, rows);
+      grouped_mm_into(g, b.narrow(0, e0, e1 - e0), cnt, kind, o);
+    }
+    e0 = e1;
+    r0 += rows;
   }
   return out;
 }

@@ -3,9 +3,12 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
+
 namespace longmoe {
 
-at::Tensor moe_grouped_mm_cpu(const at::Tensor& a, const at::Tensor& b, at::IntArrayRef counts, int64_t kind);
+at::Tensor moe_grouped_mm_cpu(const at::Tensor& a, const at::Tensor& b, at::IntArrayRef counts, int64_t kind,
+                              const std::optional<at::Tensor>& src_slot, int64_t top_k, bool gather_b);
 
 // The same GEMMs on oneDNN brgemm micro-kernels into `out` (already shaped): bf16 on AMX CPUs, the fp32 forward
 // (grouped_gemm_brgemm.cpp). Computes the experts with at most R rows and returns R, or returns -1 (nothing

@@ -137,15 +137,18 @@ class MoELayer(nn.Module):
         else:
             dmap = moe_dispatch_map(route.expert_ids, cfg.num_experts, backend=self.backend)
             tokens_per_expert = dmap.tokens_per_expert
-        rows = moe_permute(x, dmap, backend=self.backend)
-        if self.dispatcher is None:
-            y = self.experts(rows, dmap.tokens_per_expert)
-        elif chunks > 1:
-            y = self.dispatcher.run_chunked(rows, tokens_per_expert, self.experts, chunks)
+        if self.dispatcher is None and self.experts.gathers(x, self.backend):
+            out = self.experts.forward_tokens(x, dmap, route.probs)  # no permuted copies (CPU)
         else:
-            local_rows, local_counts, state = self.dispatcher.dispatch(rows, dmap.tokens_per_expert)
-            y = self.dispatcher.combine(self.experts(local_rows, local_counts), state)
-        out = moe_unpermute(y.to(x.dtype), dmap, route.probs, backend=self.backend)
+            rows = moe_permute(x, dmap, backend=self.backend)
+            if self.dispatcher is None:
+                y = self.experts(rows, dmap.tokens_per_expert)
+            elif chunks > 1:
+                y = self.dispatcher.run_chunked(rows, tokens_per_expert, self.experts, chunks)
+            else:
+                local_rows, local_counts, state = self.dispatcher.dispatch(rows, dmap.tokens_per_expert)
+                y = self.dispatcher.combine(self.experts(local_rows, local_counts), state)
+            out = moe_unpermute(y.to(x.dtype), dmap, route.probs, backend=self.backend)
         if self.shared_expert is not None:
             shared = self.shared_expert(x)
             if self.shared_expert_gate is not None:

@@ -308,3 +308,122 @@ def test_native_grouped_mm_shapes(counts, out_f, in_f, dtype):
     for i, c in enumerate(counts):
         if c == 0:
             assert (ours[2][i] == 0).all(), f"dw of empty expert {i} is not zero"
+
+
+def _routing(tokens: int, top_k: int, kind: str, num_experts: int, g: torch.Generator):
+    """expert_ids (tokens, top_k) for a named routing: 'random' (with empty experts and dropped slots) or
+    'one-expert' (every kept slot to expert 1, so one expert holds more rows than a gather pass)."""
+    if kind == "one-expert":
+        ids = torch.full((tokens, top_k), 1, dtype=torch.int64)
+        ids[:, 1:] = -1  # one slot per token kept
+        return ids
+    ids = torch.stack([torch.randperm(num_experts - 3, generator=g)[:top_k] + 1 for _ in range(tokens)])
+    ids[torch.rand(tokens, top_k, generator=g) < 0.1] = -1  # capacity drops; experts 0, E-2, E-1 stay empty
+    return ids
+
+
+@pytest.mark.parametrize(
+    "tokens,top_k,hidden,routing",
+    [(37, 4, 48, "random"), (700, 6, 1024, "random"), (1500, 2, 1024, "one-expert")],
+    ids=["one-pass", "several-passes", "expert-over-a-pass"],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_native_grouped_mm_gathered_equals_permuted(tokens, top_k, hidden, routing, dtype):
+    """moe_grouped_mm with a gathered operand (src_slot: rows gathered from the tokens per pass of experts;
+    gather_b for kind 2's x) is bit-identical to moe_permute followed by the plain op: every kind, one pass and
+    several (1 MB of gathered rows per pass), an expert with more rows than a pass (and than the brgemm row
+    limit), empty experts and dropped slots."""
+    from longmoe.moe.permute import moe_dispatch_map, moe_permute_forward
+
+    g = torch.Generator().manual_seed(11)
+    num_experts, ffn = 12, 40
+    dmap = moe_dispatch_map(_routing(tokens, top_k, routing, num_experts, g), num_experts)
+    counts, src = dmap.tokens_per_expert.tolist(), dmap.src_slot
+    assert counts[0] == 0 and counts[-1] == 0 and sum(counts) == src.numel()
+    x = torch.randn(tokens, hidden, generator=g).to(dtype)
+    dout = torch.randn(tokens, hidden, generator=g).to(dtype)
+    w1 = (torch.randn(num_experts, ffn, hidden, generator=g) / hidden**0.5).to(dtype)
+    w2 = (torch.randn(num_experts, hidden, ffn, generator=g) / ffn**0.5).to(dtype)
+    dh = torch.randn(src.numel(), ffn, generator=g).to(dtype)
+    op = torch.ops.longmoe.moe_grouped_mm
+    px = moe_permute_forward(x, src, top_k, backend="native")
+    pd = moe_permute_forward(dout, src, top_k, backend="native")
+    cases = {
+        "fwd, x gathered": (op(x, w1, counts, 0, src, top_k), op(px, w1, counts, 0)),
+        "dx, dout gathered": (op(dout, w2, counts, 1, src, top_k), op(pd, w2, counts, 1)),
+        "dw, dout gathered": (op(dout, dh, counts, 2, src, top_k), op(pd, dh, counts, 2)),
+        "dw, x gathered (gather_b)": (op(dh, x, counts, 2, src, top_k, True), op(dh, px, counts, 2)),
+    }
+    for name, (got, want) in cases.items():
+        assert got.dtype == dtype and got.shape == want.shape, name
+        assert torch.equal(got, want), f"{name}: max diff {(got.float() - want.float()).abs().max()}"
+    with pytest.raises(RuntimeError, match="gather_b applies to kind 2"):
+        op(x, w1, counts, 0, src, top_k, True)
+    with pytest.raises(RuntimeError, match="gather_b needs src_slot"):
+        op(dh, px, counts, 2, None, top_k, True)
+    with pytest.raises(RuntimeError, match="expected src_slot's rows"):
+        op(x, w1, [c + 1 for c in counts], 0, src, top_k)
+    # the message names the first bad row some thread checked
+    with pytest.raises(RuntimeError, match=r"src_slot\[\d+\]=\d+ is outside"):
+        op(x, w1, counts, 0, src + tokens * top_k, top_k)
+    if tokens < 100:  # schema and fake kernel (torch.compile) of the gathered forms
+        checks = ("test_schema", "test_faketensor")
+        torch.library.opcheck(op.default, (x, w1, counts, 0, src, top_k), test_utils=checks)
+        torch.library.opcheck(op.default, (dh, x, counts, 2, src, top_k, True), test_utils=checks)
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 0.8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gathered_layer_is_bit_identical_to_permuted(capacity_factor, dtype, monkeypatch):
+    """MoELayer on the native CPU backend runs the experts on the tokens (GroupedExperts.forward_tokens: no
+    permuted copy of x); with a forward hook on its experts it permutes, runs the experts (the hook sees the rows)
+    and unpermutes. Output and every gradient are bit-identical, dropless and with slots dropped."""
+    from longmoe.moe.experts import GroupedExperts
+
+    cfg = MoEConfig(
+        hidden_size=64, ffn_hidden_size=16, num_experts=32, top_k=6, capacity_factor=capacity_factor
+    )
+    torch.manual_seed(3)
+    layer = _layer(cfg, dtype, router_scale=10.0)
+    x = torch.randn(300, cfg.hidden_size).to(dtype)
+    g = torch.randn_like(x)
+    calls = []
+    real = GroupedExperts.forward_tokens
+
+    def counted(self, *args):
+        calls.append(1)
+        return real(self, *args)
+
+    monkeypatch.setattr(GroupedExperts, "forward_tokens", counted)
+    layer.zero_grad(set_to_none=True)
+    xs = x.clone().requires_grad_(True)
+    out, aux = layer(xs)
+    (out * g).sum().backward()
+    fused = {"out": out.detach(), "dx": xs.grad, **{k: p.grad.clone() for k, p in layer.named_parameters()}}
+    assert calls == [1] and (int(aux.dropped_tokens) > 0) == (capacity_factor is not None)
+    # A forward hook on the experts keeps the permuted path (the hook sees the permuted rows).
+    seen = []
+    layer.experts.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
+    layer.zero_grad(set_to_none=True)
+    xs = x.clone().requires_grad_(True)
+    out, _ = layer(xs)
+    (out * g).sum().backward()
+    plain = {"out": out.detach(), "dx": xs.grad, **{k: p.grad for k, p in layer.named_parameters()}}
+    assert calls == [1] and seen == [(300 * 6 - int(aux.dropped_tokens), cfg.hidden_size)]
+    for key, want in plain.items():
+        assert torch.equal(fused[key], want), (
+            f"{key}: max diff {(fused[key].float() - want.float()).abs().max()}"
+        )
+
+
+def test_forward_tokens_rejects_what_it_cannot_run():
+    from longmoe.moe.permute import moe_dispatch_map
+
+    cfg = MoEConfig(hidden_size=16, ffn_hidden_size=8, num_experts=4, top_k=2)
+    layer = MoELayer(cfg)
+    x = torch.randn(5, 16)
+    dmap = moe_dispatch_map(layer.router(x).expert_ids, 4)
+    with pytest.raises(
+        ValueError, match=r"x in the weights' dtype torch.float32.*got uniform=True, x torch.float64"
+    ):
+        layer.experts.forward_tokens(x.double(), dmap, None)
