@@ -29,7 +29,8 @@ FLOPs: forward 6 * T * k * H * F (SwiGLU: 2*N*H*2F + 2*N*F*H); fwd+bwd 3x forwar
 naive-loop and hf-eager measured in the same run, interleaved round-robin (median of --repeats rounds after a
 warm-up) so that load from other processes hits every provider alike; EP runs are timed separately.
 The forward time split (router / permute / all-to-all / experts / unpermute) runs MoELayer.forward's stages
-one by one with timers.
+one by one with timers. Where the layer gathers its rows inside the expert GEMMs (one process on the CPU:
+GroupedExperts.forward_tokens), "permute" is the dispatch map alone and "experts" includes the gather.
 
 Threads: --threads (default 1) for the single-process providers. On this shared 2-core VM a 2-thread OpenMP
 GEMM pays a fork-join per call; when another process holds a core, a (256 x 1024 x 256) fp32 GEMM ran at
