@@ -138,7 +138,7 @@ class MoELayer(nn.Module):
             dmap = moe_dispatch_map(route.expert_ids, cfg.num_experts, backend=self.backend)
             tokens_per_expert = dmap.tokens_per_expert
         if self.dispatcher is None and self.experts.gathers(x, self.backend):
-            out = self.experts.forward_tokens(x, dmap, route.probs)  # no permuted copies (CPU)
+            out = self.experts.forward_tokens(x, dmap, route.probs)  # no permuted copy of x (CPU)
         else:
             rows = moe_permute(x, dmap, backend=self.backend)
             if self.dispatcher is None:

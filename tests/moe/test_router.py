@@ -284,6 +284,8 @@ def test_native_mm_bf16_f32(b_layout):
     assert torch.equal(got[got.isinf()], want[want.isinf()])
     assert op(a[:0], b).shape == (0, 70) and op(a, b[:, :0]).shape == (6, 0)
     assert torch.equal(op(a[:, :0], b[:0]), torch.zeros(6, 70))
+    checks = ("test_schema", "test_faketensor")  # schema and fake kernel (torch.compile)
+    torch.library.opcheck(op.default, (a, b), test_utils=checks)
 
 
 def test_native_mm_bf16_f32_checks():
