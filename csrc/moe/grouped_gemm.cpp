@@ -26,7 +26,6 @@
 
 #include <algorithm>
 #include <numeric>
-#include <vector>
 
 #include "moe/moe_dispatch.h"
 
@@ -112,16 +111,17 @@ at::Tensor moe_grouped_mm_cpu(const at::Tensor& a, const at::Tensor& b, at::IntA
   }
   // Passes over consecutive experts holding about kGatherBytes of gathered rows (at least the largest expert):
   // gather the pass's rows into the scratch, then run its experts on it.
-  const int64_t row_bytes = tokens.size(1) * tokens.element_size();
+  const at::Tensor tok = tokens.contiguous();  // once, not per pass
+  const int64_t row_bytes = tok.size(1) * tok.element_size();
   const int64_t most = counts.empty() ? 0 : *std::max_element(counts.begin(), counts.end());
   const int64_t budget = std::max<int64_t>({kGatherBytes / std::max<int64_t>(row_bytes, 1), most, 1});
-  at::Tensor scratch = at::empty({std::min(budget, N), tokens.size(1)}, tokens.options());
+  at::Tensor scratch = at::empty({std::min(budget, N), tok.size(1)}, tok.options());
   const int64_t* sp = src.data_ptr<int64_t>();
   for (int64_t e0 = 0, r0 = 0; e0 < E;) {
     int64_t e1 = e0, rows = 0;
     while (e1 < E && (e1 == e0 || rows + counts[e1] <= budget)) rows += counts[e1++];
     at::Tensor g = scratch.narrow(0, 0, rows);
-    moe_permute_into(tokens, sp + r0, rows, top_k, std::nullopt, g);
+    moe_permute_into(tok, sp + r0, rows, top_k, std::nullopt, g);
     const at::IntArrayRef cnt = counts.slice(e0, e1 - e0);
     if (kind == 2) {
       at::Tensor o = out.narrow(0, e0, e1 - e0);
