@@ -1,6 +1,7 @@
 // bf16 operands in the VNNI layout of oneDNN's brgemm micro-kernels (at::native::cpublas::brgemm with
-// is_vnni), packed by AVX-512 code of our own. Shared by the
-// grouped expert GEMMs (moe/grouped_gemm_brgemm.cpp) and the AMX attention forward (attention/flash_attn_amx.cpp).
+// is_vnni), packed by AVX-512 code of our own. Shared by the grouped expert GEMMs (moe/grouped_gemm_brgemm.cpp),
+// the router's logits GEMM (moe/router_gemm.cpp), the AMX attention forward (attention/flash_attn_amx.cpp) and
+// the XAttention scorer (xattention/antidiag.cpp).
 //
 // Layout of a packed [K, N] block, N = kVnniN columns (zero-padded), K rows zero-padded to an even count (here
 // to whole AMX tile rows, kpad): element (k, n) at ((k / 2) * kVnniN + n) * 2 + k % 2, i.e. uint32 word (k / 2, n)

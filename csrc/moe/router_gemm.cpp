@@ -56,21 +56,20 @@ void mm_brgemm(const at::Tensor& a, const at::Tensor& b, at::Tensor& out) {
   const int64_t M = a.size(0), K = a.size(1), N = b.size(1), Kp = kpad(K), nblk = (N + kVnniN - 1) / kVnniN;
   std::vector<bf16> packed(nblk * Kp * kVnniN);
   pack_b(b, Kp, packed.data());
-  // A read in place when its rows have unit stride and K is whole tile rows; otherwise each chunk of kMB rows is
-  // copied into scratch with zero columns up to Kp.
-  const bool in_place = a.stride(1) == 1 && K == Kp;
+  // A's rows (unit column stride: the caller made it so) are read in place when K is whole tile rows; otherwise
+  // each chunk of kMB rows is copied into scratch with zero columns up to Kp.
+  const bool in_place = K == Kp;
   const bf16* ad = a.data_ptr<bf16>();
   float* od = out.data_ptr<float>();
   at::parallel_for(0, (M + kMB - 1) / kMB, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<bf16> scratch(in_place ? 0 : kMB * Kp);
+    std::vector<bf16> scratch(in_place ? 0 : kMB * Kp);  // value-initialised: the zero columns stay zero
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t r0 = c * kMB, mr = std::min(kMB, M - r0);
       const bf16* A = ad + r0 * a.stride(0);
       int64_t lda = a.stride(0);
       if (!in_place) {
-        std::memset(static_cast<void*>(scratch.data()), 0, scratch.size() * sizeof(bf16));
         for (int64_t r = 0; r < mr; ++r)
-          for (int64_t k = 0; k < K; ++k) scratch[r * Kp + k] = A[r * a.stride(0) + k * a.stride(1)];
+          std::memcpy(static_cast<void*>(scratch.data() + r * Kp), A + r * a.stride(0), K * sizeof(bf16));
         A = scratch.data();
         lda = Kp;
       }
@@ -102,7 +101,7 @@ at::Tensor mm_bf16_f32_cpu(const at::Tensor& a, const at::Tensor& b) {
     const bool cols_ok =
         b.stride(0) == 1 && b.size(0) % 2 == 0 && rows_are_words(b.data_ptr<bf16>(), b.stride(1), 2, 2);
     const at::Tensor bb = b.stride(1) == 1 || cols_ok ? b : b.contiguous();
-    mm_brgemm(a, bb, out);
+    mm_brgemm(a.stride(1) == 1 ? a : a.contiguous(), bb, out);
     return out;
   }
 #endif
