@@ -27,6 +27,9 @@ TORCH_LIBRARY(longmoe, m) {
       "bool gather_b=False) -> Tensor");
   m.def("topk_lowest_index(Tensor key, int k) -> Tensor");
   m.def("mm_bf16_f32(Tensor a, Tensor b) -> Tensor");
+  m.def("swiglu(Tensor h) -> Tensor");
+  m.def("moe_scale_rows_dot(Tensor u, Tensor a, Tensor p) -> (Tensor, Tensor, Tensor)");
+  m.def("swiglu_backward(Tensor da, Tensor h) -> Tensor");
   m.def(
       "xattn_block_scores(Tensor q, Tensor k, int stride, int block_size, bool causal, int q_offset, "
       "float? softmax_scale=None) -> Tensor");
@@ -42,6 +45,9 @@ TORCH_LIBRARY_IMPL(longmoe, CPU, m) {
   m.impl("moe_grouped_mm", &longmoe::moe_grouped_mm_cpu);
   m.impl("topk_lowest_index", &longmoe::topk_lowest_index_cpu);
   m.impl("mm_bf16_f32", &longmoe::mm_bf16_f32_cpu);
+  m.impl("swiglu", &longmoe::swiglu_cpu);
+  m.impl("moe_scale_rows_dot", &longmoe::moe_scale_rows_dot_cpu);
+  m.impl("swiglu_backward", &longmoe::swiglu_backward_cpu);
   m.impl("xattn_block_scores", &longmoe::xattn_block_scores_cpu);
 }
 

@@ -126,6 +126,26 @@ inline __m512 exp_nonpos16(__m512 x) {
   q = _mm512_fmadd_ps(_mm512_mul_ps(q, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
   return _mm512_maskz_scalef_ps(static_cast<__mmask16>(~tiny), q, n);
 }
+
+// 16 fp32 lanes of a bf16 or fp32 vector.
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const at::BFloat16* p) {
+  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(kAll16, _mm512_maskz_cvtepu16_epi32(kAll16, bits), 16));
+}
+
+// Stores 16 fp32 lanes as fp32, or as bf16 with c10's own rounding: round to nearest even on the bits, NaN ->
+// 0x7FC0, no denormal flush (the AVX512-BF16 conversion flushes denormals), so bit for bit what
+// static_cast<at::BFloat16> gives.
+inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+inline void store16(at::BFloat16* p, __m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_maskz_srli_epi32(kAll16, u, 16), _mm512_set1_epi32(1));
+  const __m512i bias = _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF));
+  __m512i r = _mm512_maskz_srli_epi32(kAll16, _mm512_add_epi32(u, bias), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_maskz_cvtepi32_epi16(kAll16, r));
+}
 #endif
 
 // max(x[0:n]) (-inf when n == 0), for finite inputs. Written with vector max instructions because GCC leaves

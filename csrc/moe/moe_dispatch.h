@@ -39,4 +39,14 @@ at::Tensor topk_lowest_index_cpu(const at::Tensor& key, int64_t k);
 // a (M, K) bf16, b (K, N) bf16 -> (M, N) fp32 = a.float() @ b.float() on bf16 micro-kernels; router_gemm.cpp.
 at::Tensor mm_bf16_f32_cpu(const at::Tensor& a, const at::Tensor& b);
 
+// u, a (N, F), p (N) fp32 (fp64 for fp64 u) -> (p * u, p * a, <u, a> per row): the row-wise part of the backward
+// of the second expert GEMM fused with the weighted combine; combine_grad.cpp.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_scale_rows_dot_cpu(const at::Tensor& u, const at::Tensor& a,
+                                                                      const at::Tensor& p);
+
+// h (rows, 2F) float32/bf16 = [gate | up] -> (rows, F) silu(gate) * up, and its backward: da (rows, F), h ->
+// dh (rows, 2F); swiglu.cpp.
+at::Tensor swiglu_cpu(const at::Tensor& h);
+at::Tensor swiglu_backward_cpu(const at::Tensor& da, const at::Tensor& h);
+
 }  // namespace longmoe

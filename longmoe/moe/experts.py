@@ -22,9 +22,10 @@ forward+backward 1.3-2.2x faster (fp32 unchanged). Experts of different widths r
 width.
 
 Without expert parallelism on CPU, :meth:`GroupedExperts.forward_tokens` takes the tokens themselves: the
-native op gathers each pass's rows of x into a reused scratch for the first GEMM and its weight gradient, so
-the layer neither writes nor keeps the (num_tokens * top_k, hidden) permuted copy of x, with results
-bit-identical to permute -> experts -> unpermute.
+native op gathers each pass's rows of x into a reused scratch for the first GEMM and its weight gradient, and
+the second GEMM's output is combined at once (:class:`_LinearUnpermuteFunction`), so the layer neither writes
+nor keeps the (num_tokens * top_k, hidden) permuted copy of x, nor keeps the experts' (num_tokens * top_k,
+hidden) output. The output is bit-identical to permute -> experts -> unpermute, the gradients equal to rounding.
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from longmoe.moe.config import MoEConfig
-from longmoe.moe.permute import moe_unpermute
 from longmoe.runtime.backend import select_backend
+from longmoe.runtime.dtypes import accumulation_dtype
 from longmoe.runtime.native import native_available, native_build_info, register_fake
 
 __all__ = [
@@ -177,6 +178,48 @@ class _PermuteLinearFunction(torch.autograd.Function):
         return dx, dw, None, None, None
 
 
+class _LinearUnpermuteFunction(torch.autograd.Function):
+    """The experts' second GEMM and the weighted combine in one: ``out[t] = sum_j p[t, j] y[row_map[t, j]]`` with
+    ``y = a_e @ weight[e].T`` for the rows of every expert e, without keeping y for the backward.
+
+    a: (num_rows, ffn) expert-contiguous; weight: (num_experts, hidden, ffn); probs: (num_tokens, top_k) or None
+    (unit weights); row_map (num_tokens, top_k) and src_slot (num_rows,) of the dispatch map; counts: rows per
+    expert (list). Returns (num_tokens, hidden); the forward is bit for bit ``moe_unpermute(grouped GEMM)``.
+
+    Backward, with G = permute(dout) (unweighted, (num_rows, hidden)) and U = G_e @ weight[e] (num_rows, ffn):
+    ``dprobs = <U, a>`` per row (an ffn-wide dot in place of the hidden-wide ``<dout, y>``), ``da = p * U`` and
+    ``dweight[e] = G_e^T (p * a)_e``. So y (num_rows, hidden) is neither kept nor re-read: 64 MB less of saved
+    activations per layer at 2K tokens x top-8, H 1024, fp32, and one pass over it less. The gradients equal
+    those of permute -> GEMM -> unpermute up to rounding (p multiplies U, a (num_rows, ffn) instead of dout).
+    """
+
+    @staticmethod
+    def forward(ctx, a, weight, probs, row_map, src_slot, counts):
+        ctx.save_for_backward(a, weight, probs, row_map, src_slot)
+        ctx.counts = counts
+        y = torch.ops.longmoe.moe_grouped_mm(a, weight, counts, 0)
+        return torch.ops.longmoe.moe_unpermute(y, row_map, probs)
+
+    @staticmethod
+    def backward(ctx, dout):
+        a, weight, probs, row_map, src_slot = ctx.saved_tensors
+        need_a, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_p = probs is not None and ctx.needs_input_grad[2]
+        g = torch.ops.longmoe.moe_permute(dout.contiguous(), src_slot, row_map.shape[1], None)
+        u = torch.ops.longmoe.moe_grouped_mm(g, weight, ctx.counts, 1) if need_a or need_p else None
+        da, pa, dprobs = u, a, None
+        if probs is not None and (need_a or need_p):  # one pass: p * u, p * a and the rows' dots <u, a>
+            p = probs.reshape(-1).index_select(0, src_slot).to(accumulation_dtype(a.dtype))
+            da, pa, rows = torch.ops.longmoe.moe_scale_rows_dot(u, a, p)
+            if need_p:  # dropped slots have no row: their gradient is 0
+                dprobs = rows.new_zeros(probs.numel()).index_copy_(0, src_slot, rows)
+                dprobs = dprobs.view(probs.shape).to(probs.dtype)
+        elif probs is not None:  # only the weight's gradient
+            pa = torch.mul(a, probs.reshape(-1).index_select(0, src_slot)[:, None]).to(a.dtype)
+        dw = torch.ops.longmoe.moe_grouped_mm(g, pa, ctx.counts, 2) if need_w else None
+        return da if need_a else None, dw, dprobs, None, None, None
+
+
 def _dx_operand(weight: torch.Tensor) -> torch.Tensor:
     """The (num_experts, out, in) operand of ``dx = dy @ weight[e]``, in the memory layout the CPU GEMM is fast at.
 
@@ -230,20 +273,49 @@ def grouped_linear(
     return GroupedLinearFunction.apply(x, weight, offs, host, False)
 
 
+@register_fake("moe_scale_rows_dot")
+def _moe_scale_rows_dot_fake(u, a, p):
+    """Fake (meta) kernel of the C++ op, for torch.compile: (rows, ffn) twice and (rows,) in p's dtype."""
+    return u.new_empty(u.shape), u.new_empty(u.shape), p.new_empty(p.shape)
+
+
+@register_fake("swiglu")
+def _swiglu_fake(h):
+    """Fake (meta) kernel of the C++ op, for torch.compile: (rows, ffn)."""
+    return h.new_empty((h.shape[0], h.shape[1] // 2))
+
+
+@register_fake("swiglu_backward")
+def _swiglu_backward_fake(da, h):
+    """Fake (meta) kernel of the C++ op, for torch.compile: (rows, 2 * ffn)."""
+    return h.new_empty(h.shape)
+
+
+def _native_swiglu(h: torch.Tensor) -> bool:
+    return h.device.type == "cpu" and h.dtype in (torch.float32, torch.bfloat16) and native_available()
+
+
 class SwiGLUFunction(torch.autograd.Function):
     """``silu(h[:, :F]) * h[:, F:]`` for h (rows, 2F) -> (rows, F), with a backward that writes the two halves of
     dh (rows, 2F) in place. Autograd of the plain expression zero-fills a full (rows, 2F) gradient for each slice
-    and adds them: profiled at 8K tokens, H=1024, F=2816, bf16, that was 0.5 s of a 4 s forward+backward."""
+    and adds them: profiled at 8K tokens, H=1024, F=2816, bf16, that was 0.5 s of a 4 s forward+backward.
+
+    On CPU (fp32, bf16) the native ``torch.ops.longmoe.swiglu`` / ``swiglu_backward`` make one pass over the rows
+    each, in fp32 with one rounding per output (csrc/moe/swiglu.cpp); elsewhere the PyTorch expression."""
 
     @staticmethod
     def forward(ctx, h):
         f = h.shape[1] // 2
         ctx.save_for_backward(h)
+        if _native_swiglu(h):
+            return torch.ops.longmoe.swiglu(h)
         return F.silu(h[:, :f]) * h[:, f:]
 
     @staticmethod
     def backward(ctx, da):
         (h,) = ctx.saved_tensors
+        if _native_swiglu(h):
+            return torch.ops.longmoe.swiglu_backward(da, h)
         f = h.shape[1] // 2
         gate, up = h[:, :f], h[:, f:]
         dh = torch.empty_like(h)
@@ -383,13 +455,15 @@ class GroupedExperts(nn.Module):
 
     def forward_tokens(self, x: torch.Tensor, dispatch_map, probs: torch.Tensor | None) -> torch.Tensor:
         """``moe_unpermute(self(moe_permute(x, m), m.tokens_per_expert), m, probs)`` for m = ``dispatch_map``
-        (a :class:`~longmoe.moe.DispatchMap` over all experts), bit for bit, without the permuted copy of x: the
+        (a :class:`~longmoe.moe.DispatchMap` over all experts) without the (num_rows, hidden) intermediates: the
         native op gathers x's rows, pass by pass into a reused scratch, for the first GEMM and for its weight
-        gradient, so the (num_rows, hidden) copy is neither written nor kept for the backward. Saved
-        activations of one layer (2K tokens x top-8, H 1024, fp32): 142 -> 78 MB at 256 experts x 64, 177 ->
-        113 MB at 64 x 256; forward 2-6% faster, forward+backward unchanged within noise (the gathers cost what
-        the permute did). x: (num_tokens, hidden); probs: (num_tokens, top_k) or None. Returns (num_tokens,
-        hidden). :meth:`gathers` says where it runs."""
+        gradient, so the permuted copy of x is neither written nor kept, and the second GEMM's output is combined
+        at once and not kept (:class:`_LinearUnpermuteFunction`: its backward takes the probs gradient from the
+        (num_rows, ffn) activations). The output is bit-identical to the permuted path; the gradients equal
+        it up to rounding. Saved activations of one layer (2K tokens x top-8, H 1024, fp32), against the permuted
+        path: 142 -> 14.5 MB at 256 experts x 64, 177 -> 49 MB at 64 x 256, 164 -> 132 MB at 8 x 2816.
+        x: (num_tokens, hidden); probs: (num_tokens, top_k) or None. Returns (num_tokens, hidden). :meth:`gathers`
+        says where it runs."""
         if not self._can_gather(x):
             raise ValueError(
                 f"forward_tokens needs experts of one width, x in the weights' dtype {self.linear_fc1.dtype} and "
@@ -403,8 +477,7 @@ class GroupedExperts(nn.Module):
         src, row_map = dispatch_map.src_slot, dispatch_map.row_map
         h = _PermuteLinearFunction.apply(x, self.linear_fc1, src, row_map, counts)
         a = _activation(h, self.config.activation, self.ffn)
-        y = GroupedLinearFunction.apply(a, self.linear_fc2, None, counts, "native")
-        return moe_unpermute(y, dispatch_map, probs)
+        return _LinearUnpermuteFunction.apply(a, self.linear_fc2, probs, row_map, src, counts)
 
     def split(self, bounds: list[int]) -> list:
         """Passes over contiguous ranges of local experts (chunked expert-parallel dispatch): ``bounds`` =
