@@ -444,9 +444,9 @@ def test_forward_tokens_rejects_what_it_cannot_run():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_forward_tokens_unit_weights_and_frozen_router(dtype):
-    """forward_tokens without probs (unit weights) and with probs that need no gradient: the output equals
-    permute -> experts -> unpermute bit for bit, and every gradient it returns matches that path's (fp64: to
-    1e-12 relative; fp32: within twice its error of fp64)."""
+    """forward_tokens without probs (unit weights), with probs that need no gradient, and with only the second
+    GEMM's weight trained (x constant): the output equals permute -> experts -> unpermute bit for bit, and every
+    gradient it returns matches that path's (fp64: to 1e-12 relative; fp32: within twice its error of fp64)."""
     from longmoe.moe.permute import moe_dispatch_map, moe_permute, moe_unpermute
 
     cfg = MoEConfig(hidden_size=24, ffn_hidden_size=10, num_experts=7, top_k=3)
@@ -456,11 +456,14 @@ def test_forward_tokens_unit_weights_and_frozen_router(dtype):
     route = layer.router(x)
     dmap = moe_dispatch_map(route.expert_ids, cfg.num_experts)
     g = torch.randn_like(x)
-    for probs in (None, route.probs.detach()):
+    # unit weights; probs without gradient; and with only linear_fc2 trainable and x constant (the backward
+    # then needs neither da nor the probs gradient, only p * a for dw)
+    for probs, only_fc2 in ((None, False), (route.probs.detach(), False), (route.probs.detach(), True)):
         res = {}
         for name, d in (("fused", dtype), ("plain", dtype), ("fp64", torch.float64)):
             experts = copy.deepcopy(layer.experts).to(d)
-            xs = x.to(d).clone().requires_grad_(True)
+            experts.linear_fc1.requires_grad_(not only_fc2)
+            xs = x.to(d).clone().requires_grad_(not only_fc2)
             p = None if probs is None else probs.to(d)
             if name == "fused":
                 out = experts.forward_tokens(xs, dmap, p)
@@ -474,6 +477,9 @@ def test_forward_tokens_unit_weights_and_frozen_router(dtype):
             }
         assert torch.equal(res["fused"]["out"], res["plain"]["out"])
         for key, want in res["fp64"].items():
+            if want is None:  # not trained in this case
+                assert res["fused"][key] is None and only_fc2 and key in ("dx", "linear_fc1")
+                continue
             if dtype == torch.float64:
                 torch.testing.assert_close(res["fused"][key], res["plain"][key], rtol=1e-12, atol=1e-12)
             else:
