@@ -46,6 +46,11 @@ constexpr int64_t kMB = 64;  // rows per brgemm call: 64 rows x K stay in L2 acr
 // overtook these kernels (one thread, H 1024, 8K tokens x top-8: at 512 rows per expert brgemm won dx and dw
 // and tied the forward; at 1024 rows mm_out won the forward and dx by 10-15%, brgemm still won dw by 15%).
 constexpr int64_t kMaxRows[3] = {512, 512, 1024};
+// ... but in the forward and dx, an expert whose packed weight exceeds the L2 (2 MB per core on that Xeon) streams
+// it from memory once per kMB rows: such experts run here only up to kMB rows. 8 experts x 2816 wide, 512 rows
+// each, bf16, one thread: forward 74.7 -> 50.2 ms (H -> 2F), 32.3 -> 24.6 ms (F -> H); dx 69.8 -> 57.1 and
+// 33.0 -> 22.9 ms with mm_out. The fine-grained weights (<= 1 MB at 64 x 256) stay in L2.
+constexpr int64_t kMaxPackedBytes = int64_t{2} << 20;
 // fp32 forward: experts of at most kMaxRowsF32 rows, K (input width) at least kMinKF32. One thread, 8K tokens:
 // at 1024 rows per expert brgemm still matched mm_out; with K = 64-256 (the down projection) it lost 5-10%.
 constexpr int64_t kMaxRowsF32 = 1024, kMinKF32 = 512;
@@ -187,7 +192,7 @@ int64_t moe_grouped_mm_brgemm(const at::Tensor& a, const at::Tensor& b, at::IntA
   // K of the packed operand must be even where a row pair of a (or w) is read as one 32-bit word.
   const int64_t in = kind == 2 ? b.size(1) : b.size(2), outf = kind == 2 ? a.size(1) : b.size(1);
   if ((kind == 0 && in % 2 != 0) || (kind == 1 && outf % 2 != 0)) return -1;
-  const int64_t max_rows = kMaxRows[kind];
+  const int64_t max_rows = kind != 2 && in * outf * 2 > kMaxPackedBytes ? kMB : kMaxRows[kind];
   const ExpertWork ew(counts, max_rows, 1);  // an empty expert still zero-fills its dw
   const std::vector<int64_t>& start = ew.start;
 

@@ -281,8 +281,9 @@ def test_native_grouped_mm_kinds(dtype):
         ([64, 0, 1025, 7], 130, 1024),  # 1025 rows: mm_out for all kinds; 130 outputs: column tail 2
         ([0, 0, 300, 0], 64, 128),  # every row to one expert
         ([3, 5, 0, 2], 48, 33),  # odd input width: forward on mm_out (no 32-bit row pairs)
+        ([64, 65, 0, 130], 1040, 1026),  # 2.1 MB bf16 weights (over the L2): fwd/dx on brgemm to 64 rows only
     ],
-    ids=["k-tail", "big-expert", "one-expert", "odd-width"],
+    ids=["k-tail", "big-expert", "one-expert", "odd-width", "weights-over-l2"],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_native_grouped_mm_shapes(counts, out_f, in_f, dtype):
