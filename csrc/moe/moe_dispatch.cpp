@@ -43,8 +43,6 @@
 namespace longmoe {
 namespace {
 
-// Rows per parallel task: enough that each task moves ~64 KiB, so scheduling cost stays negligible
-// even at H = 128, and small enough that 8K-token batches split over every core.
 #if defined(__AVX512F__)
 // sum_h a[h] * b[h] over the whole 16-lane blocks of [0, n) with fp32 FMAs; sets `end` to where it stopped.
 // (The probs gradient's summation order is the backend's own; the scalar loop ran at ~1.5 GFLOP/s for bf16.)
@@ -71,15 +69,17 @@ inline void scale_row(const scalar_t* x, acc_t w, scalar_t* o, int64_t n) {
 #if defined(__AVX512F__) && defined(__AVX512BW__)
   if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
     const __m512 wv = _mm512_set1_ps(w);
-    for (; h + 16 <= n; h += 16) {
-      store16(o + h, _mm512_mul_ps(load16(x + h), wv));
-    }
+    for (; h + 16 <= n; h += 16) store16(o + h, _mm512_mul_ps(load16(x + h), wv));
   }
 #endif
   for (; h < n; ++h) o[h] = static_cast<scalar_t>(static_cast<acc_t>(x[h]) * w);
 }
 
-int64_t row_grain(int64_t row_bytes) { return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(row_bytes, 1)); }
+// Rows per parallel task: enough that each task moves ~64 KiB, so scheduling cost stays negligible
+// even at H = 128, and small enough that 8K-token batches split over every core.
+int64_t row_grain(int64_t row_bytes) {
+  return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(row_bytes, 1));
+}
 
 void check_rows(const at::Tensor& t, const char* name, const char* shape) {
   TORCH_CHECK(t.dim() == 2, name, " must be 2-D ", shape, "; got shape ", t.sizes());
