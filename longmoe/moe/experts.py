@@ -206,7 +206,11 @@ class _LinearUnpermuteFunction(torch.autograd.Function):
         need_a, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_p = probs is not None and ctx.needs_input_grad[2]
         g = torch.ops.longmoe.moe_permute(dout.contiguous(), src_slot, row_map.shape[1], None)
-        u = torch.ops.longmoe.moe_grouped_mm(g, weight, ctx.counts, 1) if need_a or need_p else None
+        u = (
+            torch.ops.longmoe.moe_grouped_mm(g, _dx_operand(weight), ctx.counts, 1)
+            if need_a or need_p
+            else None
+        )
         da, pa, dprobs = u, a, None
         if probs is not None and (need_a or need_p):  # one pass: p * u, p * a and the rows' dots <u, a>
             p = probs.reshape(-1).index_select(0, src_slot).to(accumulation_dtype(a.dtype))
