@@ -269,6 +269,22 @@ inline void store_bf16(const float* src, int64_t lds, int64_t R, int64_t C, at::
     }
   }
 }
+
+// store_bf16 with non-temporal stores (no read-for-ownership of the destination lines, which go to memory instead
+// of the cache), for outputs far larger than the L2 that nothing reads soon from cache. Needs C % 16 == 0 and
+// every destination row 32-byte aligned; the caller issues _mm_sfence() before other threads read dst.
+inline void store_bf16_stream(const float* src, int64_t lds, int64_t R, int64_t C, at::BFloat16* dst, int64_t ldd) {
+  for (int64_t r = 0; r < R; ++r) {
+    const float* s = src + r * lds;
+    at::BFloat16* d = dst + r * ldd;
+    for (int64_t c = 0; c < C; c += 16) {
+      const __m256bh v = _mm512_cvtneps_pbh(_mm512_loadu_ps(s + c));
+      __m256i bits;
+      std::memcpy(&bits, &v, sizeof(bits));
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(d + c), bits);
+    }
+  }
+}
 #endif
 
 template <typename scalar_t>

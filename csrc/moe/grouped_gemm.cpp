@@ -34,8 +34,10 @@ namespace longmoe {
 namespace {
 
 // Every expert's GEMM into `out`: brgemm for the experts it takes, mm_out for the rest. Operands already checked.
-void grouped_mm_into(const at::Tensor& a, const at::Tensor& b, at::IntArrayRef counts, int64_t kind, at::Tensor& out) {
-  const int64_t done_rows = moe_grouped_mm_brgemm(a, b, counts, kind, out);  // experts with <= done_rows rows
+// `stream`: the whole op's output is over kStreamOutputBytes (`out` may be one pass's part of it).
+void grouped_mm_into(const at::Tensor& a, const at::Tensor& b, at::IntArrayRef counts, int64_t kind, at::Tensor& out,
+                     bool stream) {
+  const int64_t done_rows = moe_grouped_mm_brgemm(a, b, counts, kind, out, stream);  // experts with <= done_rows
   int64_t start = 0;
   for (int64_t e = 0; e < static_cast<int64_t>(counts.size()); ++e) {
     const int64_t n = counts[e];
@@ -105,8 +107,9 @@ at::Tensor moe_grouped_mm_cpu(const at::Tensor& a, const at::Tensor& b, at::IntA
     TORCH_CHECK(a.size(1) == k_dim, "a has ", a.size(1), " features; expected ", k_dim, " for kind ", kind);
     out = at::empty({N, kind == 0 ? b.size(1) : b.size(2)}, a.options());
   }
+  const bool stream = out.nbytes() > static_cast<size_t>(kStreamOutputBytes);
   if (!gather) {
-    grouped_mm_into(a, b, counts, kind, out);
+    grouped_mm_into(a, b, counts, kind, out, stream);
     return out;
   }
   // Passes over consecutive experts holding about kGatherBytes of gathered rows (at least the largest expert):
@@ -125,10 +128,10 @@ at::Tensor moe_grouped_mm_cpu(const at::Tensor& a, const at::Tensor& b, at::IntA
     const at::IntArrayRef cnt = counts.slice(e0, e1 - e0);
     if (kind == 2) {
       at::Tensor o = out.narrow(0, e0, e1 - e0);
-      grouped_mm_into(gather_b ? a.narrow(0, r0, rows) : g, gather_b ? g : b.narrow(0, r0, rows), cnt, 2, o);
+      grouped_mm_into(gather_b ? a.narrow(0, r0, rows) : g, gather_b ? g : b.narrow(0, r0, rows), cnt, 2, o, stream);
     } else {
       at::Tensor o = out.narrow(0, r0, rows);
-      grouped_mm_into(g, b.narrow(0, e0, e1 - e0), cnt, kind, o);
+      grouped_mm_into(g, b.narrow(0, e0, e1 - e0), cnt, kind, o, stream);
     }
     e0 = e1;
     r0 += rows;

@@ -86,6 +86,7 @@ class Buffer {
 struct Scratch {
   Buffer<bf16> a, b, t;  // A row chunk (padded stride); the expert's packed B blocks; kind 2 staging
   Buffer<float> c;       // brgemm output block
+  bool stream = false;   // output stores non-temporal (see moe_grouped_mm_brgemm)
   ~Scratch() { cpublas::brgemm_release(); }
 };
 
@@ -104,7 +105,10 @@ void run_blocks(Scratch& s, const bf16* A, int64_t lda, int64_t rows, int64_t K,
   for (int64_t c0 = 0; c0 < N; c0 += kNB) {
     const bf16* Bj = B + (c0 / kNB) * Kp * kNB;
     cpublas::brgemm(rows, kNB, Kp, lda, kNB, kNB, false, A, Bj, s.c.data());
-    store_bf16(s.c.data(), kNB, rows, std::min(kNB, N - c0), dst + c0, ldd);
+    if (s.stream && N - c0 >= kNB && reinterpret_cast<uintptr_t>(dst + c0) % 64 == 0 && ldd * sizeof(bf16) % 64 == 0)
+      store_bf16_stream(s.c.data(), kNB, rows, kNB, dst + c0, ldd);
+    else
+      store_bf16(s.c.data(), kNB, rows, std::min(kNB, N - c0), dst + c0, ldd);
   }
 }
 
@@ -181,7 +185,7 @@ void grouped_forward_f32(const at::Tensor& a, const at::Tensor& b, at::IntArrayR
 }  // namespace
 
 int64_t moe_grouped_mm_brgemm(const at::Tensor& a, const at::Tensor& b, at::IntArrayRef counts, int64_t kind,
-                              at::Tensor& out) {
+                              at::Tensor& out, bool stream) {
   if (!a.is_contiguous() || !b.is_contiguous()) return -1;
   if (a.scalar_type() == at::kFloat) {
     if (kind != 0 || b.size(2) < kMinKF32 || !brgemm_f32_enabled()) return -1;
@@ -204,6 +208,7 @@ int64_t moe_grouped_mm_brgemm(const at::Tensor& a, const at::Tensor& b, at::IntA
   at::parallel_for(0, work.threads(), 1, [&](int64_t, int64_t) {
     Scratch s;
     s.c.resize(kMB * kNB);
+    s.stream = stream;
     for (int64_t e; work.next(e);) {
       const int64_t n = counts[e], r0 = start[e];
       if (n > max_rows) continue;  // the caller's mm_out
@@ -244,13 +249,14 @@ int64_t moe_grouped_mm_brgemm(const at::Tensor& a, const at::Tensor& b, at::IntA
         run_expert(s, s.a.data(), lda, true, outf, n, in, dw, in);
       }
     }
+    if (stream) _mm_sfence();  // this thread's non-temporal stores visible before the join
   });
   return max_rows;
 }
 
 #else  // no AVX512-BF16 / AVX512-BW at build time: the mm_out path only
 
-int64_t moe_grouped_mm_brgemm(const at::Tensor&, const at::Tensor&, at::IntArrayRef, int64_t, at::Tensor&) {
+int64_t moe_grouped_mm_brgemm(const at::Tensor&, const at::Tensor&, at::IntArrayRef, int64_t, at::Tensor&, bool) {
   return -1;
 }
 

@@ -282,8 +282,10 @@ def test_native_grouped_mm_kinds(dtype):
         ([0, 0, 300, 0], 64, 128),  # every row to one expert
         ([3, 5, 0, 2], 48, 33),  # odd input width: forward on mm_out (no 32-bit row pairs)
         ([64, 65, 0, 130], 1040, 1026),  # 2.1 MB bf16 weights (over the L2): fwd/dx on brgemm to 64 rows only
+        # bf16 outputs over 2 MB (y 2.6, dx 3.7, dw 11.6 MB): non-temporal stores, column tail 2 stored plainly
+        ([0, 500, 64, 511, 437, 1, 0, 300], 706, 1024),
     ],
-    ids=["k-tail", "big-expert", "one-expert", "odd-width", "weights-over-l2"],
+    ids=["k-tail", "big-expert", "one-expert", "odd-width", "weights-over-l2", "outputs-streamed"],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_native_grouped_mm_shapes(counts, out_f, in_f, dtype):
