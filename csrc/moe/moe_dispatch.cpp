@@ -210,6 +210,21 @@ at::Tensor moe_permute_cpu(const at::Tensor& x, const at::Tensor& src_slot, int6
   return out;
 }
 
+// Prefetch the rows that token t's kept slots map to (row_map row rm_t), to be called one token ahead in the
+// loops that read y by row_map: the rows lie in random order, so each starts with a miss that the hardware
+// prefetcher cannot foresee. bf16 unpermute of 16K rows x 1024 (2K tokens x top-8) with y out of cache (as the
+// expert GEMMs leave it, non-temporal stores): 5.9 -> 3.7-4.2 ms with probs, 4.4-5.2 -> 3.3-3.9 ms without.
+template <typename scalar_t>
+inline void prefetch_token_rows(const scalar_t* y, const int64_t* rm_t, int64_t top_k, int64_t rows, int64_t hidden) {
+  const int64_t bytes = hidden * static_cast<int64_t>(sizeof(scalar_t));
+  for (int64_t j = 0; j < top_k; ++j) {
+    const int64_t r = rm_t[j];
+    if (r < 0 || r >= rows) continue;  // dropped, or left to the caller's bounds check
+    const char* base = reinterpret_cast<const char*>(y + r * hidden);
+    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(base + b, 0, 3);
+  }
+}
+
 at::Tensor moe_unpermute_cpu(const at::Tensor& y, const at::Tensor& row_map,
                              const std::optional<at::Tensor>& probs) {
   check_rows(y, "y", "(num_rows, hidden)");
@@ -227,6 +242,7 @@ at::Tensor moe_unpermute_cpu(const at::Tensor& y, const at::Tensor& row_map,
     at::parallel_for(0, tokens, row_grain(hidden * yc.element_size() * top_k), [&](int64_t t0, int64_t t1) {
       std::vector<acc_t> acc(hidden);
       for (int64_t t = t0; t < t1; ++t) {
+        if (t + 1 < t1) prefetch_token_rows(yp, rm + (t + 1) * top_k, top_k, rows, hidden);
         // -0.0 is the additive identity (-0 + x == x for every x, -0 included), so one kept slot with unit
         // weight reproduces its row bit for bit; a token with no kept slot is +0.
         bool any = false;
@@ -275,6 +291,7 @@ at::Tensor moe_unpermute_probs_grad_cpu(const at::Tensor& dout, const at::Tensor
     constexpr int64_t kLanes = 8;  // independent partial sums so the dot product vectorises
     at::parallel_for(0, tokens, row_grain(hidden * yc.element_size() * top_k), [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
+        if (t + 1 < t1) prefetch_token_rows(yp, rm + (t + 1) * top_k, top_k, rows, hidden);
         const scalar_t* d = dp + t * hidden;
         for (int64_t j = 0; j < top_k; ++j) {
           const int64_t r = rm[t * top_k + j];
