@@ -287,6 +287,35 @@ inline void store_bf16_stream(const float* src, int64_t lds, int64_t R, int64_t 
 }
 #endif
 
+// Non-temporal row copies (for outputs far larger than the L2): stream_rows_ok(dst, row_bytes) says whether rows
+// of row_bytes from dst on are whole 64-byte aligned lines (and the CPU path exists); stream_copy_row copies one
+// such row; stream_fence() orders a thread's streamed stores before others read them.
+inline bool stream_rows_ok(const void* dst, int64_t row_bytes) {
+#if defined(__AVX512F__)
+  return row_bytes % 64 == 0 && reinterpret_cast<uintptr_t>(dst) % 64 == 0;
+#else
+  (void)dst;
+  (void)row_bytes;
+  return false;
+#endif
+}
+
+inline void stream_copy_row(void* dst, const void* src, int64_t row_bytes) {
+#if defined(__AVX512F__)
+  for (int64_t b = 0; b < row_bytes; b += 64)
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(static_cast<char*>(dst) + b),
+                        _mm512_loadu_si512(static_cast<const char*>(src) + b));
+#else
+  std::memcpy(dst, src, row_bytes);
+#endif
+}
+
+inline void stream_fence() {
+#if defined(__AVX512F__)
+  _mm_sfence();
+#endif
+}
+
 template <typename scalar_t>
 inline void store_rows(const float* src, int64_t ld_src, int64_t rows, int64_t cols, scalar_t* dst,
                        int64_t row_stride) {

@@ -17,6 +17,7 @@
 // moe_unpermute_probs_grad. All loops run over independent rows with at::parallel_for (no atomics), so
 // results do not depend on the thread count.
 #include "moe/moe_dispatch.h"
+#include "moe/grouped_gemm.h"
 
 #include "tile_math.h"
 
@@ -183,18 +184,27 @@ void moe_permute_into(const at::Tensor& x, const int64_t* src_slot, int64_t rows
     const acc_t* p = pc.defined() ? pc.data_ptr<acc_t>() : nullptr;
     const scalar_t* xp = xc.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, rows, row_grain(hidden * xc.element_size()), [&](int64_t r0, int64_t r1) {
+    const int64_t row_bytes = hidden * static_cast<int64_t>(sizeof(scalar_t));
+    // Unweighted rows of an output over kStreamOutputBytes go out with non-temporal stores (no read of each
+    // destination line first). The output gradient's permute of a bf16 layer backward (2K tokens x top-8,
+    // H 1024, 32 MB): layer forward+backward 1.04-1.06x at 256 experts x 64, 1.00-1.01x at 64 x 256. The
+    // gathers inside moe_grouped_mm (about 1 MB a pass, reused from cache) stay ordinary.
+    const bool stream = p == nullptr && stream_rows_ok(op, row_bytes) && rows * row_bytes > kStreamOutputBytes;
+    at::parallel_for(0, rows, row_grain(row_bytes), [&](int64_t r0, int64_t r1) {
       for (int64_t i = r0; i < r1; ++i) {
         const int64_t s = src_slot[i];
         TORCH_CHECK(s >= 0 && s < slots, "src_slot[", i, "]=", s, " is outside [0, num_tokens * top_k = ", slots, ")");
         const scalar_t* xr = xp + (s / top_k) * hidden;
         scalar_t* o = op + i * hidden;
-        if (p == nullptr) {
-          std::memcpy(o, xr, hidden * sizeof(scalar_t));
+        if (stream) {
+          stream_copy_row(o, xr, row_bytes);
+        } else if (p == nullptr) {
+          std::memcpy(o, xr, row_bytes);
         } else {
           scale_row(xr, p[s], o, hidden);
         }
       }
+      if (stream) stream_fence();
     });
   });
 }

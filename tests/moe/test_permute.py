@@ -129,6 +129,25 @@ def test_permute_unpermute_bit_exact(shape, backend):
         assert bool((got[dead] == 0).all()) and not bool(torch.signbit(got[dead]).any())
 
 
+@pytest.mark.skipif("native" not in BACKENDS, reason="the native ops are CPU-only and built here")
+@pytest.mark.parametrize("hidden", [1024, 1000], ids=["whole-lines", "row-not-lines"])
+def test_native_large_permute_bit_exact(hidden):
+    """A permute whose output exceeds 2 MB writes unweighted rows with non-temporal stores where rows are whole
+    64-byte lines (hidden 1024; hidden 1000 keeps ordinary stores for bf16): bit for bit the reference, with
+    dropped slots, and the unpermute (next token's rows prefetched) inverts it at top_k 1."""
+    tokens, top_k, experts = 700, 3, 16
+    ids = _expert_ids(tokens, top_k, experts)
+    m = moe_dispatch_map(ids, experts, backend="native")
+    for dtype in DTYPES["native"]:
+        x = torch.randn(tokens, hidden, dtype=dtype)
+        got = moe_permute_forward(x, m.src_slot, top_k, backend="native")
+        assert got.numel() * got.element_size() > 2 << 20
+        assert _same_bits(got, moe_permute_ref(x, m.src_slot, top_k)), f"{dtype} hidden {hidden}"
+        m1 = moe_dispatch_map(_expert_ids(tokens, 1, experts, drop_frac=0.0), experts, backend="native")
+        rows = moe_permute_forward(x, m1.src_slot, 1, backend="native")
+        assert torch.equal(moe_unpermute_forward(rows, m1.row_map, backend="native"), x), f"{dtype} round trip"
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_probs_grad_within_oracle(backend, dtype):
