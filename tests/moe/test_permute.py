@@ -145,7 +145,9 @@ def test_native_large_permute_bit_exact(hidden):
         assert _same_bits(got, moe_permute_ref(x, m.src_slot, top_k)), f"{dtype} hidden {hidden}"
         m1 = moe_dispatch_map(_expert_ids(tokens, 1, experts, drop_frac=0.0), experts, backend="native")
         rows = moe_permute_forward(x, m1.src_slot, 1, backend="native")
-        assert torch.equal(moe_unpermute_forward(rows, m1.row_map, backend="native"), x), f"{dtype} round trip"
+        assert torch.equal(moe_unpermute_forward(rows, m1.row_map, backend="native"), x), (
+            f"{dtype} round trip"
+        )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
