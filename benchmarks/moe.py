@@ -303,15 +303,41 @@ def _ep_rank(
 
 
 # ------------------------------------------------------------------------------------------------------ main
+def add_run_args(ap, *, tokens, dtypes, repeats, threads_help, keep_help) -> None:
+    """The arguments benchmarks/moe.py and benchmarks/moe_gemms.py share (with each one's defaults)."""
+    ap.add_argument("--shapes", type=parse_shape, nargs="+", default=[parse_shape(s) for s in DEFAULT_SHAPES])
+    ap.add_argument("--tokens", type=int, nargs="+", default=tokens)
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--dtype", nargs="+", default=dtypes, choices=["float32", "bfloat16"])
+    ap.add_argument("--repeats", type=int, default=repeats)
+    ap.add_argument("--threads", type=int, default=1, help=threads_help)
+    ap.add_argument(
+        "--keep-cpu-memory",
+        action="store_true",
+        help=f"longmoe.runtime.keep_cpu_memory() first: freed memory stays in the heap {keep_help}".strip(),
+    )
+
+
+def start_run(args) -> None:
+    """Refuse to run without the native build; set the thread count and, if asked, keep freed memory."""
+    if not longmoe.runtime.native_available():
+        raise SystemExit("longmoe._C is not built: run `make venv` first")
+    torch.set_num_threads(args.threads)
+    if args.keep_cpu_memory:
+        longmoe.runtime.keep_cpu_memory()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shapes", type=parse_shape, nargs="+", default=[parse_shape(s) for s in DEFAULT_SHAPES])
-    ap.add_argument("--tokens", type=int, nargs="+", default=[2048, 8192, 512])
-    ap.add_argument("--hidden", type=int, default=1024)
-    ap.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "bfloat16"])
+    add_run_args(
+        ap,
+        tokens=[2048, 8192, 512],
+        dtypes=["float32"],
+        repeats=3,
+        threads_help="torch threads of the single-process providers",
+        keep_help="(all providers, EP ranks)",
+    )
     ap.add_argument("--capacity-factor", type=float, default=1.25, help="extra provider; 0 to skip")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads of the single-process providers")
     ap.add_argument("--ep", type=int, nargs="*", default=[2, 4], help="expert-parallel sizes (none: skip)")
     ap.add_argument("--ep-tokens", type=int, nargs="*", default=[2048, 8192], help="token counts for EP runs")
     ap.add_argument(
@@ -322,20 +348,12 @@ def main() -> None:
         help="MoEConfig.dispatch_chunks values for the EP runs (chunked dispatch overlap)",
     )
     ap.add_argument("--ep-only", action="store_true", help="skip the single-process providers")
-    ap.add_argument(
-        "--keep-cpu-memory",
-        action="store_true",
-        help="longmoe.runtime.keep_cpu_memory() first: freed memory stays in the heap (all providers, EP ranks)",
-    )
     ap.add_argument("--out", type=Path, default=RESULTS / "moe.csv")
     args = ap.parse_args()
 
     console = Console()
-    if not longmoe.runtime.native_available():
-        raise SystemExit("longmoe._C is not built: run `make venv` first")
-    torch.set_num_threads(args.threads)
+    start_run(args)
     if args.keep_cpu_memory:
-        longmoe.runtime.keep_cpu_memory()
         os.environ["LONGMOE_KEEP_CPU_MEMORY"] = "1"  # spawned EP ranks set it at import
     cf = args.capacity_factor or None
     rows, splits = [], {}

@@ -40,12 +40,11 @@ import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 from common import RESULTS, interleaved, run_metadata, write_csv
-from moe import DEFAULT_SHAPES, make_layer, parse_shape
+from moe import add_run_args, make_layer, start_run
 from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
-import longmoe
 from longmoe.moe import MoEConfig, moe_dispatch_map
 from longmoe.moe.experts import _dx_operand
 
@@ -109,26 +108,14 @@ def gemm_thunks(layer, x: torch.Tensor) -> tuple[dict, dict, dict, int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shapes", type=parse_shape, nargs="+", default=[parse_shape(s) for s in DEFAULT_SHAPES])
-    ap.add_argument("--tokens", type=int, nargs="+", default=[2048])
-    ap.add_argument("--hidden", type=int, default=1024)
-    ap.add_argument("--dtype", nargs="+", default=["bfloat16", "float32"], choices=["float32", "bfloat16"])
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument(
-        "--keep-cpu-memory",
-        action="store_true",
-        help="longmoe.runtime.keep_cpu_memory() first: freed memory stays in the heap",
+    add_run_args(
+        ap, tokens=[2048], dtypes=["bfloat16", "float32"], repeats=5, threads_help=None, keep_help=""
     )
     ap.add_argument("--out", type=Path, default=RESULTS / "moe_gemms.csv")
     args = ap.parse_args()
 
     console = Console()
-    if not longmoe.runtime.native_available():
-        raise SystemExit("longmoe._C is not built: run `make venv` first")
-    torch.set_num_threads(args.threads)
-    if args.keep_cpu_memory:
-        longmoe.runtime.keep_cpu_memory()
+    start_run(args)
     rows = []
     points = [(d, s, t) for d in args.dtype for t in args.tokens for s in args.shapes]
     for dtype_name, (experts, top_k, ffn), tokens in track(
