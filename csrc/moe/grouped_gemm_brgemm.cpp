@@ -265,7 +265,7 @@ int64_t moe_grouped_mm_brgemm(const at::Tensor& a, const at::Tensor& b, at::IntA
         run_expert(s, s.a.data(), lda, true, outf, n, in, dw, in);
       }
     }
-    if (stream) _mm_sfence();  // this thread's non-temporal stores visible before the join
+    if (stream) stream_fence();  // this thread's non-temporal stores visible before the join
   });
   return max_rows;
 }

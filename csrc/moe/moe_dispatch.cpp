@@ -17,8 +17,8 @@
 // moe_unpermute_probs_grad. All loops run over independent rows with at::parallel_for (no atomics), so
 // results do not depend on the thread count.
 #include "moe/moe_dispatch.h"
-#include "moe/grouped_gemm.h"
 
+#include "moe/grouped_gemm.h"
 #include "tile_math.h"
 
 #include <ATen/Dispatch.h>
