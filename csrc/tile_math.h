@@ -272,7 +272,8 @@ inline void store_bf16(const float* src, int64_t lds, int64_t R, int64_t C, at::
 
 // store_bf16 with non-temporal stores (no read-for-ownership of the destination lines, which go to memory instead
 // of the cache), for outputs far larger than the L2 that nothing reads soon from cache. Needs C % 16 == 0 and
-// every destination row 32-byte aligned; the caller issues _mm_sfence() before other threads read dst.
+// every destination row 32-byte aligned (stream_rows_ok below checks whole lines); the caller issues
+// stream_fence() before other threads read dst.
 inline void store_bf16_stream(const float* src, int64_t lds, int64_t R, int64_t C, at::BFloat16* dst, int64_t ldd) {
   for (int64_t r = 0; r < R; ++r) {
     const float* s = src + r * lds;

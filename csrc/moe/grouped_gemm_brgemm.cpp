@@ -112,7 +112,7 @@ void run_blocks(Scratch& s, const bf16* A, int64_t lda, int64_t rows, int64_t K,
   for (int64_t c0 = 0; c0 < N; c0 += kNB) {
     const bf16* Bj = B + (c0 / kNB) * Kp * kNB;
     cpublas::brgemm(rows, kNB, Kp, lda, kNB, kNB, false, A, Bj, s.c.data());
-    if (s.stream && N - c0 >= kNB && reinterpret_cast<uintptr_t>(dst + c0) % 64 == 0 && ldd * sizeof(bf16) % 64 == 0)
+    if (s.stream && N - c0 >= kNB && stream_rows_ok(dst + c0, ldd * static_cast<int64_t>(sizeof(bf16))))
       store_bf16_stream(s.c.data(), kNB, rows, kNB, dst + c0, ldd);
     else
       store_bf16(s.c.data(), kNB, rows, std::min(kNB, N - c0), dst + c0, ldd);
