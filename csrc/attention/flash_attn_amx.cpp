@@ -24,9 +24,18 @@
 
 namespace longmoe {
 
+bool amx_bf16_available() {
+  static const bool ok = at::native::cpublas::could_pack(at::kBFloat16);
+  return ok;
+}
+
 bool brgemm_bf16_available() {
+#if defined(LONGMOE_VNNI_PACK)
   static const bool ok =
-      at::native::cpublas::could_pack(at::kBFloat16) && !native_path_off("LONGMOE_NATIVE_AMX");
+      (amx_bf16_available() || __builtin_cpu_supports("avx512bf16")) && !native_path_off("LONGMOE_NATIVE_AMX");
+#else
+  static const bool ok = amx_bf16_available() && !native_path_off("LONGMOE_NATIVE_AMX");
+#endif
   return ok;
 }
 

@@ -1,6 +1,7 @@
 // Grouped expert GEMMs on oneDNN's micro-kernels (at::native::cpublas::brgemm) for experts with few rows: the
-// fine-grained MoE regime (64-256 experts, top-8, 30-600 rows per expert at 2K-8K tokens). bf16 on AMX CPUs
-// (all three kinds), and the fp32 forward (AVX-512; see grouped_forward_f32).
+// fine-grained MoE regime (64-256 experts, top-8, 30-600 rows per expert at 2K-8K tokens). bf16 where the
+// micro-kernels run it (brgemm_bf16_available(): AMX, or AVX512-BF16 without AMX; all three kinds), and the fp32
+// forward (AVX-512; see grouped_forward_f32). The thresholds below were tuned on the AMX CPU.
 //
 // Why: at::mm_out per expert costs about 60 us of fixed work per bf16 call on an AMX CPU (oneDNN reorders the
 // weight into its blocked layout inside every call), against ~10 us of AMX work for 64 rows x 128 x 1024; 256

@@ -2,8 +2,9 @@
 // the fp32 router of a bf16 model (MoEConfig.router_dtype="float32"), x @ w^T, without an fp32 GEMM.
 //
 // Exactness: a product of two bf16 values is exact in fp32 and the micro-kernels accumulate in fp32, so this is
-// the fp32 GEMM of the same operands (a.float() @ b.float()) up to summation order. Off AMX / AVX512-BF16
-// builds, or with LONGMOE_NATIVE_AMX=0, the op is that fp32 mm.
+// the fp32 GEMM of the same operands (a.float() @ b.float()) up to summation order. Where the micro-kernels do not
+// run bf16 (brgemm_bf16_available(): AMX, or AVX512-BF16 in an AVX512-BF16 build), or with LONGMOE_NATIVE_AMX=0,
+// the op is that fp32 mm. On a Zen 5 core (AVX512-BF16, no AMX) 2K tokens x 1024 -> 256 experts: 10.6 -> 2.1 ms.
 //
 // Measured (2-core Xeon VM with AMX, one thread; 256 experts, H 1024): 2K tokens 6.6 -> 1.7 ms, 8K tokens
 // 26.4 -> 6.5 ms. The router's backward stays in fp32 (its gradient is fp32): splitting it into three bf16

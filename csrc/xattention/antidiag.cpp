@@ -15,11 +15,13 @@
 // per row, adding each row's per-key-block sums into its query block's scores.
 // GQA/MQA index the kv head h / (Hq / Hkv); K is never repeated per query head.
 //
-// bf16 inputs on a CPU with AMX (brgemm_bf16_available()) stay bf16: K is regrouped straight into the AMX
-// micro-kernel's packed layout (blocks of 256 key groups), the reversed query groups are copied as
-// bf16, and the scores GEMM runs as bf16 x bf16 -> fp32 brgemm calls; the softmax scale is applied in the
-// exp. Products of bf16 values are exact in fp32 and sums are fp32 on both paths. (AVX512-BF16 dot products
-// were tried for this GEMM and ran slower than the fp32 path on an AMX CPU.)
+// bf16 inputs on a CPU where oneDNN's micro-kernels run bf16 (brgemm_bf16_available(): AMX, or AVX512-BF16)
+// stay bf16: K is regrouped straight into the micro-kernel's packed layout (blocks of 256 key groups), the
+// reversed query groups are copied as bf16, and the scores GEMM runs as bf16 x bf16 -> fp32 brgemm calls; the
+// softmax scale is applied in the exp. Products of bf16 values are exact in fp32 and sums are fp32 on both
+// paths. (AVX512-BF16 dot products were tried for this GEMM and ran slower than the fp32 path on an AMX CPU.)
+// On a Zen 5 core (AVX512-BF16, no AMX; one thread, causal, 8 heads x D 128, stride 8) the brgemm path took
+// 30 / 96 ms at 8K / 16K against 112 / 389 ms on the fp32 path.
 #include "xattention/antidiag.h"
 
 #include <ATen/Dispatch.h>

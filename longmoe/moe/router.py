@@ -126,7 +126,8 @@ def router_logits_f32(x: torch.Tensor, weight: torch.Tensor, *, backend: str | N
     bf16 x and weight on the CPU (native backend) take the forward on bf16 micro-kernels with fp32
     accumulation instead of an fp32 GEMM: a product of two bf16 values is exact in fp32, so the logits are the
     fp32 GEMM's up to summation order. 2048 tokens x 1024 -> 256 experts, one core of an AMX Xeon: 6.4 -> 1.0 ms;
-    8K tokens 26 -> 6.5 ms. The backward's gradient is fp32 and stays on fp32 GEMMs."""
+    8K tokens 26 -> 6.5 ms (a Zen 5 core, AVX512-BF16 without AMX, 2K: 10.6 -> 2.1 ms). The backward's gradient
+    is fp32 and stays on fp32 GEMMs."""
     ct = accumulation_dtype(x.dtype)
     if (
         x.dim() == 2

@@ -1,6 +1,7 @@
-"""On a CPU with AMX, bf16 inputs take the AMX brgemm tiles (attention forward, XAttention block scores, the
-expert GEMMs of MoE experts with few rows); ``LONGMOE_NATIVE_AMX=0`` keeps them on the other native paths
-(AVX512-BF16 dot products or fp32 tiles, mm_out for the experts). The fp32 expert forward takes brgemm on
+"""On a CPU where oneDNN's micro-kernels run bf16 (AMX, or AVX512-BF16 without AMX), bf16 inputs take the
+brgemm tiles (the attention forward on AMX only, XAttention block scores, the router's logits, the expert GEMMs
+of MoE experts with few rows); ``LONGMOE_NATIVE_AMX=0`` keeps them on the other native paths (AVX512-BF16 dot
+products or fp32 tiles, mm_out for the experts). The fp32 expert forward takes brgemm on
 AVX-512 builds (``LONGMOE_NATIVE_BRGEMM=0``: mm_out). The suite's cases run in this process on whatever the
 CPU picks; these tests rerun them in a subprocess with those paths switched off, so that both paths stay
 tested on such a machine (elsewhere both runs take the same path)."""
