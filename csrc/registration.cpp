@@ -64,6 +64,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
     info["isa"] = "baseline";
 #endif
+#if defined(__x86_64__)
+    info["cpu_vendor"] = __builtin_cpu_is("intel") ? "intel" : __builtin_cpu_is("amd") ? "amd" : "other";
+#else
+    info["cpu_vendor"] = "other";
+#endif
     info["openmp"] = at::get_parallel_info();
     return info;
   });

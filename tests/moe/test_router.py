@@ -16,6 +16,7 @@ from longmoe.moe import (
     router_z_loss,
     topk_routing,
 )
+from longmoe.moe.router import _mm_f32, _onednn_f32_gemm
 from tests.moe.reference import clone_params
 
 
@@ -232,7 +233,8 @@ def _fp32_gemm_bound(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def test_router_dtype(router_dtype):
     """``input``: logits in the activation dtype (Hugging Face's bf16 router); ``float32``: fp32 logits, equal
     to the fp32 GEMM of the same bf16 operands within fp32 summation error (on CPUs with bf16 micro-kernels
-    they are summed there), with that GEMM's gradients exactly."""
+    they are summed there), with that GEMM's gradients: exactly where the backward runs torch's fp32 GEMM,
+    within its summation bound plus the bf16 rounding where it runs oneDNN's (AMD CPUs, router._mm_f32)."""
     cfg = MoEConfig(hidden_size=64, ffn_hidden_size=8, num_experts=8, top_k=2, router_dtype=router_dtype)
     layer = MoELayer(cfg).to(torch.bfloat16)
     x = torch.randn(32, 64, dtype=torch.bfloat16, requires_grad=True)
@@ -250,7 +252,36 @@ def test_router_dtype(router_dtype):
     g = torch.randn_like(want)
     out.logits.backward(g)
     want.backward(g)
-    assert torch.equal(x.grad, x2.grad) and torch.equal(layer.router.weight.grad, w.grad)
+    if not _onednn_f32_gemm():
+        assert torch.equal(x.grad, x2.grad) and torch.equal(layer.router.weight.grad, w.grad)
+        return
+    wd = layer.router.weight.detach()
+    for got, a, b in ((x.grad, g, wd.float()), (layer.router.weight.grad, g.t(), x.detach().float())):
+        exact, bound = a.double() @ b.double(), _fp32_gemm_bound(a, b)
+        assert ((got.double() - exact).abs() <= bound + 2.0**-8 * (exact.abs() + bound)).all()
+
+
+@pytest.mark.parametrize("path", ["default", "torch"])
+def test_router_mm_f32(path, monkeypatch):
+    """router._mm_f32 (oneDNN's fp32 GEMM on AMD CPUs, torch's elsewhere; ``torch``: LONGMOE_ROUTER_ONEDNN=0)
+    vs the fp64 product within the fp32 GEMM's summation bound: strided and transposed operands, odd sizes,
+    an empty K (zeros) and empty M / N."""
+    if path == "torch":
+        monkeypatch.setenv("LONGMOE_ROUTER_ONEDNN", "0")
+    _onednn_f32_gemm.cache_clear()
+    try:
+        if path == "torch":
+            assert not _onednn_f32_gemm()
+        gen = torch.Generator().manual_seed(3)
+        for m, k, n in ((1, 1, 1), (37, 256, 1000), (2048, 64, 130), (5, 0, 7), (0, 9, 4), (6, 9, 0)):
+            a = torch.randn(k, m, generator=gen).t()  # transposed, as the weight gradient's g^T
+            b = torch.randn(k, 2 * n, generator=gen)[:, ::2]  # strided columns
+            got = _mm_f32(a, b)
+            assert got.shape == (m, n) and got.dtype == torch.float32
+            exact = a.double() @ b.double()
+            assert ((got.double() - exact).abs() <= _fp32_gemm_bound(a, b)).all()
+    finally:
+        _onednn_f32_gemm.cache_clear()
 
 
 @pytest.mark.parametrize("b_layout", ["rows", "transposed", "strided"])
