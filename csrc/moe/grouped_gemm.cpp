@@ -18,8 +18,8 @@
 // probs-weighted output gradient for the second GEMM's backward the same way, twice, was slower than one
 // moe_permute shared by its dx and dw: each gather costs about what the permute does on this CPU.)
 //
-// Experts with few rows run on oneDNN brgemm micro-kernels instead where that is faster (bf16 on AMX, the fp32
-// forward; grouped_gemm_brgemm.cpp); the rest here.
+// Experts with few rows run on oneDNN brgemm micro-kernels instead where that is faster (bf16 on AMX or
+// AVX512-BF16, the fp32 forward, every fp32 kind on AMD CPUs; grouped_gemm_brgemm.cpp); the rest here.
 #include "moe/grouped_gemm.h"
 
 #include <ATen/ATen.h>

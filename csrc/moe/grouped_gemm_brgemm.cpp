@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <vector>
 
@@ -67,6 +68,15 @@ constexpr int64_t kMaxRowsF32 = 1024, kMinKF32 = 512;
 // testable on one machine.
 bool brgemm_f32_enabled() {
   static const bool on = !native_path_off("LONGMOE_NATIVE_BRGEMM");
+  return on;
+}
+
+// On AMD CPUs every fp32 kind runs here, at any K and row count: mm_out's fp32 GEMM is MKL's sgemm, which ran at
+// half the micro-kernels' rate there. Zen 5 core, one thread, H 1024, 2K tokens x top-8, the six GEMMs of a SwiGLU
+// layer (benchmarks/moe_gemms.py, fp32): 64 experts x 256 wide 631 -> 344 ms, 128 x 128 352 -> 194 ms, 256 x 64
+// 205 -> 120 ms, 8 x 2816 1543 -> 874 ms (the equal-FLOP dense GEMMs, on MKL: 704, 373, 203, 1865 ms).
+bool brgemm_f32_all_kinds() {
+  static const bool on = brgemm_f32_enabled() && __builtin_cpu_is("amd");
   return on;
 }
 
@@ -158,13 +168,14 @@ struct ExpertWork {
 };
 
 // fp32 forward (kind 0) on oneDNN's AVX-512 brgemm (no VNNI): B = w_e^T packed per kNB columns by a 32-bit
-// transpose, results straight into the output. One thread, H 1024 -> 2F, top-8: 256 experts x 128 at 2K tokens
-// 43.7 -> 27.2 ms, 8K 122 -> 95 ms; 128 x 256 57 -> 49 and 204 -> 179 ms. (The fp32 dx and dw stay on mm_out:
-// with B packed or read in place they were no faster than MKL's own small GEMMs here, and dw at 64-row experts
-// was 20% slower.)
-void grouped_forward_f32(const at::Tensor& a, const at::Tensor& b, at::IntArrayRef counts, at::Tensor& out) {
+// transpose, results straight into the output. Experts of up to max_rows rows. One thread, AMX Xeon, H 1024 -> 2F,
+// top-8: 256 experts x 128 at 2K tokens 43.7 -> 27.2 ms, 8K 122 -> 95 ms; 128 x 256 57 -> 49 and 204 -> 179 ms.
+// (On that Intel CPU the fp32 dx and dw stay on mm_out: with B packed or read in place they were no faster than
+// MKL's own small GEMMs, and dw at 64-row experts was 20% slower; on AMD CPUs see grouped_backward_f32.)
+void grouped_forward_f32(const at::Tensor& a, const at::Tensor& b, at::IntArrayRef counts, at::Tensor& out,
+                         int64_t max_rows) {
   const int64_t in = b.size(2), outf = b.size(1);
-  const ExpertWork ew(counts, kMaxRowsF32, 0);
+  const ExpertWork ew(counts, max_rows, 0);
   const std::vector<int64_t>& start = ew.start;
   const float* ad = a.data_ptr<float>();
   const float* bd = b.data_ptr<float>();
@@ -175,7 +186,7 @@ void grouped_forward_f32(const at::Tensor& a, const at::Tensor& b, at::IntArrayR
     bp.resize(in * kNB);
     for (int64_t e; work.next(e);) {
       const int64_t n = counts[e], r0 = start[e];
-      if (n == 0 || n > kMaxRowsF32) continue;  // nothing, or the caller's mm_out
+      if (n == 0 || n > max_rows) continue;  // nothing, or the caller's mm_out
       const float* w = bd + e * outf * in;
       for (int64_t c0 = 0; c0 < outf; c0 += kNB) {
         const int64_t nc = std::min(kNB, outf - c0);
@@ -190,14 +201,84 @@ void grouped_forward_f32(const at::Tensor& a, const at::Tensor& b, at::IntArrayR
   });
 }
 
+// C (rows, nc) at ldc = A (rows, K) at lda times B (K, nc) at ldb kNB, fp32, K summed in chunks of kKcF32 added
+// into C: the micro-kernel sums each chunk in order, so the rounding error grows with the chunk, not with K (a
+// dw with K = 1025 rows was 3x torch.mm's error of fp64 summed in one go).
+constexpr int64_t kKcF32 = 256;
+void brgemm_f32_chunked(int64_t rows, int64_t nc, int64_t K, const float* A, int64_t lda, const float* B, float* C,
+                        int64_t ldc) {
+  for (int64_t k0 = 0; k0 < K; k0 += kKcF32)
+    cpublas::brgemm(rows, nc, std::min(kKcF32, K - k0), lda, kNB, ldc, k0 > 0, A + k0, B + k0 * kNB, C);
+}
+
+// fp32 dx (kind 1: a = dy (N, outf), b = w (E, outf, in) -> (N, in)) and dw (kind 2: a = dy, b = x (N, in) ->
+// (E, outf, in)) on brgemm, every expert; used where brgemm_f32_all_kinds(). B's kNB-column blocks are copied
+// into a contiguous buffer; kind 2's A, dy_e^T, is a 32-bit transpose of the expert's rows.
+void grouped_backward_f32(const at::Tensor& a, const at::Tensor& b, at::IntArrayRef counts, int64_t kind,
+                          at::Tensor& out) {
+  const int64_t outf = a.size(1), in = kind == 1 ? b.size(2) : b.size(1);
+  const ExpertWork ew(counts, std::numeric_limits<int64_t>::max(), kind == 2 ? 1 : 0);
+  const std::vector<int64_t>& start = ew.start;
+  const float* ad = a.data_ptr<float>();
+  const float* bd = b.data_ptr<float>();
+  float* od = out.data_ptr<float>();
+  const WorkQueue work(ew.cost);
+  at::parallel_for(0, work.threads(), 1, [&](int64_t, int64_t) {
+    Buffer<float> bp, at_;
+    for (int64_t e; work.next(e);) {
+      const int64_t n = counts[e], r0 = start[e];
+      if (kind == 1) {  // dx_e [n, in] = dy_e [n, outf] w_e [outf, in]
+        if (n == 0) continue;
+        const float* w = bd + e * outf * in;
+        bp.resize(outf * kNB);
+        for (int64_t c0 = 0; c0 < in; c0 += kNB) {
+          const int64_t nc = std::min(kNB, in - c0);
+          for (int64_t k = 0; k < outf; ++k)
+            std::memcpy(bp.data() + k * kNB, w + k * in + c0, nc * sizeof(float));
+          for (int64_t m0 = 0; m0 < n; m0 += kMB)
+            brgemm_f32_chunked(std::min(kMB, n - m0), nc, outf, ad + (r0 + m0) * outf, outf, bp.data(),
+                               od + (r0 + m0) * in + c0, in);
+        }
+      } else {  // dw_e [outf, in] = dy_e^T [outf, n] x_e [n, in]
+        float* dw = od + e * outf * in;
+        if (n == 0) {
+          std::memset(static_cast<void*>(dw), 0, outf * in * sizeof(float));
+          continue;
+        }
+        at_.resize(outf * n);
+        transpose_u32(reinterpret_cast<const uint32_t*>(ad + r0 * outf), outf, n, outf,
+                      reinterpret_cast<uint32_t*>(at_.data()), n);
+        const float* x = bd + r0 * in;
+        bp.resize(n * kNB);
+        for (int64_t c0 = 0; c0 < in; c0 += kNB) {
+          const int64_t nc = std::min(kNB, in - c0);
+          for (int64_t r = 0; r < n; ++r) std::memcpy(bp.data() + r * kNB, x + r * in + c0, nc * sizeof(float));
+          for (int64_t m0 = 0; m0 < outf; m0 += kMB)
+            brgemm_f32_chunked(std::min(kMB, outf - m0), nc, n, at_.data() + m0 * n, n, bp.data(), dw + m0 * in + c0,
+                               in);
+        }
+      }
+    }
+    cpublas::brgemm_release(false);
+  });
+}
+
 }  // namespace
 
 int64_t moe_grouped_mm_brgemm(const at::Tensor& a, const at::Tensor& b, at::IntArrayRef counts, int64_t kind,
                               at::Tensor& out, bool stream) {
   if (!a.is_contiguous() || !b.is_contiguous()) return -1;
   if (a.scalar_type() == at::kFloat) {
+    if (brgemm_f32_all_kinds()) {
+      if (kind == 0) {
+        grouped_forward_f32(a, b, counts, out, std::numeric_limits<int64_t>::max());
+      } else {
+        grouped_backward_f32(a, b, counts, kind, out);
+      }
+      return std::numeric_limits<int64_t>::max();
+    }
     if (kind != 0 || b.size(2) < kMinKF32 || !brgemm_f32_enabled()) return -1;
-    grouped_forward_f32(a, b, counts, out);
+    grouped_forward_f32(a, b, counts, out, kMaxRowsF32);
     return kMaxRowsF32;
   }
   if (a.scalar_type() != at::kBFloat16 || !brgemm_bf16_available()) return -1;
