@@ -11,8 +11,9 @@ at::Tensor moe_grouped_mm_cpu(const at::Tensor& a, const at::Tensor& b, at::IntA
                               const std::optional<at::Tensor>& src_slot, int64_t top_k, bool gather_b);
 
 // The same GEMMs on oneDNN brgemm micro-kernels into `out` (already shaped): bf16 where the micro-kernels run it
-// (AMX, AVX512-BF16), the fp32 forward, and on AMD CPUs every fp32 kind (grouped_gemm_brgemm.cpp). Computes the experts with at most R rows and returns R, or returns -1 (nothing
-// done) when the call is not eligible (dtype, kind, CPU, layout, LONGMOE_NATIVE_AMX / LONGMOE_NATIVE_BRGEMM=0).
+// (AMX, AVX512-BF16), the fp32 forward, and on AMD CPUs every fp32 kind (grouped_gemm_brgemm.cpp). Computes the
+// experts with at most R rows and returns R, or returns -1 (nothing done) when the call is not eligible (dtype,
+// kind, CPU, layout, LONGMOE_NATIVE_AMX / LONGMOE_NATIVE_BRGEMM=0).
 // `stream`: write bf16 outputs with non-temporal stores where a block's rows are whole aligned cache lines
 // (for outputs over kStreamOutputBytes).
 int64_t moe_grouped_mm_brgemm(const at::Tensor& a, const at::Tensor& b, at::IntArrayRef counts, int64_t kind,
