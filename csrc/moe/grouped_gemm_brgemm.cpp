@@ -1,7 +1,7 @@
 // Grouped expert GEMMs on oneDNN's micro-kernels (at::native::cpublas::brgemm) for experts with few rows: the
 // fine-grained MoE regime (64-256 experts, top-8, 30-600 rows per expert at 2K-8K tokens). bf16 where the
 // micro-kernels run it (brgemm_bf16_available(): AMX, or AVX512-BF16 without AMX; all three kinds), and the fp32
-// forward (AVX-512; see grouped_forward_f32). The thresholds below were tuned on the AMX CPU.
+// forward (AVX-512; see grouped_f32). The thresholds below were tuned on the AMX CPU.
 //
 // Why: at::mm_out per expert costs about 60 us of fixed work per bf16 call on an AMX CPU (oneDNN reorders the
 // weight into its blocked layout inside every call), against ~10 us of AMX work for 64 rows x 128 x 1024; 256
@@ -167,40 +167,6 @@ struct ExpertWork {
   }
 };
 
-// fp32 forward (kind 0) on oneDNN's AVX-512 brgemm (no VNNI): B = w_e^T packed per kNB columns by a 32-bit
-// transpose, results straight into the output. Experts of up to max_rows rows. One thread, AMX Xeon, H 1024 -> 2F,
-// top-8: 256 experts x 128 at 2K tokens 43.7 -> 27.2 ms, 8K 122 -> 95 ms; 128 x 256 57 -> 49 and 204 -> 179 ms.
-// (On that Intel CPU the fp32 dx and dw stay on mm_out: with B packed or read in place they were no faster than
-// MKL's own small GEMMs, and dw at 64-row experts was 20% slower; on AMD CPUs see grouped_backward_f32.)
-void grouped_forward_f32(const at::Tensor& a, const at::Tensor& b, at::IntArrayRef counts, at::Tensor& out,
-                         int64_t max_rows) {
-  const int64_t in = b.size(2), outf = b.size(1);
-  const ExpertWork ew(counts, max_rows, 0);
-  const std::vector<int64_t>& start = ew.start;
-  const float* ad = a.data_ptr<float>();
-  const float* bd = b.data_ptr<float>();
-  float* od = out.data_ptr<float>();
-  const WorkQueue work(ew.cost);
-  at::parallel_for(0, work.threads(), 1, [&](int64_t, int64_t) {
-    Buffer<float> bp;
-    bp.resize(in * kNB);
-    for (int64_t e; work.next(e);) {
-      const int64_t n = counts[e], r0 = start[e];
-      if (n == 0 || n > max_rows) continue;  // nothing, or the caller's mm_out
-      const float* w = bd + e * outf * in;
-      for (int64_t c0 = 0; c0 < outf; c0 += kNB) {
-        const int64_t nc = std::min(kNB, outf - c0);
-        transpose_u32(reinterpret_cast<const uint32_t*>(w + c0 * in), in, nc, in,
-                      reinterpret_cast<uint32_t*>(bp.data()), kNB);
-        for (int64_t m0 = 0; m0 < n; m0 += kMB)
-          cpublas::brgemm(std::min(kMB, n - m0), nc, in, in, kNB, outf, false, ad + (r0 + m0) * in, bp.data(),
-                          od + (r0 + m0) * outf + c0);
-      }
-    }
-    cpublas::brgemm_release(false);
-  });
-}
-
 // C (rows, nc) at ldc = A (rows, K) at lda times B (K, nc) at ldb kNB, fp32, K summed in chunks of kKcF32 added
 // into C: the micro-kernel sums each chunk in order, so the rounding error grows with the chunk, not with K (a
 // dw with K = 1025 rows was 3x torch.mm's error of fp64 summed in one go).
@@ -211,13 +177,18 @@ void brgemm_f32_chunked(int64_t rows, int64_t nc, int64_t K, const float* A, int
     cpublas::brgemm(rows, nc, std::min(kKcF32, K - k0), lda, kNB, ldc, k0 > 0, A + k0, B + k0 * kNB, C);
 }
 
-// fp32 dx (kind 1: a = dy (N, outf), b = w (E, outf, in) -> (N, in)) and dw (kind 2: a = dy, b = x (N, in) ->
-// (E, outf, in)) on brgemm, every expert; used where brgemm_f32_all_kinds(). B's kNB-column blocks are copied
-// into a contiguous buffer; kind 2's A, dy_e^T, is a 32-bit transpose of the expert's rows.
-void grouped_backward_f32(const at::Tensor& a, const at::Tensor& b, at::IntArrayRef counts, int64_t kind,
-                          at::Tensor& out) {
-  const int64_t outf = a.size(1), in = kind == 1 ? b.size(2) : b.size(1);
-  const ExpertWork ew(counts, std::numeric_limits<int64_t>::max(), kind == 2 ? 1 : 0);
+// fp32 grouped GEMMs on oneDNN's AVX-512 brgemm (no VNNI), experts of up to max_rows rows (the rest are the
+// caller's mm_out); B's kNB-column blocks go into a contiguous buffer, results straight into the output.
+//   kind 0 (forward): B = w_e^T, a 32-bit transpose of the block's rows of w_e. One thread, AMX Xeon, H 1024 ->
+//     2F, top-8: 256 experts x 128 at 2K tokens 43.7 -> 27.2 ms, 8K 122 -> 95 ms; 128 x 256 57 -> 49 and 204 ->
+//     179 ms. On that Intel CPU only the forward runs here, K >= kMinKF32: the dx and dw, with B packed or read
+//     in place, were no faster than MKL's own small GEMMs, and dw at 64-row experts was 20% slower.
+//   kind 1 (dx, a = dy (N, outf), b = w (E, outf, in) -> (N, in)) and kind 2 (dw, a = dy, b = x (N, in) ->
+//     (E, outf, in); A = dy_e^T, a 32-bit transpose of the expert's rows): where brgemm_f32_all_kinds().
+void grouped_f32(const at::Tensor& a, const at::Tensor& b, at::IntArrayRef counts, int64_t kind, at::Tensor& out,
+                 int64_t max_rows) {
+  const int64_t outf = kind == 2 ? a.size(1) : b.size(1), in = kind == 2 ? b.size(1) : b.size(2);
+  const ExpertWork ew(counts, max_rows, kind == 2 ? 1 : 0);  // an empty expert still zero-fills its dw
   const std::vector<int64_t>& start = ew.start;
   const float* ad = a.data_ptr<float>();
   const float* bd = b.data_ptr<float>();
@@ -227,7 +198,20 @@ void grouped_backward_f32(const at::Tensor& a, const at::Tensor& b, at::IntArray
     Buffer<float> bp, at_;
     for (int64_t e; work.next(e);) {
       const int64_t n = counts[e], r0 = start[e];
-      if (kind == 1) {  // dx_e [n, in] = dy_e [n, outf] w_e [outf, in]
+      if (n > max_rows) continue;  // the caller's mm_out
+      if (kind == 0) {  // y_e [n, outf] = x_e [n, in] w_e^T
+        if (n == 0) continue;
+        const float* w = bd + e * outf * in;
+        bp.resize(in * kNB);
+        for (int64_t c0 = 0; c0 < outf; c0 += kNB) {
+          const int64_t nc = std::min(kNB, outf - c0);
+          transpose_u32(reinterpret_cast<const uint32_t*>(w + c0 * in), in, nc, in,
+                        reinterpret_cast<uint32_t*>(bp.data()), kNB);
+          for (int64_t m0 = 0; m0 < n; m0 += kMB)
+            brgemm_f32_chunked(std::min(kMB, n - m0), nc, in, ad + (r0 + m0) * in, in, bp.data(),
+                               od + (r0 + m0) * outf + c0, outf);
+        }
+      } else if (kind == 1) {  // dx_e [n, in] = dy_e [n, outf] w_e [outf, in]
         if (n == 0) continue;
         const float* w = bd + e * outf * in;
         bp.resize(outf * kNB);
@@ -270,15 +254,11 @@ int64_t moe_grouped_mm_brgemm(const at::Tensor& a, const at::Tensor& b, at::IntA
   if (!a.is_contiguous() || !b.is_contiguous()) return -1;
   if (a.scalar_type() == at::kFloat) {
     if (brgemm_f32_all_kinds()) {
-      if (kind == 0) {
-        grouped_forward_f32(a, b, counts, out, std::numeric_limits<int64_t>::max());
-      } else {
-        grouped_backward_f32(a, b, counts, kind, out);
-      }
+      grouped_f32(a, b, counts, kind, out, std::numeric_limits<int64_t>::max());
       return std::numeric_limits<int64_t>::max();
     }
     if (kind != 0 || b.size(2) < kMinKF32 || !brgemm_f32_enabled()) return -1;
-    grouped_forward_f32(a, b, counts, out, kMaxRowsF32);
+    grouped_f32(a, b, counts, 0, out, kMaxRowsF32);
     return kMaxRowsF32;
   }
   if (a.scalar_type() != at::kBFloat16 || !brgemm_bf16_available()) return -1;
