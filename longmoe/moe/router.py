@@ -123,15 +123,18 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a @ b
 
 
-class _RouterLogitsBf16(torch.autograd.Function):
-    """fp32 ``x @ weight.T`` of bf16 x (num_tokens, hidden) and weight (num_experts, hidden) on the CPU: the
-    forward on bf16 micro-kernels with fp32 output (``torch.ops.longmoe.mm_bf16_f32``), the backward as
-    autograd runs ``F.linear(x.float(), weight.float())``, its two GEMMs through :func:`_mm_f32`."""
+class _RouterLogitsCPU(torch.autograd.Function):
+    """fp32 ``x @ weight.T`` of x (num_tokens, hidden) and weight (num_experts, hidden) on the CPU, both bf16 or
+    both fp32. bf16: the forward on bf16 micro-kernels with fp32 output (``torch.ops.longmoe.mm_bf16_f32``);
+    fp32: through :func:`_mm_f32`. The backward as autograd runs ``F.linear(x.float(), weight.float())``, its two
+    GEMMs through :func:`_mm_f32`, the gradients cast to x's and weight's dtypes."""
 
     @staticmethod
     def forward(ctx, x, weight):
         ctx.save_for_backward(x, weight)
-        return torch.ops.longmoe.mm_bf16_f32(x, weight.t())
+        if x.dtype == torch.bfloat16:
+            return torch.ops.longmoe.mm_bf16_f32(x, weight.t())
+        return _mm_f32(x, weight.t())
 
     @staticmethod
     def backward(ctx, g):
@@ -151,15 +154,14 @@ def router_logits_f32(x: torch.Tensor, weight: torch.Tensor, *, backend: str | N
     accumulation instead of an fp32 GEMM: a product of two bf16 values is exact in fp32, so the logits are the
     fp32 GEMM's up to summation order. 2048 tokens x 1024 -> 256 experts, one core of an AMX Xeon: 6.4 -> 1.0 ms;
     8K tokens 26 -> 6.5 ms (a Zen 5 core, AVX512-BF16 without AMX, 2K: 10.6 -> 2.1 ms). The backward's gradient
-    is fp32 and stays on fp32 GEMMs."""
+    is fp32 and stays on fp32 GEMMs, on oneDNN on AMD CPUs (:func:`_mm_f32`), where fp32 x and weight take the
+    forward there too (2K tokens x 1024 -> 256 experts, a Zen 5 core: router forward+backward of an fp32 layer
+    30.2 -> 14.9 ms, the layer's forward+backward 156 -> 142 ms)."""
     ct = accumulation_dtype(x.dtype)
-    if (
-        x.dim() == 2
-        and x.dtype == weight.dtype == torch.bfloat16
-        and ct == torch.float32
-        and select_backend(x, backend=backend) == "native"
-    ):
-        return _RouterLogitsBf16.apply(x, weight)
+    if x.dim() == 2 and ct == torch.float32 and select_backend(x, backend=backend) == "native":
+        bf16 = x.dtype == weight.dtype == torch.bfloat16
+        if bf16 or (x.dtype == weight.dtype == torch.float32 and _onednn_f32_gemm()):
+            return _RouterLogitsCPU.apply(x, weight)
     return F.linear(x.to(ct), weight.to(ct))
 
 

@@ -262,6 +262,31 @@ def test_router_dtype(router_dtype):
 
 
 @pytest.mark.parametrize("path", ["default", "torch"])
+def test_router_fp32_logits_and_grads(path, monkeypatch):
+    """An fp32 layer's router (oneDNN's fp32 GEMM on AMD CPUs, torch's elsewhere; ``torch``:
+    LONGMOE_ROUTER_ONEDNN=0): logits and both gradients within the fp32 GEMM's summation bound of fp64, at odd
+    token and expert counts."""
+    if path == "torch":
+        monkeypatch.setenv("LONGMOE_ROUTER_ONEDNN", "0")
+    _onednn_f32_gemm.cache_clear()
+    try:
+        cfg = MoEConfig(hidden_size=96, ffn_hidden_size=8, num_experts=13, top_k=3)
+        layer = MoELayer(cfg)
+        x = torch.randn(37, 96, requires_grad=True)
+        out = layer.router(x)
+        w = layer.router.weight.detach()
+        assert out.logits.dtype == torch.float32
+        exact = x.detach().double() @ w.double().t()
+        assert ((out.logits.double() - exact).abs() <= _fp32_gemm_bound(x.detach(), w.t())).all()
+        g = torch.randn_like(out.logits)
+        out.logits.backward(g)
+        for got, a, b in ((x.grad, g, w), (layer.router.weight.grad, g.t(), x.detach())):
+            assert ((got.double() - a.double() @ b.double()).abs() <= _fp32_gemm_bound(a, b)).all()
+    finally:
+        _onednn_f32_gemm.cache_clear()
+
+
+@pytest.mark.parametrize("path", ["default", "torch"])
 def test_router_mm_f32(path, monkeypatch):
     """router._mm_f32 (oneDNN's fp32 GEMM on AMD CPUs, torch's elsewhere; ``torch``: LONGMOE_ROUTER_ONEDNN=0)
     vs the fp64 product within the fp32 GEMM's summation bound: strided and transposed operands, odd sizes,
