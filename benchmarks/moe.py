@@ -9,9 +9,12 @@ this machine (64 experts top-8 width 256 as OLMoE, 128 top-8 width 128 as Qwen3-
 DeepSeek-V3's routed experts; ``k * F = 2048`` in all three, so they have the same FLOPs per token), and the
 coarse 8 experts top-2 width 2816 of the earlier MoE benchmark.
 
-Providers (same weights, same routing; the router is fp32 in all):
+Providers (same weights, same routing; the router is fp32 in all but longmoe-router-input and hf-eager):
   longmoe         MoELayer, dropless: fp32 router, C++ dispatch map and permute, one native grouped op over
                   all experts per GEMM (torch.ops.longmoe.moe_grouped_mm), C++ unpermute+combine
+  longmoe-router-input  (bf16 runs) the same layer with router_dtype="input": router logits and their
+                  gradients in bf16, as Hugging Face's blocks (hf-eager's gate is a bf16 nn.Linear) and
+                  Megatron-core's default (moe_router_dtype=None) compute them; scores still fp32
   longmoe-cf1.25  the same layer with capacity factor 1.25 (slots over capacity dropped by probability); its
                   GFLOP/s counts the dropless FLOPs, so it is a time comparison
   naive-loop      per-expert Python loop: nonzero, index_select the expert's tokens, MLP, index_add back
@@ -202,6 +205,11 @@ def providers(layer: MoELayer, x: torch.Tensor, capacity_factor: float | None) -
         },
         "dense-gemm": {"fwd": dense_fwd, "fwd+bwd": dense_fwd_bwd},
     }
+    if x.dtype == torch.bfloat16:
+        low = MoELayer(dataclasses.replace(cfg, router_dtype="input"), dtype=x.dtype)
+        low.load_state_dict(layer.state_dict())
+        modules.append(low)
+        out["longmoe-router-input"] = {"fwd": no_grad(low), "fwd+bwd": fwd_bwd(low)}
     if capacity_factor is not None:
         capped = MoELayer(dataclasses.replace(cfg, capacity_factor=capacity_factor), dtype=x.dtype)
         capped.load_state_dict(layer.state_dict())
@@ -445,7 +453,7 @@ def main() -> None:
     ):
         table.add_column(col, justify="right")
     for r in rows:
-        ours = r["provider"] == "longmoe"
+        ours = r["provider"] in ("longmoe", "longmoe-router-input")
         good = r["ratio_vs_dense"] >= (0.8 if r["top_k"] <= 2 else 0.7) and (
             r["top_k"] <= 2 or (r["ratio_vs_naive"] >= 3 and r["ratio_vs_hf"] >= 3)
         )

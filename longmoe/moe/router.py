@@ -103,8 +103,9 @@ def topk_lowest_index(key: torch.Tensor, k: int, *, backend: str | None = None) 
 
 @functools.cache
 def _onednn_f32_gemm() -> bool:
-    """Whether :func:`_mm_f32` takes oneDNN's fp32 GEMM: an x86 CPU not made by Intel (the native build reports
-    the vendor), with torch built with oneDNN, and ``LONGMOE_ROUTER_ONEDNN`` not ``"0"``."""
+    """Whether :func:`_mm_f32` takes oneDNN's fp32 GEMM: an AMD CPU (the native build reports the vendor; MKL's
+    sgemm was measured slow there, not elsewhere), torch built with oneDNN, and ``LONGMOE_ROUTER_ONEDNN`` not
+    ``"0"``."""
     if os.environ.get("LONGMOE_ROUTER_ONEDNN") == "0" or not torch.backends.mkldnn.is_available():
         return False
     return native_build_info().get("cpu_vendor") == "amd" and hasattr(torch.ops.mkldnn, "_linear_pointwise")
