@@ -326,6 +326,14 @@ def add_run_args(ap, *, tokens, dtypes, repeats, threads_help, keep_help) -> Non
     )
 
 
+def point_fields(dtype_name: str, experts: int, top_k: int, hidden: int, ffn: int, tokens: int) -> dict:
+    """The CSV columns that name a measured point, shared by benchmarks/moe.py and benchmarks/moe_gemms.py."""
+    return dict(
+        dtype=dtype_name, shape=f"{experts}:{top_k}:{ffn}", experts=experts, top_k=top_k, hidden=hidden, ffn=ffn,
+        tokens=tokens,
+    )  # fmt: skip
+
+
 def start_run(args) -> None:
     """Refuse to run without the native build; set the thread count and, if asked, keep freed memory."""
     if not longmoe.runtime.native_available():
@@ -410,13 +418,7 @@ def main() -> None:
             rows.append(
                 dict(
                     provider=name,
-                    dtype=dtype_name,
-                    shape=shape,
-                    experts=experts,
-                    top_k=top_k,
-                    hidden=args.hidden,
-                    ffn=ffn,
-                    tokens=tokens,
+                    **point_fields(dtype_name, experts, top_k, args.hidden, ffn, tokens),
                     mode=mode,
                     ms=t * 1e3,
                     tokens_per_s=tokens / t,

@@ -40,7 +40,7 @@ import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 from common import RESULTS, interleaved, run_metadata, write_csv
-from moe import add_run_args, make_layer, start_run
+from moe import add_run_args, make_layer, point_fields, start_run
 from rich.console import Console
 from rich.progress import track
 from rich.table import Table
@@ -138,13 +138,7 @@ def main() -> None:
             gflop = 2.0 * n * 2 * ffn * args.hidden / (2 if name.startswith("fc2") else 1) / 1e9
             rows.append(
                 dict(
-                    dtype=dtype_name,
-                    shape=f"{experts}:{top_k}:{ffn}",
-                    experts=experts,
-                    top_k=top_k,
-                    hidden=args.hidden,
-                    ffn=ffn,
-                    tokens=tokens,
+                    **point_fields(dtype_name, experts, top_k, args.hidden, ffn, tokens),
                     rows=n,
                     gemm=name,
                     grouped_ms=t_g * 1e3,

@@ -31,11 +31,11 @@ bool amx_bf16_available() {
 
 bool brgemm_bf16_available() {
 #if defined(LONGMOE_VNNI_PACK)
-  static const bool ok =
-      (amx_bf16_available() || __builtin_cpu_supports("avx512bf16")) && !native_path_off("LONGMOE_NATIVE_AMX");
+  static const bool isa = amx_bf16_available() || __builtin_cpu_supports("avx512bf16");
 #else
-  static const bool ok = amx_bf16_available() && !native_path_off("LONGMOE_NATIVE_AMX");
+  static const bool isa = amx_bf16_available();
 #endif
+  static const bool ok = isa && !native_path_off("LONGMOE_NATIVE_AMX");
   return ok;
 }
 
