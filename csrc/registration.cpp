@@ -25,6 +25,9 @@ TORCH_LIBRARY(longmoe, m) {
   m.def(
       "moe_grouped_mm(Tensor a, Tensor b, int[] counts, int kind, Tensor? src_slot=None, int top_k=1, "
       "bool gather_b=False) -> Tensor");
+  m.def(
+      "moe_grouped_mm_unpermute(Tensor a, Tensor b, int[] counts, int kind, Tensor row_map, Tensor src_slot, "
+      "Tensor? probs) -> Tensor");
   m.def("topk_lowest_index(Tensor key, int k) -> Tensor");
   m.def("mm_bf16_f32(Tensor a, Tensor b) -> Tensor");
   m.def("swiglu(Tensor h) -> Tensor");
@@ -43,6 +46,7 @@ TORCH_LIBRARY_IMPL(longmoe, CPU, m) {
   m.impl("moe_unpermute", &longmoe::moe_unpermute_cpu);
   m.impl("moe_unpermute_probs_grad", &longmoe::moe_unpermute_probs_grad_cpu);
   m.impl("moe_grouped_mm", &longmoe::moe_grouped_mm_cpu);
+  m.impl("moe_grouped_mm_unpermute", &longmoe::moe_grouped_mm_unpermute_cpu);
   m.impl("topk_lowest_index", &longmoe::topk_lowest_index_cpu);
   m.impl("mm_bf16_f32", &longmoe::mm_bf16_f32_cpu);
   m.impl("swiglu", &longmoe::swiglu_cpu);

@@ -16,8 +16,16 @@ at::Tensor moe_grouped_mm_cpu(const at::Tensor& a, const at::Tensor& b, at::IntA
 // kind, CPU, layout, LONGMOE_NATIVE_AMX / LONGMOE_NATIVE_BRGEMM=0).
 // `stream`: write bf16 outputs with non-temporal stores where a block's rows are whole aligned cache lines
 // (for outputs over kStreamOutputBytes).
+// dst_rows (kinds 0 and 1 only; -1 for kind 2): row i of the result goes to out's row dst_rows[i] (out then has
+// any number of rows).
 int64_t moe_grouped_mm_brgemm(const at::Tensor& a, const at::Tensor& b, at::IntArrayRef counts, int64_t kind,
-                              at::Tensor& out, bool stream);
+                              at::Tensor& out, bool stream, const int64_t* dst_rows);
+
+// moe_unpermute(moe_grouped_mm(a, b, counts, kind), row_map, probs), bit for bit, for kind 0 or 1 without a gather:
+// a (N, features) expert-contiguous, row_map (T, k) and src_slot (N) of the dispatch map -> (T, width).
+at::Tensor moe_grouped_mm_unpermute_cpu(const at::Tensor& a, const at::Tensor& b, at::IntArrayRef counts, int64_t kind,
+                                        const at::Tensor& row_map, const at::Tensor& src_slot,
+                                        const std::optional<at::Tensor>& probs);
 
 // Outputs of a grouped op over this many bytes are written with non-temporal stores on the brgemm path. Such an
 // output does not stay in the L2 (2 MB per core) anyway, and each ordinary store first reads its line from

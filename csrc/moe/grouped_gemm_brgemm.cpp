@@ -116,17 +116,28 @@ int64_t padded_ld(int64_t K) {
 }
 
 // out[r, c] = sum_k A[r, k] B[k, c] for r < rows, c < N: B packed by column blocks of kNB, block j at
-// B + j * kpad(K) * kNB; A rows at stride lda, zero in columns [K, kpad(K)); stored as bf16 at row stride ldd.
+// B + j * kpad(K) * kNB; A rows at stride lda, zero in columns [K, kpad(K)); stored as bf16 at row stride ldd,
+// row r at dst + r * ldd, or at dst + dst_rows[r] * ldd where dst_rows is given (a scattered output).
 void run_blocks(Scratch& s, const bf16* A, int64_t lda, int64_t rows, int64_t K, const bf16* B, int64_t N, bf16* dst,
-                int64_t ldd) {
-  const int64_t Kp = kpad(K);
+                int64_t ldd, const int64_t* dst_rows) {
+  const int64_t Kp = kpad(K), row_bytes = ldd * static_cast<int64_t>(sizeof(bf16));
   for (int64_t c0 = 0; c0 < N; c0 += kNB) {
     const bf16* Bj = B + (c0 / kNB) * Kp * kNB;
+    const int64_t nc = std::min(kNB, N - c0);
     cpublas::brgemm(rows, kNB, Kp, lda, kNB, kNB, false, A, Bj, s.c.data());
-    if (s.stream && N - c0 >= kNB && stream_rows_ok(dst + c0, ldd * static_cast<int64_t>(sizeof(bf16))))
+    if (dst_rows != nullptr) {
+      for (int64_t r = 0; r < rows; ++r) {
+        bf16* d = dst + dst_rows[r] * ldd + c0;
+        if (s.stream && nc == kNB && stream_rows_ok(d, row_bytes))
+          store_bf16_stream(s.c.data() + r * kNB, kNB, 1, kNB, d, ldd);
+        else
+          store_bf16(s.c.data() + r * kNB, kNB, 1, nc, d, ldd);
+      }
+    } else if (s.stream && nc == kNB && stream_rows_ok(dst + c0, row_bytes)) {
       store_bf16_stream(s.c.data(), kNB, rows, kNB, dst + c0, ldd);
-    else
-      store_bf16(s.c.data(), kNB, rows, std::min(kNB, N - c0), dst + c0, ldd);
+    } else {
+      store_bf16(s.c.data(), kNB, rows, nc, dst + c0, ldd);
+    }
   }
 }
 
@@ -134,8 +145,9 @@ void run_blocks(Scratch& s, const bf16* A, int64_t lda, int64_t rows, int64_t K,
 // in place when it holds zeros up to kpad(K) (`zero_padded`, kind 2's dy^T) or K is whole tile rows; otherwise
 // each chunk is copied into s.a with the zero columns. (Copying every A into a padded stride was measured
 // slower: 65K rows x 2 KB at 8K tokens cost more in memcpy than the L1 conflicts it avoided.)
+// dst_rows: as in run_blocks, for the expert's rows (dst is then the output's first row).
 void run_expert(Scratch& s, const bf16* A, int64_t ld_src, bool zero_padded, int64_t n, int64_t K, int64_t N,
-                bf16* dst, int64_t ldd) {
+                bf16* dst, int64_t ldd, const int64_t* dst_rows = nullptr) {
   const bool copy = !zero_padded && K % 32 != 0;
   const int64_t lda = copy ? padded_ld(K) : ld_src;
   if (copy) s.a.resize(std::min(kMB, n) * lda);
@@ -150,7 +162,10 @@ void run_expert(Scratch& s, const bf16* A, int64_t ld_src, bool zero_padded, int
       }
       a = s.a.data();
     }
-    run_blocks(s, a, lda, mr, K, s.b.data(), N, dst + r0 * ldd, ldd);
+    if (dst_rows != nullptr)
+      run_blocks(s, a, lda, mr, K, s.b.data(), N, dst, ldd, dst_rows + r0);
+    else
+      run_blocks(s, a, lda, mr, K, s.b.data(), N, dst + r0 * ldd, ldd, nullptr);
   }
 }
 
@@ -185,8 +200,10 @@ void brgemm_f32_chunked(int64_t rows, int64_t nc, int64_t K, const float* A, int
 //     in place, were no faster than MKL's own small GEMMs, and dw at 64-row experts was 20% slower.
 //   kind 1 (dx, a = dy (N, outf), b = w (E, outf, in) -> (N, in)) and kind 2 (dw, a = dy, b = x (N, in) ->
 //     (E, outf, in); A = dy_e^T, a 32-bit transpose of the expert's rows): where brgemm_f32_all_kinds().
+//   dst_rows (kinds 0 and 1): row i of the result goes to out's row dst_rows[i], through a kMB x kNB block
+//     (non-temporal stores where `stream` and the block's rows are whole aligned cache lines).
 void grouped_f32(const at::Tensor& a, const at::Tensor& b, at::IntArrayRef counts, int64_t kind, at::Tensor& out,
-                 int64_t max_rows) {
+                 int64_t max_rows, const int64_t* dst_rows, bool stream) {
   const int64_t outf = kind == 2 ? a.size(1) : b.size(1), in = kind == 2 ? b.size(1) : b.size(2);
   const ExpertWork ew(counts, max_rows, kind == 2 ? 1 : 0);  // an empty expert still zero-fills its dw
   const std::vector<int64_t>& start = ew.start;
@@ -194,8 +211,26 @@ void grouped_f32(const at::Tensor& a, const at::Tensor& b, at::IntArrayRef count
   const float* bd = b.data_ptr<float>();
   float* od = out.data_ptr<float>();
   const WorkQueue work(ew.cost);
+  const int64_t width = out.size(1);
   at::parallel_for(0, work.threads(), 1, [&](int64_t, int64_t) {
-    Buffer<float> bp, at_;
+    Buffer<float> bp, at_, cs;
+    cs.resize(kMB * kNB);
+    // Rows [r, r + m) of the result, columns [c0, c0 + nc): A (m, K) at lda times the packed block bp.
+    const auto rows_out = [&](int64_t r, int64_t m, int64_t c0, int64_t nc, int64_t K, const float* A, int64_t lda) {
+      if (dst_rows == nullptr) {
+        brgemm_f32_chunked(m, nc, K, A, lda, bp.data(), od + r * width + c0, width);
+        return;
+      }
+      brgemm_f32_chunked(m, nc, K, A, lda, bp.data(), cs.data(), kNB);
+      const int64_t bytes = nc * static_cast<int64_t>(sizeof(float));
+      for (int64_t i = 0; i < m; ++i) {
+        float* d = od + dst_rows[r + i] * width + c0;
+        if (stream && stream_rows_ok(d, bytes))
+          stream_copy_row(d, cs.data() + i * kNB, bytes);
+        else
+          std::memcpy(d, cs.data() + i * kNB, bytes);
+      }
+    };
     for (int64_t e; work.next(e);) {
       const int64_t n = counts[e], r0 = start[e];
       if (n > max_rows) continue;  // the caller's mm_out
@@ -208,8 +243,7 @@ void grouped_f32(const at::Tensor& a, const at::Tensor& b, at::IntArrayRef count
           transpose_u32(reinterpret_cast<const uint32_t*>(w + c0 * in), in, nc, in,
                         reinterpret_cast<uint32_t*>(bp.data()), kNB);
           for (int64_t m0 = 0; m0 < n; m0 += kMB)
-            brgemm_f32_chunked(std::min(kMB, n - m0), nc, in, ad + (r0 + m0) * in, in, bp.data(),
-                               od + (r0 + m0) * outf + c0, outf);
+            rows_out(r0 + m0, std::min(kMB, n - m0), c0, nc, in, ad + (r0 + m0) * in, in);
         }
       } else if (kind == 1) {  // dx_e [n, in] = dy_e [n, outf] w_e [outf, in]
         if (n == 0) continue;
@@ -220,8 +254,7 @@ void grouped_f32(const at::Tensor& a, const at::Tensor& b, at::IntArrayRef count
           for (int64_t k = 0; k < outf; ++k)
             std::memcpy(bp.data() + k * kNB, w + k * in + c0, nc * sizeof(float));
           for (int64_t m0 = 0; m0 < n; m0 += kMB)
-            brgemm_f32_chunked(std::min(kMB, n - m0), nc, outf, ad + (r0 + m0) * outf, outf, bp.data(),
-                               od + (r0 + m0) * in + c0, in);
+            rows_out(r0 + m0, std::min(kMB, n - m0), c0, nc, outf, ad + (r0 + m0) * outf, outf);
         }
       } else {  // dw_e [outf, in] = dy_e^T [outf, n] x_e [n, in]
         float* dw = od + e * outf * in;
@@ -243,6 +276,7 @@ void grouped_f32(const at::Tensor& a, const at::Tensor& b, at::IntArrayRef count
         }
       }
     }
+    if (stream) stream_fence();
     cpublas::brgemm_release(false);
   });
 }
@@ -250,15 +284,16 @@ void grouped_f32(const at::Tensor& a, const at::Tensor& b, at::IntArrayRef count
 }  // namespace
 
 int64_t moe_grouped_mm_brgemm(const at::Tensor& a, const at::Tensor& b, at::IntArrayRef counts, int64_t kind,
-                              at::Tensor& out, bool stream) {
+                              at::Tensor& out, bool stream, const int64_t* dst_rows) {
   if (!a.is_contiguous() || !b.is_contiguous()) return -1;
+  if (dst_rows != nullptr && kind == 2) return -1;  // scattered rows: kinds 0 and 1
   if (a.scalar_type() == at::kFloat) {
     if (brgemm_f32_all_kinds()) {
-      grouped_f32(a, b, counts, kind, out, std::numeric_limits<int64_t>::max());
+      grouped_f32(a, b, counts, kind, out, std::numeric_limits<int64_t>::max(), dst_rows, stream);
       return std::numeric_limits<int64_t>::max();
     }
     if (kind != 0 || b.size(2) < kMinKF32 || !brgemm_f32_enabled()) return -1;
-    grouped_f32(a, b, counts, 0, out, kMaxRowsF32);
+    grouped_f32(a, b, counts, 0, out, kMaxRowsF32, dst_rows, stream);
     return kMaxRowsF32;
   }
   if (a.scalar_type() != at::kBFloat16 || !brgemm_bf16_available()) return -1;
@@ -289,20 +324,29 @@ int64_t moe_grouped_mm_brgemm(const at::Tensor& a, const at::Tensor& b, at::IntA
           for (int64_t c0 = 0; c0 < outf; c0 += kNB) {
             const int64_t nc = std::min(kNB, outf - c0);
             pack_cols(w + c0 * in, in, in, nc, s.b.data());
-            run_expert(s, ad + r0 * in, in, false, n, in, nc, od + r0 * outf + c0, outf);
+            if (dst_rows != nullptr)
+              run_expert(s, ad + r0 * in, in, false, n, in, nc, od + c0, outf, dst_rows + r0);
+            else
+              run_expert(s, ad + r0 * in, in, false, n, in, nc, od + r0 * outf + c0, outf);
           }
           continue;
         }
         s.b.resize(blocks(outf) * kpad(in) * kNB);
         for (int64_t c0 = 0; c0 < outf; c0 += kNB)
           pack_cols(w + c0 * in, in, in, std::min(kNB, outf - c0), s.b.data() + (c0 / kNB) * kpad(in) * kNB);
-        run_expert(s, ad + r0 * in, in, false, n, in, outf, od + r0 * outf, outf);
+        if (dst_rows != nullptr)
+          run_expert(s, ad + r0 * in, in, false, n, in, outf, od, outf, dst_rows + r0);
+        else
+          run_expert(s, ad + r0 * in, in, false, n, in, outf, od + r0 * outf, outf);
       } else if (kind == 1) {  // dx_e [n, in] = dy_e [n, outf] w_e; B = w_e [outf, in]
         if (n == 0) continue;
         const bf16* w = bd + e * outf * in;
         s.b.resize(blocks(in) * kpad(outf) * kNB);
         pack_rows(w, in, outf, in, s.b.data());
-        run_expert(s, ad + r0 * outf, outf, false, n, outf, in, od + r0 * in, in);
+        if (dst_rows != nullptr)
+          run_expert(s, ad + r0 * outf, outf, false, n, outf, in, od, in, dst_rows + r0);
+        else
+          run_expert(s, ad + r0 * outf, outf, false, n, outf, in, od + r0 * in, in);
       } else {  // dw_e [outf, in] = dy_e^T [outf, n] x_e [n, in]; A = dy_e^T, B = x_e
         bf16* dw = od + e * outf * in;
         if (n == 0) {
@@ -334,7 +378,8 @@ int64_t moe_grouped_mm_brgemm(const at::Tensor& a, const at::Tensor& b, at::IntA
 
 #else  // no AVX512-BF16 / AVX512-BW at build time: the mm_out path only
 
-int64_t moe_grouped_mm_brgemm(const at::Tensor&, const at::Tensor&, at::IntArrayRef, int64_t, at::Tensor&, bool) {
+int64_t moe_grouped_mm_brgemm(const at::Tensor&, const at::Tensor&, at::IntArrayRef, int64_t, at::Tensor&, bool,
+                              const int64_t*) {
   return -1;
 }
 

@@ -26,6 +26,9 @@ native op gathers each pass's rows of x into a reused scratch for the first GEMM
 the second GEMM's output is combined at once (:class:`_LinearUnpermuteFunction`), so the layer neither writes
 nor keeps the (num_tokens * top_k, hidden) permuted copy of x, nor keeps the experts' (num_tokens * top_k,
 hidden) output. The output is bit-identical to permute -> experts -> unpermute, the gradients equal to rounding.
+The two combines (the second GEMM's output, and the first GEMM's dx in the backward) run as one native op,
+``moe_grouped_mm_unpermute``: each expert row is stored at the slot it came from, so the combine reads every
+token's top_k rows in sequence.
 """
 
 from __future__ import annotations
@@ -141,6 +144,12 @@ def _moe_grouped_mm_fake(a, b, counts, kind, src_slot=None, top_k=1, gather_b=Fa
     return a.new_empty((rows, b.shape[1] if kind == 0 else b.shape[2]))
 
 
+@register_fake("moe_grouped_mm_unpermute")
+def _moe_grouped_mm_unpermute_fake(a, b, counts, kind, row_map, src_slot, probs):
+    """Fake (meta) kernel of the C++ op, for torch.compile: (num_tokens, out) for kind 0, (num_tokens, in) for 1."""
+    return a.new_empty((row_map.shape[0], b.shape[1] if kind == 0 else b.shape[2]))
+
+
 def _has_forward_hooks(module: nn.Module) -> bool:
     """Forward (pre-)hooks registered on ``module`` or globally (``nn.modules.module.register_module_forward_*``)."""
     from torch.nn.modules import module as m
@@ -171,8 +180,9 @@ class _PermuteLinearFunction(torch.autograd.Function):
         dy = dy.contiguous()
         dx = dw = None
         if ctx.needs_input_grad[0]:
-            rows = torch.ops.longmoe.moe_grouped_mm(dy, _dx_operand(weight), ctx.counts, 1)
-            dx = torch.ops.longmoe.moe_unpermute(rows, row_map, None)
+            dx = torch.ops.longmoe.moe_grouped_mm_unpermute(
+                dy, _dx_operand(weight), ctx.counts, 1, row_map, src_slot, None
+            )
         if ctx.needs_input_grad[1]:
             dw = torch.ops.longmoe.moe_grouped_mm(dy, x, ctx.counts, 2, src_slot, row_map.shape[1], True)
         return dx, dw, None, None, None
@@ -197,8 +207,7 @@ class _LinearUnpermuteFunction(torch.autograd.Function):
     def forward(ctx, a, weight, probs, row_map, src_slot, counts):
         ctx.save_for_backward(a, weight, probs, row_map, src_slot)
         ctx.counts = counts
-        y = torch.ops.longmoe.moe_grouped_mm(a, weight, counts, 0)
-        return torch.ops.longmoe.moe_unpermute(y, row_map, probs)
+        return torch.ops.longmoe.moe_grouped_mm_unpermute(a, weight, counts, 0, row_map, src_slot, probs)
 
     @staticmethod
     def backward(ctx, dout):

@@ -380,6 +380,51 @@ def test_native_grouped_mm_gathered_equals_permuted(tokens, top_k, hidden, routi
         torch.library.opcheck(op.default, (dh, x, counts, 2, src, top_k, True), test_utils=checks)
 
 
+@pytest.mark.parametrize(
+    "tokens,top_k,hidden,routing",
+    [(37, 4, 48, "random"), (700, 6, 1024, "random"), (1500, 2, 1024, "one-expert")],
+    ids=["small", "streamed", "expert-over-row-limit"],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_native_grouped_mm_unpermute_equals_two_step(tokens, top_k, hidden, routing, dtype):
+    """moe_grouped_mm_unpermute (kinds 0 and 1: each expert row written to the slot it came from, then the
+    combine in slot order) is bit-identical to moe_grouped_mm followed by moe_unpermute: with and without
+    probs, empty experts, dropped slots, outputs over 2 MB (non-temporal stores), and an expert with more rows
+    than the brgemm path takes (mm_out, then scattered)."""
+    g = torch.Generator().manual_seed(12)
+    num_experts, ffn = 12, 40
+    ids = _routing(tokens, top_k, routing, num_experts, g)
+    row_map, src, tpe = torch.ops.longmoe.moe_dispatch_map(ids, num_experts)
+    counts = tpe.tolist()
+    assert counts[0] == 0 and counts[-1] == 0 and (row_map < 0).any()
+    w1 = (torch.randn(num_experts, ffn, hidden, generator=g) / hidden**0.5).to(dtype)
+    a0 = torch.randn(src.numel(), hidden, generator=g).to(dtype)  # kind 0: (rows, hidden) @ w1[e]^T
+    a1 = torch.randn(src.numel(), ffn, generator=g).to(dtype)  # kind 1: (rows, ffn) @ w1[e]
+    probs = torch.rand(tokens, top_k, generator=g)
+    op, grouped, unpermute = (
+        torch.ops.longmoe.moe_grouped_mm_unpermute,
+        torch.ops.longmoe.moe_grouped_mm,
+        torch.ops.longmoe.moe_unpermute,
+    )
+    for kind, a in ((0, a0), (1, a1)):
+        for p in (probs, None):
+            got = op(a, w1, counts, kind, row_map, src, p)
+            want = unpermute(grouped(a, w1, counts, kind), row_map, p)
+            assert got.dtype == dtype and got.shape == want.shape
+            assert torch.equal(got, want), (
+                f"kind {kind}, probs {p is not None}: max diff {(got - want).abs().max()}"
+            )
+    with pytest.raises(RuntimeError, match=r"kind must be 0 \(x @ w\^T\) or 1"):
+        op(a1, a0, counts, 2, row_map, src, None)
+    with pytest.raises(RuntimeError, match=r"src_slot\[0\]=\d+ is not the slot of row 0 in row_map"):
+        op(a0, w1, counts, 0, row_map, src.roll(1), None)
+    with pytest.raises(RuntimeError, match="expected a's rows"):
+        op(a0, w1, [c + 1 for c in counts], 0, row_map, src, None)
+    if tokens < 100:  # schema and fake kernel (torch.compile)
+        checks = ("test_schema", "test_faketensor")
+        torch.library.opcheck(op.default, (a0, w1, counts, 0, row_map, src, probs), test_utils=checks)
+
+
 @pytest.mark.parametrize("capacity_factor", [None, 0.8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_gathered_layer_matches_permuted(capacity_factor, dtype, monkeypatch):
