@@ -16,7 +16,7 @@ at::Tensor moe_grouped_mm_cpu(const at::Tensor& a, const at::Tensor& b, at::IntA
 // kind, CPU, layout, LONGMOE_NATIVE_AMX / LONGMOE_NATIVE_BRGEMM=0).
 // `stream`: write bf16 outputs with non-temporal stores where a block's rows are whole aligned cache lines
 // (for outputs over kStreamOutputBytes).
-// dst_rows (kinds 0 and 1 only; -1 for kind 2): row i of the result goes to out's row dst_rows[i] (out then has
+// dst_rows (bf16 kinds 0 and 1 only; -1 otherwise): row i of the result goes to out's row dst_rows[i] (out then has
 // any number of rows).
 int64_t moe_grouped_mm_brgemm(const at::Tensor& a, const at::Tensor& b, at::IntArrayRef counts, int64_t kind,
                               at::Tensor& out, bool stream, const int64_t* dst_rows);
