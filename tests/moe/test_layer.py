@@ -330,11 +330,16 @@ def _routing(tokens: int, top_k: int, kind: str, num_experts: int, g: torch.Gene
     return ids
 
 
-@pytest.mark.parametrize(
+# Routings of the gathered and unpermuted grouped ops: one gather pass; several (and outputs over 2 MB, stored
+# non-temporally); one expert with more rows than a pass and than the brgemm row limit.
+_ROUTED = pytest.mark.parametrize(
     "tokens,top_k,hidden,routing",
     [(37, 4, 48, "random"), (700, 6, 1024, "random"), (1500, 2, 1024, "one-expert")],
-    ids=["one-pass", "several-passes", "expert-over-a-pass"],
+    ids=["small", "several-passes", "expert-over-a-pass"],
 )
+
+
+@_ROUTED
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_native_grouped_mm_gathered_equals_permuted(tokens, top_k, hidden, routing, dtype):
     """moe_grouped_mm with a gathered operand (src_slot: rows gathered from the tokens per pass of experts;
@@ -380,11 +385,7 @@ def test_native_grouped_mm_gathered_equals_permuted(tokens, top_k, hidden, routi
         torch.library.opcheck(op.default, (dh, x, counts, 2, src, top_k, True), test_utils=checks)
 
 
-@pytest.mark.parametrize(
-    "tokens,top_k,hidden,routing",
-    [(37, 4, 48, "random"), (700, 6, 1024, "random"), (1500, 2, 1024, "one-expert")],
-    ids=["small", "streamed", "expert-over-row-limit"],
-)
+@_ROUTED
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_native_grouped_mm_unpermute_equals_two_step(tokens, top_k, hidden, routing, dtype):
     """moe_grouped_mm_unpermute (kinds 0 and 1: each expert row written to the slot it came from, then the
