@@ -162,10 +162,8 @@ void run_expert(Scratch& s, const bf16* A, int64_t ld_src, bool zero_padded, int
       }
       a = s.a.data();
     }
-    if (dst_rows != nullptr)
-      run_blocks(s, a, lda, mr, K, s.b.data(), N, dst, ldd, dst_rows + r0);
-    else
-      run_blocks(s, a, lda, mr, K, s.b.data(), N, dst + r0 * ldd, ldd, nullptr);
+    run_blocks(s, a, lda, mr, K, s.b.data(), N, dst_rows != nullptr ? dst : dst + r0 * ldd, ldd,
+               dst_rows != nullptr ? dst_rows + r0 : nullptr);
   }
 }
 
@@ -291,6 +289,12 @@ int64_t moe_grouped_mm_brgemm(const at::Tensor& a, const at::Tensor& b, at::IntA
   const bf16* bd = b.data_ptr<bf16>();
   bf16* od = out.data_ptr<bf16>();
   const auto blocks = [](int64_t N) { return (N + kNB - 1) / kNB; };
+  // Where kinds 0 and 1 store an expert's rows (first row r0, output width ldd, from column c0): in place, or
+  // scattered by dst_rows (then the output's base and the expert's part of dst_rows).
+  const auto out_at = [&](int64_t r0, int64_t ldd, int64_t c0) {
+    return od + (dst_rows != nullptr ? 0 : r0 * ldd) + c0;
+  };
+  const auto rows_at = [&](int64_t r0) { return dst_rows != nullptr ? dst_rows + r0 : nullptr; };
   const WorkQueue work(ew.cost);
   at::parallel_for(0, work.threads(), 1, [&](int64_t, int64_t) {
     Scratch s;
@@ -307,29 +311,20 @@ int64_t moe_grouped_mm_brgemm(const at::Tensor& a, const at::Tensor& b, at::IntA
           for (int64_t c0 = 0; c0 < outf; c0 += kNB) {
             const int64_t nc = std::min(kNB, outf - c0);
             pack_cols(w + c0 * in, in, in, nc, s.b.data());
-            if (dst_rows != nullptr)
-              run_expert(s, ad + r0 * in, in, false, n, in, nc, od + c0, outf, dst_rows + r0);
-            else
-              run_expert(s, ad + r0 * in, in, false, n, in, nc, od + r0 * outf + c0, outf);
+            run_expert(s, ad + r0 * in, in, false, n, in, nc, out_at(r0, outf, c0), outf, rows_at(r0));
           }
           continue;
         }
         s.b.resize(blocks(outf) * kpad(in) * kNB);
         for (int64_t c0 = 0; c0 < outf; c0 += kNB)
           pack_cols(w + c0 * in, in, in, std::min(kNB, outf - c0), s.b.data() + (c0 / kNB) * kpad(in) * kNB);
-        if (dst_rows != nullptr)
-          run_expert(s, ad + r0 * in, in, false, n, in, outf, od, outf, dst_rows + r0);
-        else
-          run_expert(s, ad + r0 * in, in, false, n, in, outf, od + r0 * outf, outf);
+        run_expert(s, ad + r0 * in, in, false, n, in, outf, out_at(r0, outf, 0), outf, rows_at(r0));
       } else if (kind == 1) {  // dx_e [n, in] = dy_e [n, outf] w_e; B = w_e [outf, in]
         if (n == 0) continue;
         const bf16* w = bd + e * outf * in;
         s.b.resize(blocks(in) * kpad(outf) * kNB);
         pack_rows(w, in, outf, in, s.b.data());
-        if (dst_rows != nullptr)
-          run_expert(s, ad + r0 * outf, outf, false, n, outf, in, od, in, dst_rows + r0);
-        else
-          run_expert(s, ad + r0 * outf, outf, false, n, outf, in, od + r0 * in, in);
+        run_expert(s, ad + r0 * outf, outf, false, n, outf, in, out_at(r0, in, 0), in, rows_at(r0));
       } else {  // dw_e [outf, in] = dy_e^T [outf, n] x_e [n, in]; A = dy_e^T, B = x_e
         bf16* dw = od + e * outf * in;
         if (n == 0) {
