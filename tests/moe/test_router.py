@@ -261,52 +261,49 @@ def test_router_dtype(router_dtype):
         assert ((got.double() - exact).abs() <= bound + 2.0**-8 * (exact.abs() + bound)).all()
 
 
-@pytest.mark.parametrize("path", ["default", "torch"])
-def test_router_fp32_logits_and_grads(path, monkeypatch):
+@pytest.fixture(params=["default", "torch"])
+def router_gemm_path(request, monkeypatch):
+    """router._mm_f32's path: ``default`` (oneDNN's fp32 GEMM on AMD CPUs, torch's elsewhere) or ``torch``
+    (LONGMOE_ROUTER_ONEDNN=0), with the cached choice cleared before and after."""
+    if request.param == "torch":
+        monkeypatch.setenv("LONGMOE_ROUTER_ONEDNN", "0")
+    _onednn_f32_gemm.cache_clear()
+    yield request.param
+    _onednn_f32_gemm.cache_clear()
+
+
+def test_router_fp32_logits_and_grads(router_gemm_path):
     """An fp32 layer's router (oneDNN's fp32 GEMM on AMD CPUs, torch's elsewhere; ``torch``:
     LONGMOE_ROUTER_ONEDNN=0): logits and both gradients within the fp32 GEMM's summation bound of fp64, at odd
     token and expert counts."""
-    if path == "torch":
-        monkeypatch.setenv("LONGMOE_ROUTER_ONEDNN", "0")
-    _onednn_f32_gemm.cache_clear()
-    try:
-        cfg = MoEConfig(hidden_size=96, ffn_hidden_size=8, num_experts=13, top_k=3)
-        layer = MoELayer(cfg)
-        x = torch.randn(37, 96, requires_grad=True)
-        out = layer.router(x)
-        w = layer.router.weight.detach()
-        assert out.logits.dtype == torch.float32
-        exact = x.detach().double() @ w.double().t()
-        assert ((out.logits.double() - exact).abs() <= _fp32_gemm_bound(x.detach(), w.t())).all()
-        g = torch.randn_like(out.logits)
-        out.logits.backward(g)
-        for got, a, b in ((x.grad, g, w), (layer.router.weight.grad, g.t(), x.detach())):
-            assert ((got.double() - a.double() @ b.double()).abs() <= _fp32_gemm_bound(a, b)).all()
-    finally:
-        _onednn_f32_gemm.cache_clear()
+    cfg = MoEConfig(hidden_size=96, ffn_hidden_size=8, num_experts=13, top_k=3)
+    layer = MoELayer(cfg)
+    x = torch.randn(37, 96, requires_grad=True)
+    out = layer.router(x)
+    w = layer.router.weight.detach()
+    assert out.logits.dtype == torch.float32
+    exact = x.detach().double() @ w.double().t()
+    assert ((out.logits.double() - exact).abs() <= _fp32_gemm_bound(x.detach(), w.t())).all()
+    g = torch.randn_like(out.logits)
+    out.logits.backward(g)
+    for got, a, b in ((x.grad, g, w), (layer.router.weight.grad, g.t(), x.detach())):
+        assert ((got.double() - a.double() @ b.double()).abs() <= _fp32_gemm_bound(a, b)).all()
 
 
-@pytest.mark.parametrize("path", ["default", "torch"])
-def test_router_mm_f32(path, monkeypatch):
+def test_router_mm_f32(router_gemm_path):
     """router._mm_f32 (oneDNN's fp32 GEMM on AMD CPUs, torch's elsewhere; ``torch``: LONGMOE_ROUTER_ONEDNN=0)
     vs the fp64 product within the fp32 GEMM's summation bound: strided and transposed operands, odd sizes,
     an empty K (zeros) and empty M / N."""
-    if path == "torch":
-        monkeypatch.setenv("LONGMOE_ROUTER_ONEDNN", "0")
-    _onednn_f32_gemm.cache_clear()
-    try:
-        if path == "torch":
-            assert not _onednn_f32_gemm()
-        gen = torch.Generator().manual_seed(3)
-        for m, k, n in ((1, 1, 1), (37, 256, 1000), (2048, 64, 130), (5, 0, 7), (0, 9, 4), (6, 9, 0)):
-            a = torch.randn(k, m, generator=gen).t()  # transposed, as the weight gradient's g^T
-            b = torch.randn(k, 2 * n, generator=gen)[:, ::2]  # strided columns
-            got = _mm_f32(a, b)
-            assert got.shape == (m, n) and got.dtype == torch.float32
-            exact = a.double() @ b.double()
-            assert ((got.double() - exact).abs() <= _fp32_gemm_bound(a, b)).all()
-    finally:
-        _onednn_f32_gemm.cache_clear()
+    if router_gemm_path == "torch":
+        assert not _onednn_f32_gemm()
+    gen = torch.Generator().manual_seed(3)
+    for m, k, n in ((1, 1, 1), (37, 256, 1000), (2048, 64, 130), (5, 0, 7), (0, 9, 4), (6, 9, 0)):
+        a = torch.randn(k, m, generator=gen).t()  # transposed, as the weight gradient's g^T
+        b = torch.randn(k, 2 * n, generator=gen)[:, ::2]  # strided columns
+        got = _mm_f32(a, b)
+        assert got.shape == (m, n) and got.dtype == torch.float32
+        exact = a.double() @ b.double()
+        assert ((got.double() - exact).abs() <= _fp32_gemm_bound(a, b)).all()
 
 
 @pytest.mark.parametrize("b_layout", ["rows", "transposed", "strided"])
